@@ -1,0 +1,63 @@
+# Carvana pipeline. `make all` = venv + demo data (if none) + prepare train predict submit.
+# Overrides: CONFIG=configs/x.yaml, RAW=path/to/kaggle/data, FOLD=k, ARGS="key=value ...".
+SHELL := /bin/bash
+PY     := .venv/bin/python
+CONFIG ?= configs/default.yaml
+RAW    ?=
+FOLD   ?=
+SHARD  ?=
+SUB    ?=
+MASKS  ?=
+ARGS   ?=
+
+# Every stage sees the same config: the YAML, then RAW/FOLD/SHARD switches, then ARGS.
+STAGE_ARGS := --config $(CONFIG) $(if $(RAW),data.raw=$(RAW)) $(if $(FOLD),train.fold=$(FOLD)) \
+              $(if $(SHARD),predict.shard=$(SHARD)) $(ARGS)
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: all venv demo-data prepare train oof predict submit validate score test bench clean-cache
+
+all: venv
+	@if [ -z "$(RAW)" ] && [ ! -d data/raw/train ]; then $(MAKE) --no-print-directory demo-data; fi
+	$(MAKE) --no-print-directory prepare train predict submit
+
+# The venv is rebuilt only when requirements.txt changes.
+venv: .venv/.installed
+.venv/.installed: requirements.txt
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+demo-data: venv
+	$(PY) -m pipeline synth $(STAGE_ARGS)
+
+prepare: venv
+	$(PY) -m pipeline prepare $(STAGE_ARGS)
+
+train: venv
+	$(PY) -m pipeline train $(STAGE_ARGS)
+
+oof: venv
+	$(PY) -m pipeline oof $(STAGE_ARGS)
+
+predict: venv
+	$(PY) -m pipeline predict $(STAGE_ARGS)
+
+submit: venv
+	$(PY) -m pipeline submit $(STAGE_ARGS)
+
+validate: venv
+	$(PY) scripts/validate.py $(SUB) $(if $(RAW),--sample $(RAW)/sample_submission.csv)
+
+score: venv
+	$(PY) scripts/score.py $(SUB) $(MASKS)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+clean-cache:
+	rm -rf data/cache

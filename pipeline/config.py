@@ -1,0 +1,249 @@
+"""Typed configuration: dataclass defaults < YAML file < ``key=value`` overrides.
+
+Sections mirror the stages. An override names a key either in full
+(``train.epochs=3``) or by its bare name when that name is unique across
+sections (``epochs=3``). Unknown keys and values of the wrong type are errors
+that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class PipelineError(RuntimeError):
+    """A user-facing failure (bad input, missing artifact): printed as one line, exit 2."""
+
+
+@dataclass
+class DataConfig:
+    raw: str = "data/raw"            # Kaggle layout: train/, train_masks/, test/, *.csv
+    cache: str = "data/cache"        # every stage's artifacts live under here
+    submissions: str = "submissions"
+    train_dir: str = "train"         # "train_hq" for the HQ JPEGs
+    test_dir: str = "test"           # "test_hq" for the HQ JPEGs
+
+
+@dataclass
+class SynthConfig:
+    """The embedded default dataset (``make demo-data``), written to ``data.raw``."""
+    train_cars: int = 8
+    test_cars: int = 4
+    height: int = 320                # Kaggle's is 1280
+    width: int = 480                 # Kaggle's is 1918
+    seed: int = 0
+    workers: int = -1
+
+
+@dataclass
+class PrepareConfig:
+    height: int = 256                # model input size; divisible by 32
+    width: int = 256
+    n_folds: int = 5
+    seed: int = 42
+    stratify: bool = True            # balance folds by mean car mask area
+    workers: int = -1                # joblib workers; -1 = all cores
+    strict: bool = False             # any validation problem -> non-zero exit
+    check_rle: bool = True           # compare train_masks.csv RLE with the GIFs
+    chunk_size: int = 64             # images per joblib task; bounds memory
+
+
+@dataclass
+class TrainConfig:
+    fold: int = -1                   # -1 = all folds in turn
+    arch: str = "Unet"               # any smp architecture
+    encoder: str = "resnet18"        # smp encoder or "tu-<timm name>"
+    encoder_weights: str = "none"    # "imagenet", a local file path, or "none"
+    epochs: int = 2
+    batch_size: int = 8
+    accum_steps: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"        # cosine (with warmup) | onecycle | none
+    warmup_epochs: float = 0.0
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    precision: str = "auto"          # auto (bf16 CPU / fp16 CUDA) | bf16 | fp16 | fp32
+    channels_last: bool = True
+    grad_clip: float = 1.0
+    max_nonfinite: int = 10          # consecutive non-finite losses before the fold stops
+    augment: str = "basic"           # none | basic | strong
+    num_workers: int = 2
+    device: str = "auto"             # auto | cpu | cuda
+    seed: int = 42
+    max_train_steps: int = 0         # >0 caps optimizer steps per epoch (smoke runs)
+
+
+@dataclass
+class PredictConfig:
+    tta: str = "hflip"               # comma list: none,hflip,vflip,hvflip,scale0.75,...
+    batch_size: int = 8
+    folds: str = "all"               # "all" or a comma list of fold numbers
+    shard: str = ""                  # "i/N" predicts part i of N
+    num_workers: int = 2
+    device: str = "auto"
+
+
+@dataclass
+class SubmitConfig:
+    name: str = "submission"
+    threshold: float = -1.0          # <0: best OOF threshold when known, else 0.5
+    gzip: bool = False
+    workers: int = -1
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _section_fields(section: str) -> dict[str, type]:
+    cls = typing.get_type_hints(Config)[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _all_keys() -> dict[str, tuple[str, type]]:
+    """Full dotted key -> (section, type)."""
+    out = {}
+    for sec in SECTIONS:
+        for name, typ in _section_fields(sec).items():
+            out[f"{sec}.{name}"] = (sec, typ)
+    return out
+
+
+def resolve_key(key: str) -> str:
+    """Map ``epochs`` or ``train.epochs`` to the full dotted key; error lists candidates."""
+    keys = _all_keys()
+    if key in keys:
+        return key
+    matches = [k for k in keys if k.split(".", 1)[1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"ambiguous config key '{key}': use one of {', '.join(sorted(matches))}")
+    raise ConfigError(f"unknown config key '{key}'. Valid keys: {', '.join(sorted(keys))}")
+
+
+def _coerce(key: str, value, typ: type):
+    """Convert a YAML or command-line value to the field's type, or raise naming the key."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(str(value), 10) if isinstance(value, str) else int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"config key '{key}' has unsupported type {typ}")
+    raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {value!r}")
+
+
+def apply(cfg: Config, key: str, value) -> None:
+    full = resolve_key(key)
+    sec, name = full.split(".", 1)
+    typ = _section_fields(sec)[name]
+    setattr(getattr(cfg, sec), name, _coerce(full, value, typ))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for a in args:
+        if "=" not in a:
+            raise ConfigError(f"override '{a}' is not of the form key=value")
+        k, v = a.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults, then the YAML file (nested sections or flat keys), then overrides."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            doc = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        for k, v in doc.items():
+            if k in SECTIONS and isinstance(v, dict):
+                for kk, vv in v.items():
+                    apply(cfg, f"{k}.{kk}", vv)
+            else:
+                apply(cfg, k, v)
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = parse_overrides(overrides or [])
+    for k, v in items:
+        apply(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    p = cfg.prepare
+    for name in ("height", "width"):
+        v = getattr(p, name)
+        if v <= 0 or v % 32:
+            raise ConfigError(f"prepare.{name}={v}: must be a positive multiple of 32 (encoder stride)")
+    if p.n_folds < 2:
+        raise ConfigError(f"prepare.n_folds={p.n_folds}: need at least 2 folds")
+    t = cfg.train
+    if t.fold >= p.n_folds:
+        raise ConfigError(f"train.fold={t.fold}: only {p.n_folds} folds (0..{p.n_folds - 1})")
+    if t.accum_steps < 1:
+        raise ConfigError("train.accum_steps must be >= 1")
+    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision='{t.precision}': choose auto, bf16, fp16 or fp32")
+
+
+def stable_hash(obj, n: int = 12) -> str:
+    """Short sha256 of a JSON-serialisable object with sorted keys: the cache key primitive."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
