@@ -1,0 +1,106 @@
+"""Model registry: any segmentation-models-pytorch architecture with any encoder.
+
+``build_model("Unet", "resnet18", "none")`` -> ``nn.Module`` mapping (N, 3, H, W)
+float images (ImageNet-normalised) to (N, 1, H, W) logits. H and W must be
+multiples of 32.
+
+Encoder weights:
+- ``"imagenet"`` (or any name smp knows for that encoder): smp's hub download,
+  the real path for users who are online;
+- a path to a local ``.pt``/``.pth``/``.safetensors`` file holding an encoder
+  state_dict (keys as in ``model.encoder.state_dict()``, optionally prefixed
+  ``encoder.``);
+- ``"none"``: random initialisation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, PipelineError
+
+
+def _smp():
+    import segmentation_models_pytorch as smp
+    return smp
+
+
+def architectures() -> list[str]:
+    smp = _smp()
+    return sorted(n for n in dir(smp) if isinstance(getattr(smp, n), type)
+                  and issubclass(getattr(smp, n), torch.nn.Module) and n[0].isupper()
+                  and hasattr(getattr(smp, n), "__init__") and n not in ("SegmentationModel",))
+
+
+def encoders() -> list[str]:
+    """smp's own encoders; any timm model is also valid as ``tu-<timm name>``."""
+    return sorted(_smp().encoders.get_encoder_names())
+
+
+def check_names(arch: str, encoder: str) -> None:
+    """Raise ConfigError listing the valid names when arch or encoder is unknown."""
+    archs = architectures()
+    if arch not in archs:
+        raise ConfigError(f"unknown architecture '{arch}'. Valid: {', '.join(archs)}")
+    if encoder.startswith("tu-"):
+        import timm
+        name = encoder[3:]
+        if name not in timm.list_models():
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
+            raise ConfigError(f"unknown timm encoder '{encoder}'. Similar timm models: "
+                              f"{', '.join('tu-' + c for c in close) or '(none)'}")
+        return
+    names = encoders()
+    if encoder not in names:
+        raise ConfigError(f"unknown encoder '{encoder}'. Valid smp encoders: {', '.join(names)}; "
+                          "or any timm model as 'tu-<name>'")
+
+
+def _is_local_file(weights: str) -> bool:
+    return weights not in ("", "none", "None") and (Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")
+                                                    or Path(weights).exists())
+
+
+def load_encoder_weights(model: torch.nn.Module, path: str) -> None:
+    """Load an encoder state_dict from a local file into ``model.encoder`` (strict on shapes)."""
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"encoder weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(p))
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in state.items()}
+    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+    # A classifier head in the file is fine (segmentation encoders drop it); missing keys are not.
+    if missing:
+        raise PipelineError(f"{p}: encoder weights lack {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def build_model(arch: str, encoder: str, encoder_weights: str = "none") -> torch.nn.Module:
+    """Returns an smp model with one output channel (logits)."""
+    check_names(arch, encoder)
+    smp = _smp()
+    local = _is_local_file(encoder_weights)
+    hub_weights = None if (local or encoder_weights in ("", "none", "None")) else encoder_weights
+    model = getattr(smp, arch)(encoder_name=encoder, encoder_weights=hub_weights, in_channels=3, classes=1)
+    if local:
+        load_encoder_weights(model, encoder_weights)
+    return model
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model saved in a train checkpoint; returns (model in eval mode, meta dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(ckpt["arch"], ckpt["encoder"], "none")
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
+    return model, meta
