@@ -21,6 +21,9 @@ import yaml
 from .config import stable_hash
 
 MANIFEST = "manifest.json"
+# mkstemp creates 0600 files; artifacts should get the usual permissions (0666 less the umask).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -38,6 +41,7 @@ def atomic_path(path: str | Path, suffix: str | None = None):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
