@@ -39,8 +39,8 @@ class SynthConfig:
     """The embedded default dataset (``make demo-data``), written to ``data.raw``."""
     train_cars: int = 8
     test_cars: int = 4
-    height: int = 320                # Kaggle's is 1280
-    width: int = 480                 # Kaggle's is 1918
+    image_height: int = 320          # Kaggle: 1280
+    image_width: int = 480           # Kaggle: 1918
     seed: int = 0
     workers: int = -1
 

@@ -83,7 +83,8 @@ def render(p: dict, view: int, height: int, width: int, rng: np.random.Generator
     Returns (image (H, W, 3) uint8 BGR, mask (H, W) uint8 in {0, 1}).
     """
     H, W = height, width
-    theta = 2 * math.pi * (view - 1) / VIEWS
+    # View 01 faces the camera (front), 05 and 13 are the sides, 09 the back, as in Carvana.
+    theta = 2 * math.pi * (view - 1) / VIEWS + math.pi / 2
     c, s = math.cos(theta), math.sin(theta)
     cx = W * (0.5 + p["dx"])
     ground = H * p["ground"]
@@ -219,7 +220,7 @@ def run(cfg) -> Path:
     if (out / "train").is_dir() and any((out / "train").iterdir()):
         raise PipelineError(f"{out}/train already holds images; remove {out} first to regenerate demo data")
     s = cfg.synth
-    generate(out, s.train_cars, s.test_cars, s.height, s.width, s.seed, s.workers)
+    generate(out, s.train_cars, s.test_cars, s.image_height, s.image_width, s.seed, s.workers)
     n_train, n_test = s.train_cars * VIEWS, s.test_cars * VIEWS
-    print(f"synth: wrote {n_train} train and {n_test} test images ({s.width}x{s.height}) to {out}")
+    print(f"synth: wrote {n_train} train and {n_test} test images ({s.image_width}x{s.image_height}) to {out}")
     return out

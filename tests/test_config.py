@@ -1,0 +1,62 @@
+import pytest
+
+from pipeline import config
+from pipeline.config import ConfigError
+
+
+def test_defaults_yaml_then_overrides(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  epochs: 7\n  lr: 0.01\nprepare:\n  height: 64\n")
+    cfg = config.load(f, ["epochs=3", "train.batch_size=4", "channels_last=false"])
+    assert cfg.train.epochs == 3            # the override wins over the YAML
+    assert cfg.train.lr == 0.01             # the YAML wins over the default
+    assert cfg.prepare.height == 64
+    assert cfg.train.batch_size == 4
+    assert cfg.train.channels_last is False
+    assert cfg.prepare.width == config.PrepareConfig().width
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'"):
+        config.load(None, ["epoch=3"])
+    with pytest.raises(ConfigError, match="nosuch"):
+        config.load(None, {"train.nosuch": 1})
+
+
+def test_ambiguous_short_key_lists_candidates():
+    # "seed" lives in synth, prepare and train.
+    with pytest.raises(ConfigError, match="ambiguous.*prepare.seed.*train.seed"):
+        config.load(None, ["seed=1"])
+    assert config.load(None, ["train.seed=1"]).train.seed == 1
+
+
+@pytest.mark.parametrize("override", ["epochs=three", "epochs=1.5", "lr=fast", "channels_last=maybe"])
+def test_type_checked(override):
+    with pytest.raises(ConfigError, match="expects"):
+        config.load(None, [override])
+
+
+def test_sizes_must_fit_the_encoder_stride():
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        config.load(None, ["height=100"])
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        config.load(f)
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_stable_hash_ignores_key_order():
+    assert config.stable_hash({"a": 1, "b": 2}) == config.stable_hash({"b": 2, "a": 1})
+    assert config.stable_hash({"a": 1}) != config.stable_hash({"a": 2})
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    from pipeline.cli import main
+    assert main(["prepare", "epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'epoch'" in err and "Traceback" not in err
