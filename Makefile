@@ -9,6 +9,7 @@ SHARD  ?=
 SUB    ?=
 MASKS  ?=
 ARGS   ?=
+BENCH  ?=
 
 # Every stage sees the same config: the YAML, then RAW/FOLD/SHARD switches, then ARGS.
 STAGE_ARGS := --config $(CONFIG) $(if $(RAW),data.raw=$(RAW)) $(if $(FOLD),train.fold=$(FOLD)) \
@@ -57,7 +58,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 bench: venv
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH)
 
 clean-cache:
 	rm -rf data/cache
