@@ -56,6 +56,7 @@ class PrepareConfig:
     strict: bool = False             # any validation problem -> non-zero exit
     check_rle: bool = True           # compare train_masks.csv RLE with the GIFs
     chunk_size: int = 64             # images per joblib task; bounds memory
+    fit: str = "stretch"             # stretch: resize to height x width | pad: keep aspect, centre-pad
 
 
 @dataclass

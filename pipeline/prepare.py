@@ -1,0 +1,508 @@
+"""Prepare: validate the raw Kaggle layout, convert and resize, write indexes and folds.
+
+``run(cfg) -> Path`` returns the artifact dir ``<cache>/prepare/<key>/`` holding
+``train_index.csv``, ``folds.csv``, ``test_index.csv``, ``prepare_report.json``,
+``config.yaml`` and ``manifest.json`` (written last: it marks the dir complete).
+
+Caching (the DVC idea, in-process):
+- ``key`` hashes the stage parameters (``cfg.prepare`` minus run-only knobs, plus the
+  train/test directory names), ``CODE_VERSION`` and stat-only fingerprints (name,
+  size, mtime) of every raw file. ``artifact_dir(cfg)`` computes it without reading
+  any pixel. A complete dir for the key means: no work, one line "cached".
+- Per-image outputs are content-addressed under ``<cache>/prepare/files/``:
+  ``full/<id>.<h>.png`` (full-size mask, keyed by the mask file and code),
+  ``<H>x<W>-<fit>/<id>.<h>.png|_mask.png|.json`` (resized image, resized mask and a
+  record of the validation result; keyed by image, mask, RLE row, size and code).
+  A new key (10 images added, a new size) therefore re-uses every output that
+  is still valid and processes only what is new. Old outputs stay until
+  ``make clean-cache``.
+- Every file is written to a temp name and renamed (``pipeline.cache``); the
+  per-image record is written after its PNGs and the manifest after everything,
+  so a run killed at any point (kill -9) leaves only complete files under final
+  names, and the rerun finishes the same artifacts as an uninterrupted run.
+
+Geometry (``prepare.fit``): ``stretch`` resizes every image to height x width
+(aspect not kept, e.g. 1280x1918 -> 640x960 keeps it within 0.2%); ``pad`` scales
+to fit inside and centre-pads with zeros (1280x1918 -> 1280x1920 pads one column
+each side, no resampling). The mapping of each image is recorded in the index
+columns ``scaled_height, scaled_width, pad_top, pad_left``; ``to_model`` applies
+it and ``to_original`` inverts it (crop the padding, resize back).
+
+Masks: resized masks and full-size masks are 8-bit PNGs with values {0, 1}, so
+``cv2.imread(p, cv2.IMREAD_GRAYSCALE)`` returns the labels directly (a bilevel
+1-bit PNG would be smaller but reads back as {0, 255} in cv2).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed, effective_n_jobs
+from tqdm import tqdm
+
+from . import cache, rle
+from .config import Config, ConfigError, PipelineError, stable_hash
+from .folds import make_folds
+from .ingest import BadFile, Issue, Listing, decode_image, decode_mask, jpeg_header, list_dir, read_csv
+
+STAGE = "prepare"
+CODE_VERSION = "prepare-1"          # bump when outputs change for the same inputs
+RUN_ONLY = ("workers", "strict", "chunk_size")   # knobs that never change the artifacts
+FITS = ("stretch", "pad")
+PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]           # level 1: ~fastest, larger levels gain <5% here
+GEOM_COLS = ["scaled_height", "scaled_width", "pad_top", "pad_left"]
+TRAIN_COLS = ["id", "car_id", "view", "image", "mask", "mask_full", "orig_height", "orig_width",
+              "mask_area", *GEOM_COLS, "fold"]
+TEST_COLS = ["img", "id", "path", "orig_height", "orig_width", *GEOM_COLS]
+SUMMARY_ISSUES = 10                 # issues printed in the summary; the report has all
+
+
+# ---------------------------------------------------------------------------- geometry
+
+def geometry(orig_h: int, orig_w: int, height: int, width: int, fit: str) -> dict:
+    """Where an orig_h x orig_w image lands in the height x width model input.
+
+    Returns {scaled_height, scaled_width, pad_top, pad_left}: the image is resized
+    to scaled_height x scaled_width and placed at (pad_top, pad_left); the rest is 0.
+    """
+    if fit == "stretch":
+        return {"scaled_height": height, "scaled_width": width, "pad_top": 0, "pad_left": 0}
+    if fit != "pad":
+        raise ConfigError(f"prepare.fit='{fit}': choose one of {', '.join(FITS)}")
+    s = min(height / orig_h, width / orig_w)
+    sh, sw = min(height, round(orig_h * s)), min(width, round(orig_w * s))
+    return {"scaled_height": sh, "scaled_width": sw, "pad_top": (height - sh) // 2, "pad_left": (width - sw) // 2}
+
+
+def to_model(arr: np.ndarray, geom: dict, height: int, width: int,
+             interpolation: int = cv2.INTER_AREA) -> np.ndarray:
+    """(h, w[, C]) original -> (height, width[, C]) model input, per ``geometry``."""
+    sh, sw, top, left = (int(geom[k]) for k in GEOM_COLS)
+    out = arr if arr.shape[:2] == (sh, sw) else cv2.resize(arr, (sw, sh), interpolation=interpolation)
+    if (sh, sw) != (height, width):
+        out = cv2.copyMakeBorder(out, top, height - sh - top, left, width - sw - left, cv2.BORDER_CONSTANT, value=0)
+    return out
+
+
+def to_original(prob: np.ndarray, orig_hw: tuple[int, int], geom: dict) -> np.ndarray:
+    """(height, width) model-size map -> (orig_h, orig_w) float32: crop the padding, resize back.
+
+    Exact inverse of ``to_model``'s placement; the resize back is bilinear.
+    """
+    sh, sw, top, left = (int(geom[k]) for k in GEOM_COLS)
+    crop = np.asarray(prob[top:top + sh, left:left + sw], dtype=np.float32)
+    h, w = orig_hw
+    return crop if crop.shape == (h, w) else cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, geom: dict, height: int, width: int) -> np.ndarray:
+    """(h, w) {0,1} -> (height, width) {0,1}: area-average the 0/255 mask, threshold at half.
+
+    Area averaging then thresholding keeps a smooth, binary boundary (nearest
+    neighbour would alias it).
+    """
+    return (to_model(mask * np.uint8(255), geom, height, width) >= 128).astype(np.uint8)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask PNG written by prepare -> (H, W) uint8 {0, 1}."""
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise PipelineError(f"{path}: cannot read mask PNG")
+    return m
+
+
+# ---------------------------------------------------------------------------- scanning & key
+
+@dataclass
+class Scan:
+    """The raw layout by name only (no file is opened)."""
+    raw: Path
+    train: Listing
+    masks: Listing
+    test: Listing
+    csvs: dict[str, Path | None]
+    issues: list[Issue] = field(default_factory=list)
+
+
+def _scan(cfg: Config) -> Scan:
+    raw = Path(cfg.data.raw)
+    if not raw.is_dir():
+        raise PipelineError(f"data.raw={raw}: no such directory (run `make demo-data` or pass RAW=<kaggle dir>)")
+    train = list_dir(raw / cfg.data.train_dir, cfg.data.train_dir, "image")
+    if not train.all_paths:
+        raise PipelineError(f"{raw / cfg.data.train_dir}: no train images (data.raw / data.train_dir)")
+    masks = list_dir(raw / "train_masks", "train_masks", "mask")
+    test = list_dir(raw / cfg.data.test_dir, cfg.data.test_dir, "image")
+    csvs = {name: (raw / name if (raw / name).is_file() else None)
+            for name in ("train_masks.csv", "sample_submission.csv", "metadata.csv")}
+    return Scan(raw, train, masks, test, csvs, train.issues + masks.issues + test.issues)
+
+
+def _params(cfg: Config) -> dict:
+    p = {k: v for k, v in asdict(cfg.prepare).items() if k not in RUN_ONLY}
+    p.update(train_dir=cfg.data.train_dir, test_dir=cfg.data.test_dir)
+    return p
+
+
+def _inputs(scan: Scan) -> dict:
+    return {"raw": str(scan.raw.resolve()),
+            "train": cache.fingerprint_files(scan.train.all_paths),
+            "train_masks": cache.fingerprint_files(scan.masks.all_paths),
+            "test": cache.fingerprint_files(scan.test.all_paths),
+            "csv": {n: (cache.file_fingerprint(p) if p else None) for n, p in scan.csvs.items()}}
+
+
+def _check_cfg(cfg: Config) -> None:
+    p = cfg.prepare
+    if p.fit not in FITS:
+        raise ConfigError(f"prepare.fit='{p.fit}': choose one of {', '.join(FITS)}")
+    if p.chunk_size < 1:
+        raise ConfigError(f"prepare.chunk_size={p.chunk_size}: must be >= 1")
+
+
+def artifact_dir(cfg: Config) -> Path:
+    """``<cache>/prepare/<key>`` for this config and the raw files as they are now (stat only)."""
+    _check_cfg(cfg)
+    scan = _scan(cfg)
+    return cache.stage_dir(cfg.data.cache, STAGE, cache.stage_key(_params(cfg), CODE_VERSION, _inputs(scan)))
+
+
+def load(cfg: Config) -> Path:
+    """The complete artifact dir for ``cfg``, or PipelineError telling the user to prepare first."""
+    d = artifact_dir(cfg)
+    if not cache.is_complete(d):
+        raise PipelineError(f"no prepared data for this config and raw data at {d}: run `make prepare` first")
+    return d
+
+
+# ---------------------------------------------------------------------------- per-image work
+
+def _write_png(path: Path, arr: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", arr, PNG)
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path}")
+    cache.write_bytes(path, buf.tobytes())
+
+
+def _process_one(job: dict) -> dict:
+    """Validate, convert and resize one train pair; write its outputs and record. Returns the record.
+
+    job: id, img, mask (absolute raw paths), rel_img, rel_mask (names for the report),
+    rle (train_masks.csv row or None), height, width, fit, root (prepare root),
+    image_out, mask_out, full_out, record_out (paths relative to root).
+    """
+    rec = {"id": job["id"], "status": "ok", "issues": []}
+
+    def bad(file: str, e: BadFile) -> dict:
+        rec.update(status="bad", issues=rec["issues"] + [Issue(file, e.kind, "error", e.reason).to_dict()])
+        return rec
+
+    root = Path(job["root"])
+    try:
+        img, warnings = decode_image(Path(job["img"]))
+        rec["issues"] += [Issue(job["rel_img"], k, "warning", r).to_dict() for k, r in warnings]
+    except BadFile as e:
+        return _finish(root, job, bad(job["rel_img"], e))
+    try:
+        mask, _ = decode_mask(Path(job["mask"]))
+    except BadFile as e:
+        return _finish(root, job, bad(job["rel_mask"], e))
+    h, w = img.shape[:2]
+    if mask.shape != (h, w):
+        return _finish(root, job, bad(job["rel_img"], BadFile(
+            "size_mismatch", f"image is {w}x{h} but its mask {Path(job['rel_mask']).name} is "
+                             f"{mask.shape[1]}x{mask.shape[0]}")))
+    if job["rle"] is not None:
+        mine, theirs = rle.encode(mask), " ".join(job["rle"].split())
+        if mine != theirs:
+            n_csv = sum(int(n) for n in theirs.split()[1::2]) if theirs else 0
+            return _finish(root, job, bad(job["rel_mask"], BadFile(
+                "rle_mismatch", f"train_masks.csv RLE ({n_csv} px) disagrees with the GIF "
+                                f"({int(mask.sum())} px)")))
+    geom = geometry(h, w, job["height"], job["width"], job["fit"])
+    full = root / job["full_out"]
+    if not full.is_file():   # shared by every size; written once
+        _write_png(full, mask)
+    _write_png(root / job["image_out"], to_model(img, geom, job["height"], job["width"]))
+    _write_png(root / job["mask_out"], resize_mask(mask, geom, job["height"], job["width"]))
+    rec.update(orig_height=h, orig_width=w, mask_area=float(mask.mean()), **geom,
+               image=job["image_out"], mask=job["mask_out"], mask_full=job["full_out"])
+    return _finish(root, job, rec)
+
+
+def _finish(root: Path, job: dict, rec: dict) -> dict:
+    # Written after the PNGs: a record on disk means every output of this image is complete.
+    cache.write_json(root / job["record_out"], rec)
+    return rec
+
+
+def _process_chunk(jobs: list[dict]) -> list[dict]:
+    cv2.setNumThreads(1)     # one image per worker; cv2's own threads would oversubscribe the cores
+    return [_process_one(j) for j in jobs]
+
+
+def _headers_chunk(items: list[tuple[str, str]]) -> list[tuple[str, dict]]:
+    out = []
+    for i, path in items:
+        try:
+            out.append((i, jpeg_header(Path(path))))
+        except BadFile as e:
+            out.append((i, {"error": e.kind, "reason": e.reason}))
+    return out
+
+
+def _parallel(fn, chunks: list, workers: int, total: int, desc: str):
+    """Yield fn(chunk) results as they finish (any order), with a progress bar counting items.
+
+    Results stream back (joblib generator), and joblib dispatches only 2 chunks per
+    worker ahead, so memory stays bounded whatever the number of images.
+    """
+    n_jobs = max(1, min(effective_n_jobs(workers), len(chunks)))
+    bar = tqdm(total=total, desc=desc, unit="img", disable=None, leave=False, file=sys.stderr)
+    try:
+        for res in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(delayed(fn)(c) for c in chunks):
+            bar.update(len(res))
+            yield res
+    finally:
+        bar.close()
+
+
+def _chunks(items: list, size: int, workers: int) -> list[list]:
+    """Split into chunks of at most ``size``, small enough that every worker gets ~4 (balance)."""
+    if not items:
+        return []
+    n_jobs = max(1, effective_n_jobs(workers))
+    size = max(1, min(size, -(-len(items) // (4 * n_jobs))))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------------------- the stage
+
+@dataclass
+class Result:
+    dir: Path
+    stats: dict          # processed / reused / train_ok / left_out / test_ok / problems / cached
+
+
+def run(cfg: Config) -> Path:
+    """The stage: returns the complete artifact dir (see module docstring)."""
+    return execute(cfg).dir
+
+
+def execute(cfg: Config) -> Result:
+    """``run`` that also returns what it did (tests and benchmarks assert on ``stats``)."""
+    _check_cfg(cfg)
+    p = cfg.prepare
+    scan = _scan(cfg)
+    params, inputs = _params(cfg), _inputs(scan)
+    key = cache.stage_key(params, CODE_VERSION, inputs)
+    out = cache.stage_dir(cfg.data.cache, STAGE, key)
+    if cache.is_complete(out):
+        stats = dict(cache.read_manifest(out)["stats"], processed=0, reused=0, cached=True)
+        print(f"prepare: cached, nothing to do ({stats['train_ok']} train, {stats['test_ok']} test images, "
+              f"{stats['problems']} problem(s)) -> {out}")
+        _strict(cfg, stats["problems"], out)
+        return Result(out, stats)
+
+    root = cache.stage_dir(cfg.data.cache, STAGE, "")
+    issues = list(scan.issues)
+    frames = {}
+    for name, path in scan.csvs.items():
+        if path is not None:
+            frames[name], csv_issues = read_csv(path, name)
+            issues += csv_issues
+
+    jobs, pair_issues = _train_jobs(cfg, scan, frames.get("train_masks.csv"), root)
+    issues += pair_issues
+    records, processed, reused = _run_jobs(jobs, root, p)
+    for rec in records.values():
+        issues += [Issue(**d) for d in rec["issues"]]
+    ok = [records[j["id"]] for j in jobs if records[j["id"]]["status"] == "ok"]
+    if not ok:
+        report = _write_report(out, key, cfg, scan, issues, {"train_ok": 0})
+        raise PipelineError(f"no usable train image/mask pair in {scan.raw}; see {report}")
+
+    train = pd.DataFrame([{"id": r["id"], "car_id": r["id"][:12], "view": int(r["id"][13:]),
+                           "image": f"../{r['image']}", "mask": f"../{r['mask']}",
+                           "mask_full": f"../{r['mask_full']}", "orig_height": r["orig_height"],
+                           "orig_width": r["orig_width"], "mask_area": round(r["mask_area"], 6),
+                           **{k: r[k] for k in GEOM_COLS}} for r in ok])
+    folds = make_folds(train, p.n_folds, p.seed, p.stratify)
+    train["fold"] = folds["fold"].values
+
+    test, test_issues = _test_index(cfg, scan, frames.get("sample_submission.csv"), root)
+    issues += test_issues
+
+    counts = {"train_images": len(scan.train.files), "train_masks": len(scan.masks.files),
+              "train_ok": len(train), "train_left_out": _left_out(cfg, issues),
+              "test_images": len(scan.test.files), "test_ok": len(test),
+              "folds": {int(k): int(v) for k, v in train.fold.value_counts().sort_index().items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_text(out / "train_index.csv", train[TRAIN_COLS].to_csv(index=False))
+    cache.write_text(out / "folds.csv", folds.to_csv(index=False))
+    cache.write_text(out / "test_index.csv", test[TEST_COLS].to_csv(index=False))
+    report = _write_report(out, key, cfg, scan, issues, counts)
+    stats = {"processed": processed, "reused": reused, "train_ok": len(train),
+             "left_out": counts["train_left_out"], "test_ok": len(test), "problems": len(issues),
+             "cached": False}
+    cache.write_manifest(out, stage=STAGE, key=key, params=params, inputs=inputs,
+                         outputs={n: n for n in ("train_index.csv", "folds.csv", "test_index.csv",
+                                                 "prepare_report.json")},
+                         config=cfg.to_dict(), extra={"code_version": CODE_VERSION, "stats": stats})
+    _print_summary(out, report, stats, issues)
+    _strict(cfg, len(issues), out)
+    return Result(out, stats)
+
+
+def _left_out(cfg: Config, issues: list[Issue]) -> int:
+    """Train files left out: one error per bad image, mask or pair."""
+    return sum(i.level == "error" and i.file.split("/")[0] in (cfg.data.train_dir, "train_masks") for i in issues)
+
+
+def _train_jobs(cfg: Config, scan: Scan, masks_csv: pd.DataFrame | None, root: Path) -> tuple[list[dict], list[Issue]]:
+    """Pair images with masks and describe each pair's work and content-addressed outputs."""
+    p, issues = cfg.prepare, []
+    imgs, masks = scan.train.files, scan.masks.files
+    for i in sorted(set(imgs) - set(masks)):
+        issues.append(Issue(f"{cfg.data.train_dir}/{imgs[i].name}", "missing_mask", "error",
+                            f"no train_masks/{i}_mask.gif"))
+    for i in sorted(set(masks) - set(imgs)):
+        issues.append(Issue(f"train_masks/{masks[i].name}", "missing_image", "error",
+                            f"no {cfg.data.train_dir}/{i}.jpg"))
+    rles: dict[str, str] | None = None
+    if masks_csv is not None and p.check_rle:
+        rles = dict(zip(masks_csv["img"].str.rsplit(".", n=1).str[0], masks_csv["rle_mask"]))
+        for i in sorted(set(rles) - set(imgs)):
+            issues.append(Issue("train_masks.csv", "rle_row_without_image", "warning",
+                                f"row for '{i}' has no image in {cfg.data.train_dir}/"))
+        for i in sorted((set(imgs) & set(masks)) - set(rles)):
+            issues.append(Issue("train_masks.csv", "rle_missing_row", "warning", f"no row for '{i}'"))
+    size_dir = f"files/{p.height}x{p.width}-{p.fit}"
+    jobs = []
+    for i in sorted(set(imgs) & set(masks)):
+        fp_img, fp_mask = cache.file_fingerprint(imgs[i]), cache.file_fingerprint(masks[i])
+        row = rles.get(i) if rles is not None else None
+        h = stable_hash({"code": CODE_VERSION, "img": fp_img, "mask": fp_mask, "dir": cfg.data.train_dir,
+                         "rle": None if row is None else stable_hash(" ".join(row.split())),
+                         "size": [p.height, p.width, p.fit]})
+        hm = stable_hash({"code": CODE_VERSION, "mask": fp_mask})
+        jobs.append({"id": i, "img": str(imgs[i]), "mask": str(masks[i]),
+                     "rel_img": f"{cfg.data.train_dir}/{imgs[i].name}", "rel_mask": f"train_masks/{masks[i].name}",
+                     "rle": row, "height": p.height, "width": p.width, "fit": p.fit, "root": str(root),
+                     "image_out": f"{size_dir}/{i}.{h}.png", "mask_out": f"{size_dir}/{i}.{h}_mask.png",
+                     "full_out": f"files/full/{i}.{hm}.png", "record_out": f"{size_dir}/{i}.{h}.json"})
+    return jobs, issues
+
+
+def _run_jobs(jobs: list[dict], root: Path, p) -> tuple[dict[str, dict], int, int]:
+    """Re-use finished records, process the rest in parallel. Returns (id -> record, processed, reused)."""
+    records, todo = {}, []
+    for j in jobs:
+        path = root / j["record_out"]
+        if path.is_file():
+            records[j["id"]] = cache.read_json(path)
+        else:
+            todo.append(j)
+    reused = len(records)
+    for res in _parallel(_process_chunk, _chunks(todo, p.chunk_size, p.workers), p.workers, len(todo), "prepare"):
+        records.update((r["id"], r) for r in res)
+    return records, len(todo), reused
+
+
+def _test_headers(cfg: Config, scan: Scan, root: Path) -> dict[str, dict]:
+    """id -> header dict (or {"error", "reason"}) for every test image; cached per test-dir fingerprint."""
+    files = scan.test.files
+    h = stable_hash({"code": CODE_VERSION, "dir": cfg.data.test_dir,
+                     "files": cache.fingerprint_files(scan.test.all_paths)})
+    path = root / "files" / "test_headers" / f"{h}.json"
+    if path.is_file():
+        return cache.read_json(path)
+    items = [(i, str(files[i])) for i in sorted(files)]
+    p = cfg.prepare
+    headers: dict[str, dict] = {}
+    for res in _parallel(_headers_chunk, _chunks(items, 1024, p.workers), p.workers, len(items), "test headers"):
+        headers.update(res)
+    cache.write_json(path, headers)
+    return headers
+
+
+def _test_index(cfg: Config, scan: Scan, sample: pd.DataFrame | None, root: Path) -> tuple[pd.DataFrame, list[Issue]]:
+    """test_index.csv rows in sample_submission.csv order (or sorted file order without it)."""
+    p, issues, rel = cfg.prepare, [], cfg.data.test_dir
+    files = scan.test.files
+    if not files:
+        issues.append(Issue(f"{rel}/", "no_test_images", "warning",
+                            f"{scan.raw / rel} is missing or holds no test images; test_index.csv is empty"))
+        return pd.DataFrame(columns=TEST_COLS), issues
+    headers = _test_headers(cfg, scan, root)
+    if sample is None:
+        why = "missing" if scan.csvs["sample_submission.csv"] is None else "unusable"
+        issues.append(Issue("sample_submission.csv", "no_sample_submission", "warning",
+                            f"sample_submission.csv {why}: test images listed in sorted file order"))
+        order = sorted(files)
+    else:
+        sample_ids = sample["img"].str.rsplit(".", n=1).str[0].tolist()
+        listed = set(sample_ids)
+        for img, i in zip(sample["img"], sample_ids):
+            if i not in files:
+                issues.append(Issue("sample_submission.csv", "sample_without_image", "error",
+                                    f"row '{img}' has no image in {rel}/"))
+        for i in sorted(set(files) - listed):
+            issues.append(Issue(f"{rel}/{files[i].name}", "not_in_sample", "warning",
+                                "test image not listed in sample_submission.csv; left out"))
+        order = [i for i in sample_ids if i in files]
+    rows = []
+    for i in order:
+        hd = headers[i]
+        if "error" in hd:
+            issues.append(Issue(f"{rel}/{files[i].name}", hd["error"], "error", hd["reason"]))
+            continue
+        if hd["mode"] != "RGB" or hd["format"] != "JPEG":
+            issues.append(Issue(f"{rel}/{files[i].name}", "color_converted", "warning",
+                                f"{hd['format']} {hd['mode']} test image: predict must convert it to RGB"))
+        rows.append({"img": files[i].name, "id": i, "path": str(files[i].resolve()),
+                     "orig_height": hd["height"], "orig_width": hd["width"],
+                     **geometry(hd["height"], hd["width"], p.height, p.width, p.fit)})
+    return pd.DataFrame(rows, columns=TEST_COLS), issues
+
+
+def _write_report(out: Path, key: str, cfg: Config, scan: Scan, issues: list[Issue], counts: dict) -> Path:
+    issues = sorted(issues, key=lambda i: (i.file, i.kind, i.reason))
+    report = {"key": key, "raw": str(scan.raw.resolve()), "train_dir": cfg.data.train_dir,
+              "test_dir": cfg.data.test_dir, "counts": counts, "problems": len(issues),
+              "by_kind": dict(sorted(Counter(i.kind for i in issues).items())),
+              "by_level": dict(sorted(Counter(i.level for i in issues).items())),
+              "checks": {"train": "full decode of every image and mask",
+                         "test": "JPEG header (size, mode) + end-of-image marker; no decode",
+                         "rle": bool(cfg.prepare.check_rle and scan.csvs["train_masks.csv"])},
+              "resize": {"height": cfg.prepare.height, "width": cfg.prepare.width, "fit": cfg.prepare.fit,
+                         "image_interpolation": "INTER_AREA",
+                         "mask": "INTER_AREA on 0/255 then >= 128 (binary)"},
+              "issues": [i.to_dict() for i in issues]}
+    path = out / "prepare_report.json"
+    cache.write_json(path, report)
+    return path
+
+
+def _print_summary(out: Path, report: Path, stats: dict, issues: list[Issue]) -> None:
+    kinds = Counter(i.kind for i in issues)
+    print(f"prepare: {stats['train_ok']} train pairs ({stats['processed']} processed, {stats['reused']} reused), "
+          f"{stats['left_out']} left out; {stats['test_ok']} test images; {len(issues)} problem(s)"
+          + (": " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) if kinds else ""))
+    for i in sorted(issues, key=lambda i: (i.level != "error", i.file))[:SUMMARY_ISSUES]:
+        print(f"  {i.level:7s} {i.file}: {i.reason}")
+    if len(issues) > SUMMARY_ISSUES:
+        print(f"  ... {len(issues) - SUMMARY_ISSUES} more in the report")
+    print(f"  report:    {report}\n  artifacts: {out}")
+
+
+def _strict(cfg: Config, problems: int, out: Path) -> None:
+    if cfg.prepare.strict and problems:
+        raise PipelineError(f"prepare.strict: {problems} validation problem(s); see {out / 'prepare_report.json'}")
