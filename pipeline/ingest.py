@@ -170,11 +170,17 @@ def jpeg_complete(tail: bytes) -> bool:
     return tail.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
+def _unreadable(e: Exception) -> BadFile:
+    """A header parse failure: files cut inside their header are 'truncated', the rest 'corrupt'."""
+    kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
+    return BadFile(kind, f"not a readable image ({type(e).__name__}: {e})")
+
+
 def _header(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except Exception as e:  # UnidentifiedImageError, SyntaxError from broken headers, ...
-        raise BadFile("corrupt", f"not a readable image ({type(e).__name__}: {e})") from None
+        raise _unreadable(e) from None
 
 
 def decode_image(path: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:
@@ -249,7 +255,7 @@ def jpeg_header(path: Path) -> dict:
             except BadFile:
                 raise
             except Exception as e:
-                raise BadFile("corrupt", f"not a readable image ({type(e).__name__}: {e})") from None
+                raise _unreadable(e) from None
             f.seek(max(0, size - 64))
             tail = f.read()
     except OSError as e:

@@ -1,0 +1,51 @@
+"""The model-input mapping prepare records, and its inverse (known answers)."""
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.prepare import geometry, resize_mask, to_model, to_original
+
+
+def test_pad_kaggle_size_to_1920_is_one_column_each_side():
+    g = geometry(1280, 1918, 1280, 1920, "pad")
+    assert g == {"scaled_height": 1280, "scaled_width": 1918, "pad_top": 0, "pad_left": 1}
+
+
+def test_pad_scales_to_fit_then_centres():
+    g = geometry(1280, 1918, 512, 512, "pad")
+    # 1918 -> 512 sets the scale; 1280 * 512 / 1918 = 341.7 -> 342 rows, centred in 512.
+    assert g == {"scaled_height": 342, "scaled_width": 512, "pad_top": 85, "pad_left": 0}
+
+
+def test_stretch_is_plain_resize():
+    assert geometry(1280, 1918, 640, 960, "stretch") == {"scaled_height": 640, "scaled_width": 960,
+                                                          "pad_top": 0, "pad_left": 0}
+
+
+def test_unknown_fit_is_a_config_error():
+    with pytest.raises(ConfigError, match="prepare.fit"):
+        geometry(10, 10, 32, 32, "crop")
+
+
+def test_pad_round_trip_is_exact_without_scaling():
+    rng = np.random.default_rng(0)
+    prob = rng.random((40, 62)).astype(np.float32)
+    g = geometry(40, 62, 40, 64, "pad")          # like 1280x1918 -> 1280x1920
+    assert g == {"scaled_height": 40, "scaled_width": 62, "pad_top": 0, "pad_left": 1}
+    model = to_model(prob, g, 40, 64)
+    assert model.shape == (40, 64)
+    assert model[:, 0].sum() == 0 and model[:, 63].sum() == 0
+    assert np.array_equal(model[:, 1:63], prob)
+    assert np.array_equal(to_original(model, (40, 62), g), prob)
+
+
+@pytest.mark.parametrize("fit", ["stretch", "pad"])
+def test_mask_round_trip_keeps_shape_and_is_close(fit):
+    yy, xx = np.mgrid[:128, :192]
+    mask = (((yy - 64) / 40) ** 2 + ((xx - 96) / 70) ** 2 <= 1).astype(np.uint8)
+    g = geometry(128, 192, 64, 64, fit)
+    small = resize_mask(mask, g, 64, 64)
+    assert small.shape == (64, 64) and set(np.unique(small)) == {0, 1}
+    back = to_original(small.astype(np.float32), (128, 192), g) >= 0.5
+    inter = (back & mask.astype(bool)).sum()
+    assert 2 * inter / (back.sum() + mask.sum()) > 0.97

@@ -1,0 +1,67 @@
+"""Prepare on real Carvana files from ../shared/data (skipped when absent).
+
+A small raw dir of symlinks keeps it fast: two real 512x512 cars from carvana512 plus the
+real full-resolution 1918x1280 image and mask, and four carvana512 test images with a
+sample_submission.csv subset.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import prepare, rle
+from pipeline.cache import read_json
+from pipeline.config import load
+
+GOLDEN = "879735 20 881650 26 883315 92 883564 30 885208"   # Kaggle train_masks.csv, 00087a6bd4dc_04
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(src, dst)
+
+
+@pytest.fixture
+def real_raw(shared_data, tmp_path) -> Path:
+    c512, full = shared_data / "carvana512", shared_data / "carvana_fullres"
+    if not (c512 / "train").is_dir() or not (full / "train").is_dir():
+        pytest.skip("carvana512 / carvana_fullres not present")
+    raw = tmp_path / "raw"
+    cars = sorted({p.name[:12] for p in (c512 / "train").glob("*.jpg")} - {"00087a6bd4dc"})[:2]
+    for car in cars:
+        for v in range(1, 17):
+            _link(c512 / "train" / f"{car}_{v:02d}.jpg", raw / "train" / f"{car}_{v:02d}.jpg")
+            _link(c512 / "train_masks" / f"{car}_{v:02d}_mask.gif", raw / "train_masks" / f"{car}_{v:02d}_mask.gif")
+    _link(full / "train" / "00087a6bd4dc_04.jpg", raw / "train" / "00087a6bd4dc_04.jpg")
+    _link(full / "train_masks" / "00087a6bd4dc_04_mask.gif", raw / "train_masks" / "00087a6bd4dc_04_mask.gif")
+    tests = sorted(p.name for p in (c512 / "test").glob("*.jpg"))[:4]
+    for name in tests:
+        _link(c512 / "test" / name, raw / "test" / name)
+    # Sample order differs from file order on purpose: test_index must follow the sample.
+    pd.DataFrame({"img": tests[::-1], "rle_mask": "1 1"}).to_csv(raw / "sample_submission.csv", index=False)
+    _link(full / "metadata.csv", raw / "metadata.csv")
+    return raw
+
+
+def test_prepare_real_files(real_raw, tmp_path):
+    cfg = load(None, {"data.raw": str(real_raw), "data.cache": str(tmp_path / "cache"), "prepare.height": 256,
+                      "prepare.width": 384, "prepare.n_folds": 2, "prepare.workers": 1})
+    res = prepare.execute(cfg)
+    report = read_json(res.dir / "prepare_report.json")
+    assert report["issues"] == [], report["issues"]
+    idx = pd.read_csv(res.dir / "train_index.csv").set_index("id")
+    assert len(idx) == 33
+    row = idx.loc["00087a6bd4dc_04"]
+    assert (row.orig_height, row.orig_width) == (1280, 1918)
+    full = prepare.read_mask(res.dir / row.mask_full)
+    gif = np.asarray(Image.open(real_raw / "train_masks" / "00087a6bd4dc_04_mask.gif"))
+    assert np.array_equal(full, gif)
+    assert rle.encode(full).startswith(GOLDEN)
+    assert prepare.read_mask(res.dir / row["mask"]).shape == (256, 384)
+    assert (idx.loc[idx.index != "00087a6bd4dc_04", "orig_height"] == 512).all()
+    test = pd.read_csv(res.dir / "test_index.csv")
+    assert list(test.img) == list(pd.read_csv(real_raw / "sample_submission.csv").img)
+    assert (test.orig_height == 512).all() and (test.orig_width == 512).all()
