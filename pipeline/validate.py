@@ -1,0 +1,248 @@
+"""Submission validator: header, ids, order, count and every RLE, streamed.
+
+Checks, each reported with the file's line number (line 1 is the header):
+- the header is exactly ``img,rle_mask``;
+- row k holds the k-th id of ``sample_submission.csv`` (same ids, same order,
+  same count; a missing or extra row is reported once, at the line where it
+  appears);
+- every ``rle_mask`` is empty (an empty mask) or an even count of positive
+  integers ``start length ...`` with starts strictly increasing, runs that do
+  not overlap, and the last pixel within H*W of that image.
+
+The submission is read row by row (plain or .gz), so checking 100k rows holds
+one row at a time plus the sample's ids.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .config import PipelineError
+
+HEADER = ["img", "rle_mask"]
+_RLE_RE = re.compile(r"[0-9]+(?: [0-9]+)*")
+
+
+def open_text(path: str | Path, mode: str = "rt"):
+    """Open a .csv or .csv.gz as text (newline='' as the csv module wants)."""
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        return gzip.open(path, mode, newline="", encoding="utf-8")
+    return open(path, mode, newline="", encoding="utf-8")
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line number, fields) for every line, header included (line 1)."""
+    with open_text(path) as f:
+        for k, fields in enumerate(csv.reader(f), start=1):
+            yield k, fields
+
+
+def read_ids(sample_path: str | Path) -> list[str]:
+    """The ``img`` column of a sample_submission.csv, in order."""
+    p = Path(sample_path)
+    if not p.is_file():
+        raise PipelineError(f"{p}: sample submission not found")
+    rows = iter_rows(p)
+    _, header = next(rows, (1, []))
+    if not header or header[0] != "img":
+        raise PipelineError(f"{p}: first column must be 'img', got {header[:2]}")
+    return [fields[0] for _, fields in rows if fields]
+
+
+def rle_problem(rle: str, n_pixels: int) -> str | None:
+    """None when ``rle`` is a valid Carvana RLE for an image of n_pixels = H*W, else what is wrong."""
+    if rle == "":
+        return None
+    if not _RLE_RE.fullmatch(rle):
+        bad = next((t for t in rle.split(" ") if not t.isdigit()), "")
+        return f"not space-separated non-negative integers (token {bad[:20]!r})"
+    tokens = rle.split(" ")
+    if len(tokens) % 2:
+        return f"odd count of numbers ({len(tokens)}): pairs 'start length' expected"
+    if max(len(t) for t in tokens) > 18:
+        return "a number is too large"
+    nums = np.array(tokens, dtype=np.int64)
+    starts, lengths = nums[0::2], nums[1::2]
+    k = np.flatnonzero(starts < 1)
+    if k.size:
+        return f"pair {k[0] + 1}: start {starts[k[0]]} is not positive (starts are 1-indexed)"
+    k = np.flatnonzero(lengths < 1)
+    if k.size:
+        return f"pair {k[0] + 1}: length {lengths[k[0]]} is not positive"
+    k = np.flatnonzero(starts[1:] <= starts[:-1])
+    if k.size:
+        return f"pair {k[0] + 2}: start {starts[k[0] + 1]} not after previous start {starts[k[0]]}"
+    ends = starts + lengths - 1  # last pixel of each run, 1-indexed
+    k = np.flatnonzero(ends[:-1] >= starts[1:])
+    if k.size:
+        return (f"pair {k[0] + 1}: run {starts[k[0]]}+{lengths[k[0]]} overlaps the next run "
+                f"starting at {starts[k[0] + 1]}")
+    if ends[-1] > n_pixels:
+        return f"last run ends at pixel {ends[-1]}, beyond H*W = {n_pixels}"
+    return None
+
+
+@dataclass
+class Problem:
+    line: int
+    img: str
+    message: str
+
+    def __str__(self):
+        return f"line {self.line}" + (f" ({self.img})" if self.img else "") + f": {self.message}"
+
+
+@dataclass
+class Report:
+    path: str
+    rows: int = 0
+    expected_rows: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    n_problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.n_problems == 0
+
+    def add(self, line: int, img: str, message: str, limit: int) -> None:
+        self.n_problems += 1
+        if len(self.problems) < limit:
+            self.problems.append(Problem(line, img, message))
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.path}: OK ({self.rows} rows)"
+        head = f"{self.path}: {self.n_problems} problem(s) in {self.rows} rows (expected {self.expected_rows})"
+        more = self.n_problems - len(self.problems)
+        return "\n".join([head, *(f"  {p}" for p in self.problems)] + ([f"  ... and {more} more"] if more else []))
+
+
+SizeOf = Callable[[str], tuple[int, int]]
+
+
+def sizes_from(size: tuple[int, int] | dict | None = None, images_dir: str | Path | None = None) -> SizeOf:
+    """img name -> (H, W): one size for all, a {img: (H, W)} mapping, or each test JPEG's header."""
+    if isinstance(size, tuple):
+        return lambda img: size
+    if isinstance(size, dict):
+        def lookup(img: str) -> tuple[int, int]:
+            if img not in size:
+                raise PipelineError(f"no size known for {img} (not in the test index)")
+            return size[img]
+        return lookup
+    if images_dir is not None:
+        from PIL import Image
+        root = Path(images_dir)
+
+        def header(img: str) -> tuple[int, int]:
+            p = root / img
+            try:
+                with Image.open(p) as im:  # reads the header only
+                    w, h = im.size
+            except OSError as e:
+                raise PipelineError(f"{p}: cannot read image size ({e}); pass --size HxW") from None
+            return h, w
+        return header
+    raise PipelineError("need image sizes: --size HxW, --index test_index.csv or a test image folder")
+
+
+def validate_submission(path: str | Path, sample_ids: list[str], size_of: SizeOf,
+                        max_problems: int = 20) -> Report:
+    """Check a submission file against the sample's ids (in order) and each image's (H, W)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: submission not found")
+    rep = Report(str(path), expected_rows=len(sample_ids))
+    rows = iter_rows(path)
+    try:
+        _, header = next(rows, (1, []))
+        if header != HEADER:
+            rep.add(1, "", f"header must be 'img,rle_mask', got {','.join(header)!r}", max_problems)
+        k = 0  # position in the sample
+        for line, fields in rows:
+            rep.rows += 1
+            if len(fields) != 2:
+                rep.add(line, fields[0] if fields else "", f"expected 2 fields, got {len(fields)}", max_problems)
+                k += 1
+                continue
+            img, rle = fields
+            if k >= len(sample_ids):
+                rep.add(line, img, f"extra row: the sample has only {len(sample_ids)} rows", max_problems)
+                continue
+            if img != sample_ids[k]:
+                if k + 1 < len(sample_ids) and img == sample_ids[k + 1]:
+                    rep.add(line, img, f"missing row for {sample_ids[k]} (row {k + 1} of the sample)",
+                            max_problems)
+                    k += 1  # resynchronise: this row is the sample's next one
+                elif k > 0 and img == sample_ids[k - 1]:
+                    rep.add(line, img, "duplicate of the previous row", max_problems)
+                    continue
+                else:
+                    rep.add(line, img, f"expected id {sample_ids[k]} (row {k + 1} of the sample)", max_problems)
+                    k += 1
+                    continue
+            h, w = size_of(img)
+            msg = rle_problem(rle, h * w)
+            if msg:
+                rep.add(line, img, f"rle_mask: {msg} (image {w}x{h})", max_problems)
+            k += 1
+    except (UnicodeDecodeError, csv.Error, OSError, EOFError) as e:
+        rep.add(rep.rows + 2, "", f"unreadable: {e}", max_problems)
+        return rep
+    if k < len(sample_ids):
+        rep.add(rep.rows + 2, "", f"{len(sample_ids) - k} row(s) missing at the end, from {sample_ids[k]}",
+                max_problems)
+    return rep
+
+
+def parse_size(spec: str) -> tuple[int, int]:
+    """'1918x1280' (W x H, as Kaggle writes it) -> (H, W) = (1280, 1918)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", spec or "")
+    if not m:
+        raise PipelineError(f"--size '{spec}': expected WxH, e.g. 1918x1280")
+    return int(m.group(2)), int(m.group(1))
+
+
+def sizes_from_index(index_path: str | Path) -> dict:
+    """{img: (H, W)} from prepare's test_index.csv."""
+    import pandas as pd
+    df = pd.read_csv(index_path, usecols=["img", "orig_height", "orig_width"], dtype={"img": str})
+    return dict(zip(df["img"], zip(df["orig_height"].astype(int), df["orig_width"].astype(int))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/validate.py: exit 0 when valid, 1 with the first problems listed, 2 on bad input."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("submission", help="submission .csv or .csv.gz")
+    ap.add_argument("--sample", default="data/raw/sample_submission.csv",
+                    help="sample_submission.csv giving ids and order (default: %(default)s)")
+    ap.add_argument("--size", help="one WxH for every image, e.g. 1918x1280 (Kaggle)")
+    ap.add_argument("--index", help="prepare's test_index.csv (orig_height, orig_width per img)")
+    ap.add_argument("--images", help="test image folder, sizes from JPEG headers "
+                                     "(default: test/ beside the sample)")
+    ap.add_argument("--max-problems", type=int, default=20)
+    a = ap.parse_args(argv)
+    try:
+        ids = read_ids(a.sample)
+        if a.size:
+            size_of = sizes_from(parse_size(a.size))
+        elif a.index:
+            size_of = sizes_from(sizes_from_index(a.index))
+        else:
+            size_of = sizes_from(images_dir=a.images or Path(a.sample).parent / "test")
+        rep = validate_submission(a.submission, ids, size_of, a.max_problems)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(rep.summary())
+    return 0 if rep.ok else 1
+

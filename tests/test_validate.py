@@ -1,0 +1,140 @@
+"""The submission validator catches each listed defect and names its line."""
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.validate import parse_size, rle_problem, sizes_from, validate_submission
+
+REPO = Path(__file__).resolve().parents[1]
+IDS = [f"car_{k:02d}.jpg" for k in range(1, 6)]
+GOOD = {"car_01.jpg": "1 5 10 3", "car_02.jpg": "", "car_03.jpg": "7 2", "car_04.jpg": "1 48",
+        "car_05.jpg": "40 9"}
+SIZE = sizes_from((6, 8))  # every image 8 wide, 6 high: 48 pixels
+
+
+def write(tmp_path, rows, header="img,rle_mask", name="sub.csv"):
+    p = tmp_path / name
+    text = header + "\n" + "".join(f"{i},{r}\n" for i, r in rows)
+    if name.endswith(".gz"):
+        with gzip.open(p, "wt") as f:
+            f.write(text)
+    else:
+        p.write_text(text)
+    return p
+
+
+def check(tmp_path, rows, **kw):
+    return validate_submission(write(tmp_path, rows, **kw), IDS, SIZE)
+
+
+def test_valid_plain_and_gzip(tmp_path):
+    rows = list(GOOD.items())
+    for name in ("sub.csv", "sub.csv.gz"):
+        rep = check(tmp_path, rows, name=name)
+        assert rep.ok, rep.summary()
+        assert rep.rows == 5
+
+
+@pytest.mark.parametrize("rle,fragment", [
+    ("1 2 3", "odd count"),
+    ("1 2 x", "not space-separated"),
+    ("1  2", "not space-separated"),
+    ("-1 2", "not space-separated"),
+    ("1.5 2", "not space-separated"),
+    ("0 2", "not positive"),
+    ("3 0", "length 0 is not positive"),
+    ("10 2 5 2", "not after previous start"),
+    ("10 2 10 2", "not after previous start"),
+    ("1 5 5 2", "overlaps"),
+    ("40 9", None),           # ends exactly at pixel 48
+    ("40 10", "beyond H*W = 48"),
+    ("49 1", "beyond H*W"),
+    ("1 5 6 2", None),        # touching runs do not overlap
+    ("99999999999999999999 1", "too large"),
+])
+def test_rle_rules(rle, fragment):
+    msg = rle_problem(rle, 48)
+    if fragment is None:
+        assert msg is None
+    else:
+        assert msg is not None and fragment in msg, msg
+
+
+def test_bad_rle_reported_with_line(tmp_path):
+    rows = list(GOOD.items())
+    rows[2] = ("car_03.jpg", "7 2 8 1")
+    rep = check(tmp_path, rows)
+    assert not rep.ok and rep.n_problems == 1
+    p = rep.problems[0]
+    assert (p.line, p.img) == (4, "car_03.jpg") and "overlaps" in p.message
+    assert "line 4 (car_03.jpg)" in rep.summary()
+
+
+def test_header(tmp_path):
+    rep = check(tmp_path, list(GOOD.items()), header="id,rle")
+    assert [p.line for p in rep.problems] == [1] and "header" in rep.problems[0].message
+
+
+def test_missing_row(tmp_path):
+    rows = [r for r in GOOD.items() if r[0] != "car_03.jpg"]
+    rep = check(tmp_path, rows)
+    assert [(p.line, p.message.split(" (")[0]) for p in rep.problems] == [(4, "missing row for car_03.jpg")]
+
+
+def test_missing_rows_at_end_and_extra_rows(tmp_path):
+    rep = check(tmp_path, list(GOOD.items())[:3])
+    assert rep.n_problems == 1 and "2 row(s) missing at the end, from car_04.jpg" in rep.problems[0].message
+    rep = check(tmp_path, list(GOOD.items()) + [("car_06.jpg", "1 1")])
+    assert [p.line for p in rep.problems] == [7] and "extra row" in rep.problems[0].message
+
+
+def test_wrong_order_and_duplicate(tmp_path):
+    rows = list(GOOD.items())
+    rows[1], rows[2] = rows[2], rows[1]
+    rep = check(tmp_path, rows)
+    assert rep.n_problems >= 1 and rep.problems[0].line == 3
+    rows = list(GOOD.items())
+    rows.insert(2, rows[1])
+    rep = check(tmp_path, rows)
+    assert any(p.line == 4 and "duplicate" in p.message for p in rep.problems)
+
+
+def test_wrong_field_count(tmp_path):
+    p = tmp_path / "sub.csv"
+    p.write_text("img,rle_mask\n" + "".join(f"{i},{r}\n" for i, r in GOOD.items()).replace("car_02.jpg,", "car_02.jpg"))
+    rep = validate_submission(p, IDS, SIZE)
+    assert rep.problems[0].line == 3 and "2 fields" in rep.problems[0].message
+
+
+def test_per_image_sizes(tmp_path):
+    rows = list(GOOD.items())
+    sizes = {i: (6, 8) for i in IDS} | {"car_05.jpg": (4, 8)}  # 32 pixels: "40 9" falls outside
+    rep = validate_submission(write(tmp_path, rows), IDS, sizes_from(sizes))
+    assert [p.line for p in rep.problems] == [6] and "(image 8x4)" in rep.problems[0].message
+
+
+def test_reports_first_problems_but_counts_all(tmp_path):
+    rows = [(i, "1 2 3") for i in IDS]
+    rep = validate_submission(write(tmp_path, rows), IDS, SIZE, max_problems=2)
+    assert rep.n_problems == 5 and len(rep.problems) == 2 and "3 more" in rep.summary()
+
+
+def test_parse_size_is_w_by_h():
+    assert parse_size("1918x1280") == (1280, 1918)
+
+
+def test_cli_exit_codes(tmp_path):
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("img,rle_mask\n" + "".join(f"{i},1 1\n" for i in IDS))
+    good = write(tmp_path, list(GOOD.items()), name="good.csv")
+    bad = write(tmp_path, [(i, "0 1") for i in IDS], name="bad.csv")
+    cmd = [sys.executable, str(REPO / "scripts" / "validate.py"), "--sample", str(sample), "--size", "8x6"]
+    ok = subprocess.run(cmd + [str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK (5 rows)" in ok.stdout
+    ko = subprocess.run(cmd + [str(bad)], capture_output=True, text=True)
+    assert ko.returncode == 1 and "line 2 (car_01.jpg)" in ko.stdout
+    missing = subprocess.run(cmd + [str(tmp_path / "nope.csv")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "not found" in missing.stderr
