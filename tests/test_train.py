@@ -1,0 +1,308 @@
+"""Train stage: the fold run and its artifacts, keys, accumulation, non-finite losses, schedules."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from _train_helpers import make_prepared, tiny_cfg
+from pipeline import cache, train
+from pipeline.config import ConfigError, PipelineError
+from pipeline.losses import BceDiceLoss
+from pipeline.metrics import dice_batch
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("prep") / "p1")
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """One fold, two epochs: the artifacts that every fold writes."""
+    cfg = tiny_cfg(tmp_path_factory.mktemp("cache"), **{"train.epochs": 2})
+    summary = train.run(cfg, prepared_dir=prepared)
+    return cfg, summary
+
+
+def test_fold_writes_every_artifact(prepared, trained):
+    cfg, summary = trained
+    out = train.fold_dir(cfg, 0, prepared)
+    for name in ("best.pt", "last.pt", "metrics.csv", "config.yaml", "curve.png", "oof.json", "manifest.json",
+                 "oof/hist.npz"):
+        assert (out / name).is_file(), name
+    m = pd.read_csv(out / "metrics.csv")
+    assert list(m.columns) == train.METRIC_COLUMNS
+    assert m["epoch"].tolist() == [1, 2]
+    assert np.isfinite(m[["lr", "train_loss", "val_loss", "val_dice", "seconds", "images_per_s"]].to_numpy()).all()
+    # The cosine schedule has decayed by the last epoch.
+    assert m["lr"].iloc[1] < m["lr"].iloc[0] <= cfg.train.lr
+    # OOF: one map per validation image of fold 0, at model size.
+    index = pd.read_csv(prepared / "folds.csv")
+    val_ids = sorted(index.loc[index.fold == 0, "id"])
+    assert sorted(p.stem for p in (out / "oof").glob("*.png")) == val_ids
+    s = summary[0]
+    assert s["images"] == len(val_ids) and 0 <= s["dice_model"] <= 1 and 0 <= s["dice_original"] <= 1
+    # The OOF Dice at model size is the best epoch's validation Dice (same model, same images).
+    assert s["dice_model"] == pytest.approx(m["val_dice"].max(), abs=0.02)
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == int(m.loc[m["val_dice"].idxmax(), "epoch"])
+    assert (best["height"], best["width"]) == (64, 96)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_score", "train_key"):
+        assert key in last, key
+    assert last["train_key"] == train.train_key(cfg, prepared)
+
+
+def test_oof_maps_match_the_checkpoint(prepared, trained):
+    """oof/<id>.png is round(255 * sigmoid(best model)) on the validation image, at model size."""
+    from pipeline.data import read_image, to_device
+    from pipeline.models import load_checkpoint
+    cfg, _ = trained
+    out = train.fold_dir(cfg, 0, prepared)
+    model, meta = load_checkpoint(out / "best.pt")
+    img = read_image(str(prepared / "images" / "car000_01.png"))
+    x, _ = to_device(torch.from_numpy(img)[None], None, torch.device("cpu"))
+    with torch.no_grad(), train.autocast_factory(torch.device("cpu"), "bf16")():
+        p = torch.sigmoid(model(x).float())[0, 0].numpy()
+    import cv2
+    q = cv2.imread(str(out / "oof" / "car000_01.png"), cv2.IMREAD_UNCHANGED)
+    assert q.shape == (meta["height"], meta["width"]) and q.dtype == np.uint8
+    assert np.abs(q.astype(int) - np.rint(p * 255)).max() <= 2
+
+
+def test_rerun_is_cached_and_keys(prepared, trained, capsys):
+    cfg, summary = trained
+    out = train.fold_dir(cfg, 0, prepared)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    again = train.run(cfg, prepared_dir=prepared)
+    assert "fold 0: cached" in capsys.readouterr().out
+    assert again == summary
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
+    # Run-only knobs keep the key; anything that changes results gives a new one.
+    same = tiny_cfg(cfg.data.cache, **{"train.epochs": 2, "train.num_workers": 2, "train.fold": 1,
+                                       "train.device": "cpu"})
+    assert train.run_dir(same, prepared) == train.run_dir(cfg, prepared)
+    for change in ({"train.lr": 1e-3}, {"train.augment": "none"}, {"train.epochs": 3}):
+        other = tiny_cfg(cfg.data.cache, **{"train.epochs": 2, **change})
+        assert train.run_dir(other, prepared) != train.run_dir(cfg, prepared), change
+    # Another prepare artifact (e.g. another size) is another key.
+    assert train.train_key(cfg, prepared.parent / "other") != train.train_key(cfg, prepared)
+
+
+def test_unknown_names_are_errors_listing_valid_ones(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="unknown encoder 'resnet1800'.*resnet18"):
+        train.run(tiny_cfg(tmp_path, **{"train.encoder": "resnet1800"}), prepared_dir=prepared)
+    with pytest.raises(ConfigError, match="unknown architecture 'UNet'.*Unet"):
+        train.run(tiny_cfg(tmp_path, **{"train.arch": "UNet"}), prepared_dir=prepared)
+    with pytest.raises(ConfigError, match="train.scheduler"):
+        train.run(tiny_cfg(tmp_path, **{"train.scheduler": "step"}), prepared_dir=prepared)
+    with pytest.raises(ConfigError, match="train.augment"):
+        train.run(tiny_cfg(tmp_path, **{"train.augment": "hflip,mixup"}), prepared_dir=prepared)
+    assert not (tmp_path / "train").exists()
+
+
+def test_cli_unknown_encoder_exits_2(capsys):
+    from pipeline.cli import main
+    assert main(["train", "encoder=tu-not_a_timm_model"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown timm encoder 'tu-not_a_timm_model'" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------- accumulation
+
+class TinyNet(nn.Module):
+    """BatchNorm-free segmentation net: a sample's output does not depend on its batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                  nn.GELU(), nn.Conv2d(8, 1, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class GradSpy(torch.optim.SGD):
+    """SGD that records the gradients it is asked to step with."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+def _batches(n_images: int, size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randint(0, 256, (n_images, 16, 24, 3), generator=g, dtype=torch.uint8)
+    mask = (torch.rand(n_images, 16, 24, generator=g) > 0.6).to(torch.uint8)
+    return [(img[i:i + size], mask[i:i + size], torch.arange(i, min(i + size, n_images)))
+            for i in range(0, n_images, size)]
+
+
+def _grads(batches, accum: int, seed: int = 0, loss_fn=None, max_nonfinite: int = 10):
+    torch.manual_seed(seed)
+    model = TinyNet().to(memory_format=torch.channels_last)
+    opt = GradSpy(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    guard = train.NonFiniteGuard(max_nonfinite, train.Dist(), torch.device("cpu"))
+    res = train.train_one_epoch(model, batches, loss_fn or BceDiceLoss(1.0, 1.0), opt, None, scaler,
+                                autocast=train.autocast_factory(torch.device("cpu"), "fp32"),
+                                device=torch.device("cpu"), accum_steps=accum, grad_clip=0.0, guard=guard)
+    return opt.seen, res
+
+
+def test_accumulation_matches_one_big_batch():
+    """4 micro-batches of 2 with accum_steps=4 give the gradients of one batch of 8."""
+    small, res = _grads(_batches(8, 2), accum=4)
+    big, _ = _grads(_batches(8, 8), accum=1)
+    assert len(small) == len(big) == 1 and res["updates"] == 1
+    for a, b in zip(small[0], big[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in big[0])
+
+
+def test_partial_last_group_steps_with_its_own_size():
+    """5 micro-batches with accum_steps=4: 2 updates; the second is the 5th batch alone, unscaled."""
+    batches = _batches(10, 2)
+    seen, res = _grads(batches, accum=4)
+    assert len(seen) == 2 and res["updates"] == 2 and res["images"] == 10
+    alone, _ = _grads(batches[4:], accum=1)
+    # lr=0, so the model is unchanged between steps: the last group's gradient is batch 5's own.
+    for a, b in zip(seen[1], alone[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    first, _ = _grads(_batches(10, 8)[:1], accum=1)   # the same first 8 images as one batch
+    for a, b in zip(seen[0], first[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- non-finite losses
+
+class NanAt(BceDiceLoss):
+    """BCE + Dice that returns NaN on the chosen calls (0-based)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad, self.calls = set(bad), 0
+
+    def forward(self, logits, target):
+        loss = super().forward(logits, target)
+        i, self.calls = self.calls, self.calls + 1
+        return loss * float("nan") if (i in self.bad or -1 in self.bad) else loss
+
+
+def test_nonfinite_loss_skips_its_group_and_is_counted():
+    batches = _batches(12, 2)          # 6 micro-batches, accum 2 -> 3 groups
+    seen, res = _grads(batches, accum=2, loss_fn=NanAt({2}))
+    # Group 2 (batches 2, 3) is dropped whole: batch 3 is not even computed.
+    assert res["nonfinite"] == 1 and res["updates"] == 2 and len(seen) == 2
+    assert all(torch.isfinite(g).all() for step in seen for g in step)
+    assert math.isfinite(res["loss"])
+
+
+def test_persistent_nonfinite_loss_stops_with_a_clear_error():
+    with pytest.raises(PipelineError, match="non-finite for 3 batches in a row"):
+        _grads(_batches(12, 2), accum=1, loss_fn=NanAt({-1}), max_nonfinite=3)
+
+
+def test_persistent_nonfinite_stops_the_fold(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "BceDiceLoss", lambda *a: NanAt({-1}))
+    cfg = tiny_cfg(tmp_path, **{"train.max_nonfinite": 2})
+    with pytest.raises(PipelineError, match="fold 0 epoch 1: loss was non-finite for 2 batches"):
+        train.run(cfg, prepared_dir=prepared)
+    assert not cache.is_complete(train.fold_dir(cfg, 0, prepared))
+
+
+# ---------------------------------------------------------------------------- small pieces
+
+def _lrs(name, total=20, per_epoch=5, warmup=1.0, lr=1.0):
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=lr)
+    s = train.build_scheduler(opt, name, total, per_epoch, warmup, 0.01)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    return out
+
+
+def test_cosine_warmup_then_decay():
+    lrs = _lrs("cosine", warmup=1.0)       # 5 warmup steps
+    assert lrs[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+    assert lrs[5] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and 0.01 <= lrs[-1] < 0.05
+
+
+def test_onecycle_peaks_at_lr_after_warmup():
+    lrs = _lrs("onecycle", warmup=1.0)
+    assert int(np.argmax(lrs)) in (4, 5) and max(lrs) == pytest.approx(1.0, rel=1e-3)
+    assert lrs[0] < 0.1 and lrs[-1] < 1e-3
+
+
+def test_hist_dice_matches_thresholded_dice():
+    rng = np.random.default_rng(0)
+    prob = rng.random((3, 20, 30)).astype(np.float32)
+    prob[1] = np.round(prob[1] * 255) / 255          # uint8-quantised maps, as stored
+    true = (rng.random((3, 20, 30)) > 0.5).astype(np.uint8)
+    true[2] = 0
+    prob[2] = 0.1                                     # both empty above 0.1 -> Dice 1
+    thresholds = [0.3, 0.45, 0.5, 0.65]
+    hists = [train.prob_hist(p, t) for p, t in zip(prob, true)]
+    got = train.hist_dice(np.stack([h[0] for h in hists]), np.stack([h[1] for h in hists]), thresholds)
+    want = np.stack([dice_batch(prob, true, t) for t in thresholds], 1)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert (got[2] == 1).all()
+
+
+def test_dice_per_image_matches_metrics():
+    from pipeline.losses import dice_per_image
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 1, 8, 8, generator=g)
+    target = (torch.rand(4, 1, 8, 8, generator=g) > 0.5).float()
+    target[3] = 0
+    logits[3] = -1
+    got = dice_per_image(logits, target).numpy()
+    np.testing.assert_allclose(got, dice_batch(torch.sigmoid(logits).numpy(), target.numpy(), 0.5))
+    assert got[3] == 1.0
+
+
+def test_bce_dice_is_a_mean_over_images():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 1, 8, 8, generator=g)
+    target = (torch.rand(4, 1, 8, 8, generator=g) > 0.5).float()
+    loss = BceDiceLoss(0.5, 2.0)
+    whole = loss(logits, target)
+    parts = torch.stack([loss(logits[i:i + 1], target[i:i + 1]) for i in range(4)]).mean()
+    torch.testing.assert_close(whole, parts)
+    # A confident, correct prediction has ~0 loss.
+    perfect = loss((target * 2 - 1) * 50, target)
+    assert perfect.item() < 1e-6
+    # The Dice term alone equals 1 - soft Dice of one image.
+    dice_only = BceDiceLoss(0.0, 1.0)(logits[:1], target[:1])
+    p = torch.sigmoid(logits[:1])
+    soft = 2 * (p * target[:1]).sum() / (p.sum() + target[:1].sum())
+    torch.testing.assert_close(dice_only, 1 - soft)
+
+
+def test_precision_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.resolve_precision("auto", cpu) == "bf16"
+    assert train.resolve_precision("auto", cuda) == "fp16"
+    assert train.resolve_precision("fp32", cpu) == "fp32"
+    with train.autocast_factory(cpu, "bf16")():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with train.autocast_factory(cpu, "fp32")():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_shard_sampler_covers_each_index_once():
+    parts = [list(train.ShardSampler(10, r, 3)) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(10))
