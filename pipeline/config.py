@@ -96,6 +96,7 @@ class PredictConfig:
     shard: str = ""                  # "i/N" predicts part i of N
     num_workers: int = 2
     device: str = "auto"
+    autocast: str = "auto"           # auto (bf16 CPU / fp16 CUDA) | bf16 | fp16 | fp32
 
 
 @dataclass
@@ -104,6 +105,7 @@ class SubmitConfig:
     threshold: float = -1.0          # <0: best OOF threshold when known, else 0.5
     gzip: bool = False
     workers: int = -1
+    images_per_task: int = 32        # images per joblib task; bounds memory, keeps CSV order
 
 
 @dataclass

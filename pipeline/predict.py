@@ -1,0 +1,327 @@
+"""Predict stage: per-fold, per-image test probabilities at model size, with TTA.
+
+Layout (one directory per checkpoint x TTA, so adding a fold or changing the
+threshold reruns only what changed)::
+
+    <cache>/predict/<ckpt sha256[:16]>-<tta hash>/
+        meta.json            checkpoint path/hash, arch, encoder, model size, TTA names
+        <id>.png             uint8 = round(255 * mean over TTA views of sigmoid), model size
+        shards/<i>of<N>.json a shard finished (submit names the missing ones)
+        config.yaml, manifest.json   written once every test image is present
+
+Every ``<id>.png`` is written atomically, and images whose file exists are
+skipped, so an interrupted run resumes where it stopped and shards running on
+different machines (``predict.shard=i/N``) fill the same directory without
+coordination. Nothing holds more than a few batches in memory.
+
+The fold ensemble (mean over folds) and the way back to each image's original
+size (:func:`to_original`) are applied by the submit stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import cache, prepare, tta as tta_mod
+from .config import Config, ConfigError, PipelineError, stable_hash
+from .data import read_image, to_device
+from .prepare import GEOM_COLS
+
+CODE_VERSION = "predict-1"
+TEST_INDEX_COLUMNS = ("img", "id", "path", "orig_height", "orig_width")
+
+
+# ----------------------------------------------------------------------------- small pure helpers
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """'' -> (0, 1); 'i/N' -> (i, N) with 0 <= i < N (shards are numbered from 0)."""
+    if not spec:
+        return 0, 1
+    try:
+        i, n = (int(p) for p in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"predict.shard='{spec}': expected i/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"predict.shard='{spec}': need 0 <= i < N (shards are numbered 0..N-1)")
+    return i, n
+
+
+def shard_positions(n_rows: int, shard: tuple[int, int]) -> np.ndarray:
+    """Row positions of shard (i, N): every N-th row from i. Disjoint, and together they cover all rows."""
+    i, n = shard
+    return np.arange(i, n_rows, n)
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """sha256[:16] of the checkpoint's bytes: a retrained or replaced best.pt gets a new cache dir."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def tta_key(ttas: list[tta_mod.TTA]) -> str:
+    return stable_hash({"tta": tta_mod.names(ttas), "code": CODE_VERSION}, n=8)
+
+
+def fold_cache_dir(cache_root: str | Path, ckpt_hash: str, ttas: list[tta_mod.TTA]) -> Path:
+    return cache.stage_dir(cache_root, "predict", f"{ckpt_hash}-{tta_key(ttas)}")
+
+
+def prob_path(fold_dir: str | Path, image_id: str) -> Path:
+    return Path(fold_dir) / f"{image_id}.png"
+
+
+def done_ids(fold_dir: str | Path) -> set[str]:
+    """Ids with a finished probability file (temp files start with '.', so they never count)."""
+    try:
+        with os.scandir(fold_dir) as it:
+            return {e.name[:-4] for e in it if e.name.endswith(".png") and not e.name.startswith(".")}
+    except FileNotFoundError:
+        return set()
+
+
+def to_uint8(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 round(255 p) (the on-disk format, as for OOF)."""
+    return np.clip(np.rint(np.asarray(prob, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def read_prob(path: str | Path) -> np.ndarray:
+    """(h, w) uint8 probability map (255 = 1.0) written by this stage."""
+    p = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if p is None:
+        raise PipelineError(f"{path}: cannot read probability map (missing or corrupt; rerun `make predict`)")
+    return p
+
+
+def stretch_geometry(height: int, width: int) -> dict:
+    """prepare's geometry record for fit=stretch (the whole image resized to height x width)."""
+    return {"scaled_height": height, "scaled_width": width, "pad_top": 0, "pad_left": 0}
+
+
+def row_geometry(row, height: int, width: int) -> dict:
+    """The test index row's geometry (prepare's GEOM_COLS), or stretch when the index has none."""
+    if all(k in row and row[k] == row[k] for k in GEOM_COLS):  # present and not NaN
+        return {k: int(row[k]) for k in GEOM_COLS}
+    return stretch_geometry(height, width)
+
+
+def to_original(prob: np.ndarray, size: tuple[int, int], geom: dict | None = None) -> np.ndarray:
+    """Model-size probabilities (h, w) -> (H, W) = the test image's own size.
+
+    Inverts prepare's placement exactly (``prepare.to_original``: crop the
+    padding of fit=pad, then bilinear resize); geom None means fit=stretch.
+    Returns float32 in the input's scale (uint8 maps come back as 0..255 floats).
+    """
+    p = np.asarray(prob)
+    geom = geom or stretch_geometry(*p.shape[:2])
+    return prepare.to_original(p, tuple(size), geom)
+
+
+def read_test_index(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: test index missing (run `make prepare` first)")
+    df = pd.read_csv(path, dtype={"img": str, "id": str, "path": str}, keep_default_na=False)
+    missing = [c for c in TEST_INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing columns {missing}")
+    if df["id"].duplicated().any():
+        raise PipelineError(f"{path}: duplicate ids, e.g. {df.loc[df['id'].duplicated(), 'id'].iloc[0]}")
+    return df
+
+
+# ----------------------------------------------------------------------------- prediction
+
+class TestImages(Dataset):
+    """Test JPEGs decoded and placed in the model input in DataLoader workers.
+
+    Uses ``prepare.to_model`` with each image's geometry (resize, and padding for
+    fit=pad), so the model sees test pixels made exactly as its training pixels.
+    Returns ((h, w, 3) uint8 RGB tensor, row position).
+    """
+
+    def __init__(self, paths: list[str], geoms: list[dict], size: tuple[int, int]):
+        self.paths, self.geoms, self.size = list(paths), list(geoms), size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = read_image(self.paths[i])
+        out = prepare.to_model(img, self.geoms[i], *self.size)
+        return torch.from_numpy(np.ascontiguousarray(out)), i
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"predict.device={name}: CUDA is not available here")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, mode: str = "auto"):
+    """bf16 on CPU / fp16 on CUDA for 'auto'; 'fp32' disables autocast."""
+    if mode == "fp32":
+        return nullcontext()
+    if mode == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    elif mode in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    else:
+        raise ConfigError(f"predict.autocast='{mode}': choose auto, bf16, fp16 or fp32")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _write_png(path: Path, prob_u8: np.ndarray) -> None:
+    # Fast zlib level: these are smooth maps, level 1 is ~3x faster than the default for ~10% more bytes.
+    ok, buf = cv2.imencode(".png", prob_u8, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise PipelineError(f"{path}: PNG encoding failed")
+    cache.write_bytes(path, buf.tobytes())
+
+
+def write_meta(fold_dir: Path, info: dict) -> None:
+    p = fold_dir / "meta.json"
+    if not p.is_file():
+        cache.write_json(p, info)
+
+
+@dataclass
+class FoldResult:
+    fold_dir: Path
+    predicted: int
+    skipped: int
+    seconds: float
+
+
+def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | Path, ttas: list[tta_mod.TTA], *,
+                 shard: tuple[int, int] = (0, 1), batch_size: int = 8, num_workers: int = 2,
+                 device: str = "auto", autocast: str = "auto", ckpt_hash: str | None = None,
+                 log=print) -> FoldResult:
+    """Predict this shard's test images with one checkpoint; skip those already on disk.
+
+    index: test index rows (columns id, path). Writes ``<fold_dir>/<id>.png`` (uint8, model size).
+    """
+    from .models import load_checkpoint
+    t0 = time.time()
+    ckpt_path = Path(ckpt_path)
+    ckpt_hash = ckpt_hash or checkpoint_hash(ckpt_path)
+    fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    rows = index.iloc[shard_positions(len(index), shard)]
+    have = done_ids(fold_dir)
+    todo = rows[~rows["id"].isin(have)]
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(ckpt_path, dev)
+    size = (int(meta["height"]), int(meta["width"]))
+    write_meta(fold_dir, {"checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256_16": ckpt_hash,
+                          "arch": meta.get("arch"), "encoder": meta.get("encoder"), "height": size[0],
+                          "width": size[1], "tta": tta_mod.names(ttas), "code": CODE_VERSION})
+    if len(todo):
+        model = model.to(memory_format=torch.channels_last)
+        geoms = [row_geometry(r, *size) for r in todo.to_dict("records")]
+        bad = [(i, g) for i, g in zip(todo["id"], geoms)
+               if g["pad_top"] + g["scaled_height"] > size[0] or g["pad_left"] + g["scaled_width"] > size[1]]
+        if bad:
+            raise PipelineError(f"test index geometry {bad[0][1]} of {bad[0][0]} does not fit the checkpoint's "
+                                f"{size[0]}x{size[1]} input: prepare and train used different sizes")
+        loader = DataLoader(TestImages(todo["path"].tolist(), geoms, size), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, pin_memory=dev.type == "cuda",
+                            persistent_workers=False, prefetch_factor=4 if num_workers else None)
+        ids = todo["id"].tolist()
+        # PNG encoding + atomic writes run in threads (cv2 releases the GIL) while the model computes;
+        # at most `max_pending` images wait, so memory does not grow with the number of images.
+        pending: deque = deque()
+        max_pending = 4 * batch_size
+        with ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode(), autocast_for(dev, autocast):
+            for images, pos in loader:
+                x, _ = to_device(images, None, dev)
+                prob = tta_mod.predict_proba(model, x, ttas)[:, 0]
+                prob_u8 = (prob * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+                for k, p in zip(pos.tolist(), prob_u8):
+                    pending.append(pool.submit(_write_png, prob_path(fold_dir, ids[k]), p))
+                while len(pending) > max_pending:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+    cache.write_json(fold_dir / "shards" / f"{shard[0]}of{shard[1]}.json",
+                     {"shard": f"{shard[0]}/{shard[1]}", "images": len(rows), "finished_at": time.time()})
+    if done_ids(fold_dir).issuperset(index["id"]):
+        cache.write_manifest(fold_dir, stage="predict", key=fold_dir.name,
+                             params={"tta": tta_mod.names(ttas), "checkpoint_sha256_16": ckpt_hash},
+                             inputs={"checkpoint": str(ckpt_path.resolve())},
+                             outputs={"images": int(len(index))})
+    res = FoldResult(fold_dir, len(todo), len(rows) - len(todo), time.time() - t0)
+    log(f"predict: {ckpt_path} -> {fold_dir}: {res.predicted} predicted, {res.skipped} cached "
+        f"(shard {shard[0]}/{shard[1]}), {res.seconds:.1f}s")
+    return res
+
+
+# ----------------------------------------------------------------------------- stage wiring
+
+@dataclass
+class Plan:
+    """What predict and submit work on: the test index and one checkpoint per fold."""
+    test_index: Path
+    folds: list[int]
+    checkpoints: list[Path]
+    ttas: list[tta_mod.TTA]
+
+    def fold_dirs(self, cache_root: str | Path) -> list[Path]:
+        return [fold_cache_dir(cache_root, checkpoint_hash(c), self.ttas) for c in self.checkpoints]
+
+
+def parse_folds(spec: str, n_folds: int) -> list[int]:
+    if spec.strip() in ("", "all"):
+        return list(range(n_folds))
+    try:
+        folds = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise ConfigError(f"predict.folds='{spec}': 'all' or a comma list of fold numbers") from None
+    bad = [k for k in folds if not 0 <= k < n_folds]
+    if bad or not folds:
+        raise ConfigError(f"predict.folds='{spec}': folds must be in 0..{n_folds - 1}")
+    return folds
+
+
+def plan(cfg: Config) -> Plan:
+    """Resolve the prepare artifact and the trained checkpoints; errors name what is missing."""
+    from . import prepare, train
+    test_index = Path(prepare.load(cfg)) / "test_index.csv"
+    folds = parse_folds(cfg.predict.folds, cfg.prepare.n_folds)
+    ckpts = [Path(train.fold_dir(cfg, k)) / "best.pt" for k in folds]
+    missing = [f"fold {k}: {c}" for k, c in zip(folds, ckpts) if not c.is_file()]
+    if missing:
+        raise PipelineError(f"no trained checkpoint for {'; '.join(missing)} (run `make train`, "
+                            "or choose folds with predict.folds=...)")
+    return Plan(test_index, folds, ckpts, tta_mod.parse(cfg.predict.tta))
+
+
+def run(cfg: Config) -> list[FoldResult]:
+    p = plan(cfg)
+    index = read_test_index(p.test_index)
+    shard = parse_shard(cfg.predict.shard)
+    out = []
+    for k, ckpt in zip(p.folds, p.checkpoints):
+        out.append(predict_fold(index, ckpt, cfg.data.cache, p.ttas, shard=shard,
+                                batch_size=cfg.predict.batch_size, num_workers=cfg.predict.num_workers,
+                                device=cfg.predict.device, autocast=cfg.predict.autocast))
+    print(json.dumps({"predict": [str(r.fold_dir) for r in out], "shard": f"{shard[0]}/{shard[1]}",
+                      "tta": tta_mod.names(p.ttas)}))
+    return out

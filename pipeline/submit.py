@@ -1,0 +1,182 @@
+"""Submit stage: fold ensemble -> original size -> threshold -> RLE -> validated CSV.
+
+For every test image, in ``sample_submission.csv`` order: read its uint8
+probability map from each fold's predict directory, take the mean, resize it
+to the image's own size (:func:`pipeline.predict.to_original`), threshold
+(``prob > threshold``) and run-length encode it. joblib workers handle chunks
+of images; ``Parallel(return_as="generator")`` hands the chunks back in order
+with only a few in flight, so the CSV is streamed and memory stays flat for
+100k images.
+
+The CSV (optionally gzipped) is written to a temporary file, validated against
+``sample_submission.csv`` (ids, order, count, every RLE within its image) and
+only then renamed to ``<submissions>/<name>.csv[.gz]``; a JSON sidecar
+``<name>.json`` records the threshold (and where it came from), the models,
+folds, TTA and config hash.
+
+Threshold: ``submit.threshold`` when >= 0, else ``best_threshold`` from the
+train run's ``oof_summary.json`` when it exists, else 0.5.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+
+from . import cache, predict, rle
+from .config import Config, PipelineError, stable_hash
+from .validate import read_ids, sizes_from, validate_submission
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def ensemble_mask(fold_dirs: list[str], image_id: str, size: tuple[int, int], threshold: float,
+                  geom: dict | None = None) -> np.ndarray:
+    """(H, W) bool: mean over folds of the stored probabilities, at the original size, > threshold.
+
+    geom: the image's prepare geometry (None = stretch).
+    """
+    acc = None
+    for d in fold_dirs:
+        p = predict.read_prob(predict.prob_path(d, image_id))
+        acc = p.astype(np.float32) if acc is None else acc + p
+    # Resize the uint8-scale mean and compare with the threshold in that scale: one float pass less.
+    prob = predict.to_original(acc * (1.0 / len(fold_dirs)), size, geom)
+    return prob > np.float32(threshold * 255.0)
+
+
+def encode_chunk(fold_dirs: list[str], ids: list[str], sizes: list[tuple[int, int]], threshold: float,
+                 geoms: list[dict | None]) -> list[str]:
+    """One joblib task: RLE strings for a chunk of images (in the given order)."""
+    return [rle.encode(ensemble_mask(fold_dirs, i, s, threshold, g)) for i, s, g in zip(ids, sizes, geoms)]
+
+
+def missing_report(fold_dir: Path, ids: pd.Series) -> str | None:
+    """None when every id has a probability file in fold_dir, else a message naming ids and shards."""
+    missing = ids[~ids.isin(predict.done_ids(fold_dir))]
+    if missing.empty:
+        return None
+    msg = f"{fold_dir}: {len(missing)} of {len(ids)} test images not predicted, e.g. {missing.iloc[:3].tolist()}"
+    markers = sorted((fold_dir / "shards").glob("*of*.json")) if (fold_dir / "shards").is_dir() else []
+    by_n: dict[int, set[int]] = {}
+    for m in markers:
+        i, n = (int(v) for v in m.stem.split("of"))
+        by_n.setdefault(n, set()).add(i)
+    if by_n:
+        parts = [f"{sorted(set(range(n)) - done)} of {n}" for n, done in sorted(by_n.items()) if set(range(n)) - done]
+        if parts:
+            msg += f"; unfinished shards {'; '.join(parts)} (run `make predict SHARD=i/N` for them)"
+    else:
+        msg += " (run `make predict`)"
+    return msg
+
+
+def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path: str | Path, threshold: float,
+                     sample_ids: list[str], *, workers: int = -1, images_per_task: int = 32) -> dict:
+    """Stream the CSV (gzip when out_path ends in .gz), validate it, then rename it into place.
+
+    index: test index rows (img, id, orig_height, orig_width) in sample order.
+    Returns {"rows": n, "seconds": s}.
+    """
+    t0 = time.time()
+    out_path = Path(out_path)
+    if list(index["img"]) != list(sample_ids):
+        diff = next((k for k, (a, b) in enumerate(zip(index["img"], sample_ids)) if a != b),
+                    min(len(index), len(sample_ids)))
+        raise PipelineError(f"test index ids do not match sample_submission.csv ({len(index)} vs "
+                            f"{len(sample_ids)} rows, first difference at row {diff + 1}); rerun `make prepare`")
+    fold_dirs = [str(d) for d in fold_dirs]
+    problems = [m for m in (missing_report(Path(d), index["id"]) for d in fold_dirs) if m]
+    if problems:
+        raise PipelineError("; ".join(problems))
+    has_geom = all(c in index.columns for c in predict.GEOM_COLS)
+    step = max(1, images_per_task)
+
+    def chunk_args(a: int) -> tuple:
+        # Built lazily per chunk: only the few chunks in flight exist at any time.
+        part = index.iloc[a:a + step]
+        sizes = list(zip(part["orig_height"].astype(int), part["orig_width"].astype(int)))
+        geoms = ([{c: int(r[c]) for c in predict.GEOM_COLS} for r in part[predict.GEOM_COLS].to_dict("records")]
+                 if has_geom else [None] * len(part))
+        return part["id"].tolist(), sizes, geoms
+
+    jobs = (delayed(encode_chunk)(fold_dirs, ids, sizes, threshold, geoms)
+            for ids, sizes, geoms in map(chunk_args, range(0, len(index), step)))
+    imgs = index["img"].tolist()
+    gz = out_path.name.endswith(".gz")
+    with cache.atomic_path(out_path, suffix=".csv.gz" if gz else ".csv") as tmp:
+        # compresslevel 6 keeps up with the workers; mtime=0 makes the bytes reproducible.
+        raw = open(tmp, "wb")
+        f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) if gz else raw
+        try:
+            f.write(b"img,rle_mask\n")
+            pos = 0
+            for codes in Parallel(n_jobs=workers, return_as="generator")(jobs):
+                f.write("".join(f"{imgs[pos + j]},{c}\n" for j, c in enumerate(codes)).encode())
+                pos += len(codes)
+        finally:
+            f.close()
+            if gz:
+                raw.close()
+        size_of = dict(zip(imgs, zip(index["orig_height"].astype(int), index["orig_width"].astype(int))))
+        rep = validate_submission(tmp, sample_ids, sizes_from(size_of))
+        if not rep.ok:
+            raise PipelineError(f"refusing to write {out_path}: validation failed\n{rep.summary()}")
+    return {"rows": len(imgs), "seconds": round(time.time() - t0, 2)}
+
+
+def resolve_threshold(cfg: Config) -> tuple[float, str]:
+    """(threshold, where it came from)."""
+    if cfg.submit.threshold >= 0:
+        return float(cfg.submit.threshold), "config submit.threshold"
+    try:
+        from . import train
+        summary = Path(train.run_dir(cfg)) / "oof_summary.json"
+    except (ImportError, AttributeError):
+        summary = None
+    if summary is not None and summary.is_file():
+        data = cache.read_json(summary)
+        if "best_threshold" not in data:
+            raise PipelineError(f"{summary}: no 'best_threshold' key")
+        return float(data["best_threshold"]), str(summary)
+    return DEFAULT_THRESHOLD, "default (no oof_summary.json)"
+
+
+def sidecar_path(out_path: Path) -> Path:
+    name = out_path.name
+    for ext in (".csv.gz", ".csv"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return out_path.with_name(name + ".json")
+
+
+def run(cfg: Config) -> Path:
+    p = predict.plan(cfg)
+    index = predict.read_test_index(p.test_index)
+    sample = Path(cfg.data.raw) / "sample_submission.csv"
+    sample_ids = read_ids(sample)
+    threshold, source = resolve_threshold(cfg)
+    hashes = [predict.checkpoint_hash(c) for c in p.checkpoints]
+    fold_dirs = [predict.fold_cache_dir(cfg.data.cache, h, p.ttas) for h in hashes]
+    out = Path(cfg.data.submissions) / (cfg.submit.name + (".csv.gz" if cfg.submit.gzip else ".csv"))
+    stats = write_submission(index, fold_dirs, out, threshold, sample_ids, workers=cfg.submit.workers,
+                             images_per_task=cfg.submit.images_per_task)
+    models = []
+    for k, c, h, d in zip(p.folds, p.checkpoints, hashes, fold_dirs):
+        meta = cache.read_json(d / "meta.json") if (d / "meta.json").is_file() else {}
+        models.append({"fold": k, "checkpoint": str(c), "checkpoint_sha256_16": h, "predictions": str(d),
+                       **{key: meta.get(key) for key in ("arch", "encoder", "height", "width")}})
+    cache.write_json(sidecar_path(out), {
+        "submission": str(out), "rows": stats["rows"], "threshold": threshold, "threshold_source": source,
+        "folds": p.folds, "tta": [t.name for t in p.ttas], "models": models,
+        "test_index": str(p.test_index), "sample_submission": str(sample),
+        "config_hash": stable_hash(cfg.to_dict()), "config": cfg.to_dict(),
+        "seconds": stats["seconds"], "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    print(json.dumps({"submission": str(out), "rows": stats["rows"], "threshold": threshold,
+                      "threshold_source": source, "seconds": stats["seconds"]}))
+    return out

@@ -1,0 +1,188 @@
+"""Predict: per-image cached probabilities at model size, resume after a kill, shards merge to one run."""
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import predict, submit, tta
+from pipeline.config import ConfigError
+from pipeline.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+H, W = 64, 96  # model input size (divisible by 32)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny checkpoint with the keys train writes (docs/design.md)."""
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18", "none", encoder_depth=3, decoder_channels=[32, 16, 8])
+    p = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    torch.save({"model": model.state_dict(), "arch": "Unet", "encoder": "resnet18", "height": H, "width": W,
+                "model_kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]},
+                "config": {}, "epoch": 0, "best_score": 0.0}, p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def test_set(tmp_path_factory):
+    """10 test JPEGs of two sizes (neither the model size) and a test index in 'sample' order."""
+    d = tmp_path_factory.mktemp("test_imgs")
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(10):
+        h, w = (80, 120) if k % 2 else (50, 70)
+        img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        img[h // 4:3 * h // 4, w // 4:3 * w // 4] = (200, 30, 30)
+        p = d / f"car{k:02d}_{k + 1:02d}.jpg"
+        cv2.imwrite(str(p), img)
+        rows.append({"img": p.name, "id": p.stem, "path": str(p), "orig_height": h, "orig_width": w})
+    index = pd.DataFrame(rows)
+    sample = d / "sample_submission.csv"
+    sample.write_text("img,rle_mask\n" + "".join(f"{r['img']},1 1\n" for r in rows))
+    return index, sample
+
+
+def test_parse_shard_and_positions():
+    assert predict.parse_shard("") == (0, 1)
+    assert predict.parse_shard("2/3") == (2, 3)
+    for bad in ("3/3", "1", "a/b", "-1/2", "0/0"):
+        with pytest.raises(ConfigError):
+            predict.parse_shard(bad)
+    parts = [predict.shard_positions(11, (i, 3)) for i in range(3)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(11))  # disjoint and complete
+    assert parts[1].tolist() == [1, 4, 7, 10]
+
+
+def test_to_original_known_answers():
+    prob = np.zeros((4, 6), np.float32)
+    prob[:, :3] = 1.0                                    # left half car
+    out = predict.to_original(prob, (8, 12))            # other sizes than Kaggle's work
+    assert out.shape == (8, 12) and out.dtype == np.float32
+    assert (out[:, :5] == 1).all() and (out[:, 7:] == 0).all()
+    np.testing.assert_array_equal(predict.to_original(prob, (4, 6)), prob)  # same size: unchanged
+    # fit=pad: 2 rows of padding above and below are cropped exactly before resizing back.
+    padded = np.zeros((8, 6), np.float32)
+    padded[2:6] = prob
+    geom = {"scaled_height": 4, "scaled_width": 6, "pad_top": 2, "pad_left": 0}
+    np.testing.assert_array_equal(predict.to_original(padded, (4, 6), geom), prob)
+    big = predict.to_original(np.full((H, W), 0.7, np.float32), (1280, 1918))
+    assert big.shape == (1280, 1918) and np.allclose(big, 0.7)
+
+
+def test_cache_key_depends_on_checkpoint_bytes_and_tta(ckpt, tmp_path):
+    h = predict.checkpoint_hash(ckpt)
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(ckpt.read_bytes())
+    assert predict.checkpoint_hash(copy) == h            # content, not path or mtime
+    a = predict.fold_cache_dir("c", h, tta.parse("hflip"))
+    assert a != predict.fold_cache_dir("c", h, tta.parse("hflip,vflip"))
+    assert a == predict.fold_cache_dir("c", h, tta.parse("none,hflip"))
+    assert a.name.startswith(h)
+
+
+def test_predict_fold_writes_every_image_then_caches(ckpt, test_set, tmp_path):
+    index, _ = test_set
+    ttas = tta.parse("hflip")
+    res = predict.predict_fold(index, ckpt, tmp_path, ttas, batch_size=4, num_workers=0, log=lambda m: None)
+    assert (res.predicted, res.skipped) == (10, 0)
+    for i in index["id"]:
+        p = predict.read_prob(predict.prob_path(res.fold_dir, i))
+        assert p.shape == (H, W) and p.dtype == np.uint8
+    assert (res.fold_dir / "manifest.json").is_file() and (res.fold_dir / "meta.json").is_file()
+    again = predict.predict_fold(index, ckpt, tmp_path, ttas, batch_size=4, num_workers=0, log=lambda m: None)
+    assert (again.predicted, again.skipped) == (0, 10)
+    # A new fold or a new TTA gets its own directory; the old one is untouched.
+    other = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("none"), batch_size=4, num_workers=0,
+                                 log=lambda m: None)
+    assert other.fold_dir != res.fold_dir and other.predicted == 2
+
+
+def test_hflip_tta_is_mean_of_views(ckpt, test_set, tmp_path):
+    """The stored map equals the hand-made mean of the plain and the flipped-back flipped prediction."""
+    index, _ = test_set
+    row = index.iloc[[1]]
+    res = predict.predict_fold(row, ckpt, tmp_path, tta.parse("hflip"), num_workers=0, autocast="fp32",
+                               log=lambda m: None)
+    got = predict.read_prob(predict.prob_path(res.fold_dir, row["id"].iloc[0])).astype(np.float32) / 255
+    from pipeline.data import read_image, to_device
+    from pipeline.models import load_checkpoint
+    from pipeline.prepare import to_model
+    model, _ = load_checkpoint(ckpt)
+    img = to_model(read_image(row["path"].iloc[0]), predict.stretch_geometry(H, W), H, W)
+    x, _ = to_device(torch.from_numpy(img)[None], None, torch.device("cpu"))
+    with torch.no_grad():
+        want = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1))[0, 0].numpy() / 2
+    assert np.abs(got - want).max() <= 0.5 / 255 + 1e-4
+
+
+def test_shards_merged_equal_one_run(ckpt, test_set, tmp_path):
+    index, sample = test_set
+    ids = list(pd.read_csv(sample)["img"])
+    ttas = tta.parse("hflip")
+    kw = dict(batch_size=1, num_workers=0, autocast="fp32", log=lambda m: None)
+    one = predict.predict_fold(index, ckpt, tmp_path / "one", ttas, **kw).fold_dir
+    for i in range(3):
+        parts = predict.predict_fold(index, ckpt, tmp_path / "sharded", ttas, shard=(i, 3), **kw)
+        if i < 2:  # before the last shard, submit refuses and names what is missing
+            with pytest.raises(Exception, match=r"unfinished shards \[.*2.*\] of 3"):
+                submit.write_submission(index, [parts.fold_dir], tmp_path / "x.csv", 0.5, ids, workers=1)
+    sharded = parts.fold_dir
+    for i in index["id"]:
+        np.testing.assert_array_equal(predict.read_prob(predict.prob_path(one, i)),
+                                      predict.read_prob(predict.prob_path(sharded, i)))
+    a = submit.write_submission(index, [one], tmp_path / "one.csv", 0.5, ids, workers=1)
+    b = submit.write_submission(index, [sharded], tmp_path / "merged.csv", 0.5, ids, workers=1, images_per_task=3)
+    assert a["rows"] == b["rows"] == 10
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "merged.csv").read_bytes()
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    import pandas as pd
+    from pipeline import predict, tta
+    real = predict._write_png
+    def slow(path, prob):  # slow writes so the parent can kill us half-way
+        time.sleep(0.2)
+        real(path, prob)
+    predict._write_png = slow
+    index = pd.read_csv(sys.argv[1])
+    predict.predict_fold(index, sys.argv[2], sys.argv[3], tta.parse("hflip"), batch_size=1, num_workers=0,
+                         autocast="fp32")
+""")
+
+
+def test_resume_after_kill(ckpt, test_set, tmp_path):
+    index, _ = test_set
+    index_csv = tmp_path / "test_index.csv"
+    index.to_csv(index_csv, index=False)
+    ttas = tta.parse("hflip")
+    fold_dir = predict.fold_cache_dir(tmp_path / "cache", predict.checkpoint_hash(ckpt), ttas)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(index_csv), str(ckpt), str(tmp_path / "cache")],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(predict.done_ids(fold_dir)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = predict.done_ids(fold_dir)
+    assert 3 <= len(done) < 10, f"child finished {len(done)} before the kill"
+    for i in done:  # nothing half-written under a final name
+        assert predict.read_prob(predict.prob_path(fold_dir, i)).shape == (H, W)
+    res = predict.predict_fold(index, ckpt, tmp_path / "cache", ttas, batch_size=1, num_workers=0,
+                               autocast="fp32", log=lambda m: None)
+    assert res.skipped == len(done) and res.predicted == 10 - len(done)
+    assert predict.done_ids(fold_dir) == set(index["id"])
+    ref = predict.predict_fold(index, ckpt, tmp_path / "ref", ttas, batch_size=1, num_workers=0, autocast="fp32",
+                               log=lambda m: None)
+    for i in index["id"]:
+        np.testing.assert_array_equal(predict.read_prob(predict.prob_path(fold_dir, i)),
+                                      predict.read_prob(predict.prob_path(ref.fold_dir, i)))
