@@ -1,0 +1,138 @@
+"""Submit: fold mean -> original size -> threshold -> RLE, streamed in sample order, validated, with sidecar."""
+import gzip
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import cache, config, predict, rle, submit, tta
+from pipeline.config import PipelineError
+
+MODEL = (4, 6)  # model-size probability maps
+
+
+def make_case(tmp_path, maps_by_fold, sizes):
+    """Fold dirs of uint8 PNG maps, a test index (with fit=stretch geometry) and sample ids."""
+    ids = [f"c{k}_{k + 1:02d}" for k in range(len(sizes))]
+    dirs = []
+    for f, maps in enumerate(maps_by_fold):
+        d = tmp_path / f"fold{f}"
+        d.mkdir()
+        for i, m in zip(ids, maps):
+            cv2.imwrite(str(predict.prob_path(d, i)), m)
+        dirs.append(d)
+    index = pd.DataFrame({"img": [i + ".jpg" for i in ids], "id": ids, "path": "x",
+                          "orig_height": [s[0] for s in sizes], "orig_width": [s[1] for s in sizes],
+                          "scaled_height": MODEL[0], "scaled_width": MODEL[1], "pad_top": 0, "pad_left": 0})
+    return index, dirs, list(index["img"])
+
+
+def read_sub(path):
+    return pd.read_csv(path, keep_default_na=False)
+
+
+def const(v):
+    return np.full(MODEL, v, np.uint8)
+
+
+def test_fold_mean_threshold_known_answers(tmp_path):
+    half = np.zeros(MODEL, np.uint8)
+    half[:, :3] = 255
+    # image 0: folds 200 and 0 -> mean 100/255 = 0.39; image 1: left half car; image 2: nothing.
+    index, dirs, ids = make_case(tmp_path, [[const(200), half, const(0)], [const(0), half, const(0)]],
+                                 [(8, 12), (8, 12), (5, 7)])
+    submit.write_submission(index, dirs, tmp_path / "s05.csv", 0.5, ids, workers=1)
+    sub = read_sub(tmp_path / "s05.csv")
+    assert list(sub.img) == ids
+    assert sub.rle_mask[0] == ""                       # 0.39 < 0.5
+    # 4 -> 8 rows, 6 -> 12 cols, bilinear: output cols 0..5 are >= 0.75, cols 6.. <= 0.25.
+    assert sub.rle_mask[1] == " ".join(f"{1 + 12 * r} 6" for r in range(8))
+    assert sub.rle_mask[2] == ""
+    submit.write_submission(index, dirs, tmp_path / "s03.csv", 0.3, ids, workers=1)
+    assert read_sub(tmp_path / "s03.csv").rle_mask[0] == "1 96"   # 0.39 > 0.3: the whole 8x12 image
+
+
+def test_gzip_and_parallel_workers_match_plain(tmp_path):
+    rng = np.random.default_rng(0)
+    maps = [[cv2.GaussianBlur(rng.integers(0, 256, MODEL, dtype=np.uint8), (3, 3), 0) for _ in range(7)]
+            for _ in range(2)]
+    index, dirs, ids = make_case(tmp_path, maps, [(40, 60)] * 4 + [(33, 47)] * 3)
+    submit.write_submission(index, dirs, tmp_path / "a.csv", 0.5, ids, workers=1)
+    submit.write_submission(index, dirs, tmp_path / "b.csv.gz", 0.5, ids, workers=2, images_per_task=2)
+    plain = (tmp_path / "a.csv").read_bytes()
+    assert gzip.decompress((tmp_path / "b.csv.gz").read_bytes()) == plain
+    assert plain.startswith(b"img,rle_mask\n")
+    for r, (h, w) in zip(read_sub(tmp_path / "a.csv").itertuples(), zip(index.orig_height, index.orig_width)):
+        assert rle.decode(r.rle_mask, (h, w)).shape == (h, w)
+
+
+def test_refuses_ids_not_matching_sample(tmp_path):
+    index, dirs, ids = make_case(tmp_path, [[const(255)] * 3], [(8, 12)] * 3)
+    swapped = [ids[1], ids[0], ids[2]]
+    with pytest.raises(PipelineError, match="do not match sample_submission.csv.*row 1"):
+        submit.write_submission(index, dirs, tmp_path / "s.csv", 0.5, swapped, workers=1)
+    with pytest.raises(PipelineError, match="3 vs 4 rows"):
+        submit.write_submission(index, dirs, tmp_path / "s.csv", 0.5, ids + ["extra.jpg"], workers=1)
+    assert [p.name for p in tmp_path.iterdir() if "s.csv" in p.name] == []
+
+
+def test_refuses_when_validation_fails(tmp_path, monkeypatch):
+    index, dirs, ids = make_case(tmp_path, [[const(255)] * 3], [(8, 12)] * 3)
+    monkeypatch.setattr(submit, "encode_chunk", lambda *a, **k: ["5 1000"] * len(a[1]))  # outside 8x12
+    with pytest.raises(PipelineError, match=r"validation failed[\s\S]*line 2 .*beyond H\*W = 96"):
+        submit.write_submission(index, dirs, tmp_path / "s.csv", 0.5, ids, workers=1)
+    assert [p.name for p in tmp_path.iterdir() if "s.csv" in p.name] == []  # no final file, no temp file
+
+
+def test_missing_predictions_named(tmp_path):
+    index, dirs, ids = make_case(tmp_path, [[const(255)] * 3], [(8, 12)] * 3)
+    predict.prob_path(dirs[0], index.id[1]).unlink()
+    with pytest.raises(PipelineError, match=r"1 of 3 test images not predicted, e\.g\. \['c1_02'\]"):
+        submit.write_submission(index, dirs, tmp_path / "s.csv", 0.5, ids, workers=1)
+
+
+def test_threshold_sources(tmp_path, monkeypatch):
+    cfg = config.load(None, {"data.cache": str(tmp_path)})
+    from pipeline import train
+    monkeypatch.setattr(train, "run_dir", lambda c, *a: tmp_path / "run")
+    assert submit.resolve_threshold(cfg) == (0.5, "default (no oof_summary.json)")
+    cache.write_json(tmp_path / "run" / "oof_summary.json", {"dice": 0.99, "best_threshold": 0.42})
+    thr, src = submit.resolve_threshold(cfg)
+    assert thr == 0.42 and src.endswith("oof_summary.json")
+    cfg.submit.threshold = 0.6
+    assert submit.resolve_threshold(cfg)[0] == 0.6
+
+
+def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
+    """run(cfg) with the other stages replaced by a fixed plan: CSV, gzip, sidecar contents."""
+    ttas = tta.parse("hflip")
+    ckpts = []
+    for k in range(2):
+        p = tmp_path / f"ckpt{k}.pt"
+        p.write_bytes(f"weights {k}".encode())
+        ckpts.append(p)
+    dirs = [predict.fold_cache_dir(tmp_path / "cache", predict.checkpoint_hash(c), ttas) for c in ckpts]
+    sizes = [(8, 12), (8, 12)]
+    index, tmp_dirs, ids = make_case(tmp_path, [[const(255), const(0)], [const(255), const(0)]], sizes)
+    for src, dst in zip(tmp_dirs, dirs):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+    index.to_csv(tmp_path / "test_index.csv", index=False)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "sample_submission.csv").write_text("img,rle_mask\n" + "".join(f"{i},1 1\n" for i in ids))
+    monkeypatch.setattr(predict, "plan", lambda cfg: predict.Plan(tmp_path / "test_index.csv", [0, 1], ckpts, ttas))
+    cfg = config.load(None, {"data.cache": str(tmp_path / "cache"), "data.raw": str(raw),
+                             "data.submissions": str(tmp_path / "subs"), "submit.gzip": "true",
+                             "submit.threshold": "0.5", "submit.workers": "1", "submit.name": "mine"})
+    out = submit.run(cfg)
+    assert out == tmp_path / "subs" / "mine.csv.gz"
+    sub = pd.read_csv(out, keep_default_na=False)
+    assert list(sub.rle_mask) == ["1 96", ""]
+    side = json.loads((tmp_path / "subs" / "mine.json").read_text())
+    assert side["threshold"] == 0.5 and side["threshold_source"] == "config submit.threshold"
+    assert side["folds"] == [0, 1] and side["tta"] == ["none", "hflip"] and side["rows"] == 2
+    assert [m["checkpoint_sha256_16"] for m in side["models"]] == [predict.checkpoint_hash(c) for c in ckpts]
+    assert side["config_hash"] == config.stable_hash(cfg.to_dict())
