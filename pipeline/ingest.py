@@ -225,11 +225,15 @@ def decode_mask(path: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:
         raise BadFile("truncated", f"truncated GIF: no trailer byte ({len(data)} bytes)")
     try:
         # Palette ("P") masks: the indices are the labels. Other modes: their grey level.
-        arr = np.asarray(im if im.mode in ("P", "L") else im.convert("L"))
+        if im.mode not in ("P", "L"):
+            im = im.convert("L")
+        im.load()
+        # PIL's C histogram of the indices: ~4x faster than np.bincount at 1918x1280.
+        counts = im.histogram()
+        arr = np.asarray(im)
     except Exception as e:
         raise BadFile("corrupt", f"decoder failed ({type(e).__name__}: {e})") from None
-    counts = np.bincount(arr.reshape(-1), minlength=256)
-    values = np.flatnonzero(counts).tolist()
+    values = [v for v, c in enumerate(counts) if c]
     if values == [0, 1]:
         return arr.astype(np.uint8, copy=False), []
     if values == [0, 255]:

@@ -232,7 +232,7 @@ def _process_one(job: dict) -> dict:
         _write_png(full, mask)
     _write_png(root / job["image_out"], to_model(img, geom, job["height"], job["width"]))
     _write_png(root / job["mask_out"], resize_mask(mask, geom, job["height"], job["width"]))
-    rec.update(orig_height=h, orig_width=w, mask_area=float(mask.mean()), **geom,
+    rec.update(orig_height=h, orig_width=w, mask_area=float(np.count_nonzero(mask)) / mask.size, **geom,
                image=job["image_out"], mask=job["mask_out"], mask_full=job["full_out"])
     return _finish(root, job, rec)
 
