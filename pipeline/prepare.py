@@ -34,8 +34,8 @@ Masks: resized masks and full-size masks are 8-bit PNGs with values {0, 1}, so
 """
 from __future__ import annotations
 
-import os
 import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +61,7 @@ TRAIN_COLS = ["id", "car_id", "view", "image", "mask", "mask_full", "orig_height
               "mask_area", *GEOM_COLS, "fold"]
 TEST_COLS = ["img", "id", "path", "orig_height", "orig_width", *GEOM_COLS]
 SUMMARY_ISSUES = 10                 # issues printed in the summary; the report has all
+STALE_TEMP_S = 600                  # a temp file this old was left by a killed run (writes take ms)
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -357,8 +358,24 @@ def execute(cfg: Config) -> Result:
                                                  "prepare_report.json")},
                          config=cfg.to_dict(), extra={"code_version": CODE_VERSION, "stats": stats})
     _print_summary(out, report, stats, issues)
+    _sweep_temps([root / "files" / "full", root / Path(jobs[0]["image_out"]).parent, out])
     _strict(cfg, len(issues), out)
     return Result(out, stats)
+
+
+def _sweep_temps(dirs: list[Path]) -> int:
+    """Remove temp files (``.<name>.tmp.*``) that killed runs left behind; never a recent one,
+    which may belong to a run in progress. Returns how many were removed."""
+    cutoff, n = time.time() - STALE_TEMP_S, 0
+    for d in dirs:
+        for p in d.glob(".*.tmp.*"):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:
+                pass
+    return n
 
 
 def _left_out(cfg: Config, issues: list[Issue]) -> int:

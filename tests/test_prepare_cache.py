@@ -109,6 +109,17 @@ def test_fold_settings_change_key_but_reuse_images(raw):
     assert b.dir != a.dir and (b.stats["processed"], b.stats["reused"]) == (0, 32)
 
 
+def test_stale_temp_files_are_swept(raw):
+    a = prepare.execute(_cfg(raw))
+    full = a.dir.parent / "files" / "full"
+    stale, fresh = full / ".x.png.tmp.old.png", full / ".y.png.tmp.new.png"
+    for p in (stale, fresh):
+        p.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    prepare.execute(_cfg(raw, **{"prepare.seed": 9}))             # a new key: a working run
+    assert not stale.exists() and fresh.exists()                  # a fresh one may be in flight
+
+
 def _snapshot(d: Path) -> dict:
     """Everything other stages read from an artifact dir: the indexes and the bytes of each file."""
     out = {}
