@@ -228,11 +228,12 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
     have = done_ids(fold_dir)
     todo = rows[~rows["id"].isin(have)]
     dev = resolve_device(device)
-    model, meta = load_checkpoint(ckpt_path, dev)
-    size = (int(meta["height"]), int(meta["width"]))
-    write_meta(fold_dir, {"checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256_16": ckpt_hash,
-                          "arch": meta.get("arch"), "encoder": meta.get("encoder"), "height": size[0],
-                          "width": size[1], "tta": tta_mod.names(ttas), "code": CODE_VERSION})
+    if len(todo) or not (fold_dir / "meta.json").is_file():  # a finished shard needs no model
+        model, meta = load_checkpoint(ckpt_path, dev)
+        size = (int(meta["height"]), int(meta["width"]))
+        write_meta(fold_dir, {"checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256_16": ckpt_hash,
+                              "arch": meta.get("arch"), "encoder": meta.get("encoder"), "height": size[0],
+                              "width": size[1], "tta": tta_mod.names(ttas), "code": CODE_VERSION})
     if len(todo):
         model = model.to(memory_format=torch.channels_last)
         geoms = [row_geometry(r, *size) for r in todo.to_dict("records")]
