@@ -90,7 +90,8 @@ def main() -> int:
                        "kernel_str": lambda: kernel_str(mask), "ours_str": lambda: rle.encode(mask)}, reps)
     speed_runs = enc["kernel_runs"]["median_ms"] / enc["ours_runs"]["median_ms"]
     speed_str = enc["kernel_str"]["median_ms"] / enc["ours_str"]["median_ms"]
-    print(f"RLE on {source} ({mask.shape[1]}x{mask.shape[0]}, {n_runs} runs), median over {reps} alternating rounds of 10 calls")
+    print(f"RLE on {source} ({mask.shape[1]}x{mask.shape[0]}, {n_runs} runs), "
+          f"median over {reps} alternating rounds of 10 calls")
     print(f"{'':14}{'kernel ms':>11}{'ours ms':>10}{'speed-up':>10}")
     print(f"{'runs array':14}{enc['kernel_runs']['median_ms']:11.3f}{enc['ours_runs']['median_ms']:10.3f}"
           f"{speed_runs:9.1f}x")

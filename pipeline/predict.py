@@ -38,7 +38,10 @@ from torch.utils.data import DataLoader, Dataset
 from . import cache, prepare, tta as tta_mod
 from .config import Config, ConfigError, PipelineError, stable_hash
 from .data import read_image, to_device
-from .prepare import GEOM_COLS
+# The torch-free half of this stage (file layout, reading maps, back to original size) lives in
+# probmaps so that submit's worker processes need not import torch; re-exported here.
+from .probmaps import (GEOM_COLS, done_ids, prob_path, read_prob, row_geometry, stretch_geometry,  # noqa: F401
+                       to_original, to_uint8)
 
 CODE_VERSION = "predict-1"
 TEST_INDEX_COLUMNS = ("img", "id", "path", "orig_height", "orig_width")
@@ -82,56 +85,6 @@ def fold_cache_dir(cache_root: str | Path, ckpt_hash: str, ttas: list[tta_mod.TT
     return cache.stage_dir(cache_root, "predict", f"{ckpt_hash}-{tta_key(ttas)}")
 
 
-def prob_path(fold_dir: str | Path, image_id: str) -> Path:
-    return Path(fold_dir) / f"{image_id}.png"
-
-
-def done_ids(fold_dir: str | Path) -> set[str]:
-    """Ids with a finished probability file (temp files start with '.', so they never count)."""
-    try:
-        with os.scandir(fold_dir) as it:
-            return {e.name[:-4] for e in it if e.name.endswith(".png") and not e.name.startswith(".")}
-    except FileNotFoundError:
-        return set()
-
-
-def to_uint8(prob: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] -> uint8 round(255 p) (the on-disk format, as for OOF)."""
-    return np.clip(np.rint(np.asarray(prob, np.float32) * 255.0), 0, 255).astype(np.uint8)
-
-
-def read_prob(path: str | Path) -> np.ndarray:
-    """(h, w) uint8 probability map (255 = 1.0) written by this stage."""
-    p = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if p is None:
-        raise PipelineError(f"{path}: cannot read probability map (missing or corrupt; rerun `make predict`)")
-    return p
-
-
-def stretch_geometry(height: int, width: int) -> dict:
-    """prepare's geometry record for fit=stretch (the whole image resized to height x width)."""
-    return {"scaled_height": height, "scaled_width": width, "pad_top": 0, "pad_left": 0}
-
-
-def row_geometry(row, height: int, width: int) -> dict:
-    """The test index row's geometry (prepare's GEOM_COLS), or stretch when the index has none."""
-    if all(k in row and row[k] == row[k] for k in GEOM_COLS):  # present and not NaN
-        return {k: int(row[k]) for k in GEOM_COLS}
-    return stretch_geometry(height, width)
-
-
-def to_original(prob: np.ndarray, size: tuple[int, int], geom: dict | None = None) -> np.ndarray:
-    """Model-size probabilities (h, w) -> (H, W) = the test image's own size.
-
-    Inverts prepare's placement exactly (``prepare.to_original``: crop the
-    padding of fit=pad, then bilinear resize); geom None means fit=stretch.
-    Returns float32 in the input's scale (uint8 maps come back as 0..255 floats).
-    """
-    p = np.asarray(prob)
-    geom = geom or stretch_geometry(*p.shape[:2])
-    return prepare.to_original(p, tuple(size), geom)
-
-
 def read_test_index(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
@@ -165,6 +118,12 @@ class TestImages(Dataset):
         img = read_image(self.paths[i])
         out = prepare.to_model(img, self.geoms[i], *self.size)
         return torch.from_numpy(np.ascontiguousarray(out)), i
+
+
+def _worker_init(_):
+    # Each loader worker decodes one image at a time: extra threads would only fight the model's.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -244,7 +203,7 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
                                 f"{size[0]}x{size[1]} input: prepare and train used different sizes")
         loader = DataLoader(TestImages(todo["path"].tolist(), geoms, size), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, pin_memory=dev.type == "cuda",
-                            persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                            worker_init_fn=_worker_init, prefetch_factor=4 if num_workers else None)
         ids = todo["id"].tolist()
         # PNG encoding + atomic writes run in threads (cv2 releases the GIL) while the model computes;
         # at most `max_pending` images wait, so memory does not grow with the number of images.

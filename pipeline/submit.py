@@ -2,7 +2,7 @@
 
 For every test image, in ``sample_submission.csv`` order: read its uint8
 probability map from each fold's predict directory, take the mean, resize it
-to the image's own size (:func:`pipeline.predict.to_original`), threshold
+to the image's own size (:func:`pipeline.probmaps.to_original`), threshold
 (``prob > threshold``) and run-length encode it. joblib workers handle chunks
 of images; ``Parallel(return_as="generator")`` hands the chunks back in order
 with only a few in flight, so the CSV is streamed and memory stays flat for
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
 
-from . import cache, predict, rle
+from . import cache, probmaps, rle
 from .config import Config, PipelineError, stable_hash
 from .validate import read_ids, sizes_from, validate_submission
 
@@ -43,10 +43,10 @@ def ensemble_mask(fold_dirs: list[str], image_id: str, size: tuple[int, int], th
     """
     acc = None
     for d in fold_dirs:
-        p = predict.read_prob(predict.prob_path(d, image_id))
+        p = probmaps.read_prob(probmaps.prob_path(d, image_id))
         acc = p.astype(np.float32) if acc is None else acc + p
     # Resize the uint8-scale mean and compare with the threshold in that scale: one float pass less.
-    prob = predict.to_original(acc * (1.0 / len(fold_dirs)), size, geom)
+    prob = probmaps.to_original(acc * (1.0 / len(fold_dirs)), size, geom)
     return prob > np.float32(threshold * 255.0)
 
 
@@ -58,7 +58,7 @@ def encode_chunk(fold_dirs: list[str], ids: list[str], sizes: list[tuple[int, in
 
 def missing_report(fold_dir: Path, ids: pd.Series) -> str | None:
     """None when every id has a probability file in fold_dir, else a message naming ids and shards."""
-    missing = ids[~ids.isin(predict.done_ids(fold_dir))]
+    missing = ids[~ids.isin(probmaps.done_ids(fold_dir))]
     if missing.empty:
         return None
     msg = f"{fold_dir}: {len(missing)} of {len(ids)} test images not predicted, e.g. {missing.iloc[:3].tolist()}"
@@ -94,14 +94,14 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
     problems = [m for m in (missing_report(Path(d), index["id"]) for d in fold_dirs) if m]
     if problems:
         raise PipelineError("; ".join(problems))
-    has_geom = all(c in index.columns for c in predict.GEOM_COLS)
+    has_geom = all(c in index.columns for c in probmaps.GEOM_COLS)
     step = max(1, images_per_task)
 
     def chunk_args(a: int) -> tuple:
         # Built lazily per chunk: only the few chunks in flight exist at any time.
         part = index.iloc[a:a + step]
         sizes = list(zip(part["orig_height"].astype(int), part["orig_width"].astype(int)))
-        geoms = ([{c: int(r[c]) for c in predict.GEOM_COLS} for r in part[predict.GEOM_COLS].to_dict("records")]
+        geoms = ([{c: int(r[c]) for c in probmaps.GEOM_COLS} for r in part[probmaps.GEOM_COLS].to_dict("records")]
                  if has_geom else [None] * len(part))
         return part["id"].tolist(), sizes, geoms
 
@@ -134,12 +134,9 @@ def resolve_threshold(cfg: Config) -> tuple[float, str]:
     """(threshold, where it came from)."""
     if cfg.submit.threshold >= 0:
         return float(cfg.submit.threshold), "config submit.threshold"
-    try:
-        from . import train
-        summary = Path(train.run_dir(cfg)) / "oof_summary.json"
-    except (ImportError, AttributeError):
-        summary = None
-    if summary is not None and summary.is_file():
+    from . import train
+    summary = Path(train.run_dir(cfg)) / "oof_summary.json"
+    if summary.is_file():
         data = cache.read_json(summary)
         if "best_threshold" not in data:
             raise PipelineError(f"{summary}: no 'best_threshold' key")
@@ -156,6 +153,7 @@ def sidecar_path(out_path: Path) -> Path:
 
 
 def run(cfg: Config) -> Path:
+    from . import predict  # imports torch: only here, never in the workers
     p = predict.plan(cfg)
     index = predict.read_test_index(p.test_index)
     sample = Path(cfg.data.raw) / "sample_submission.csv"
