@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("stage", choices=STAGES)
     ap.add_argument("--config", "-c", default=None, help="YAML experiment file")
     ap.add_argument("overrides", nargs="*", help="key=value (e.g. epochs=3 or train.epochs=3)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
         cfg = load(args.config, args.overrides)
         module = importlib.import_module(f"pipeline.{args.stage}")

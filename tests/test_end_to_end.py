@@ -11,7 +11,7 @@ from pipeline import rle, synth
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = ["prepare.height=64", "prepare.width=96", "n_folds=2", "epochs=1", "batch_size=8",
+TINY = ["prepare.height=64", "prepare.width=96", "n_folds=2", "epochs=1", "train.batch_size=8",
         "train.num_workers=0", "predict.num_workers=0", "prepare.workers=1", "submit.workers=1",
         "encoder=resnet18", "encoder_weights=none", "tta=hflip"]
 
