@@ -137,7 +137,7 @@ def _scan(cfg: Config) -> Scan:
     if not raw.is_dir():
         raise PipelineError(f"data.raw={raw}: no such directory (run `make demo-data` or pass RAW=<kaggle dir>)")
     train = list_dir(raw / cfg.data.train_dir, cfg.data.train_dir, "image")
-    if not train.all_paths:
+    if not train.fingerprints:
         raise PipelineError(f"{raw / cfg.data.train_dir}: no train images (data.raw / data.train_dir)")
     masks = list_dir(raw / "train_masks", "train_masks", "mask")
     test = list_dir(raw / cfg.data.test_dir, cfg.data.test_dir, "image")
@@ -154,9 +154,9 @@ def _params(cfg: Config) -> dict:
 
 def _inputs(scan: Scan) -> dict:
     return {"raw": str(scan.raw.resolve()),
-            "train": cache.fingerprint_files(scan.train.all_paths),
-            "train_masks": cache.fingerprint_files(scan.masks.all_paths),
-            "test": cache.fingerprint_files(scan.test.all_paths),
+            "train": scan.train.fingerprint(),
+            "train_masks": scan.masks.fingerprint(),
+            "test": scan.test.fingerprint(),
             "csv": {n: (cache.file_fingerprint(p) if p else None) for n, p in scan.csvs.items()}}
 
 
@@ -387,11 +387,13 @@ def _train_jobs(cfg: Config, scan: Scan, masks_csv: pd.DataFrame | None, root: P
     """Pair images with masks and describe each pair's work and content-addressed outputs."""
     p, issues = cfg.prepare, []
     imgs, masks = scan.train.files, scan.masks.files
+    fp_img = {f[0]: f for f in scan.train.fingerprints}
+    fp_mask = {f[0]: f for f in scan.masks.fingerprints}
     for i in sorted(set(imgs) - set(masks)):
-        issues.append(Issue(f"{cfg.data.train_dir}/{imgs[i].name}", "missing_mask", "error",
+        issues.append(Issue(f"{cfg.data.train_dir}/{imgs[i]}", "missing_mask", "error",
                             f"no train_masks/{i}_mask.gif"))
     for i in sorted(set(masks) - set(imgs)):
-        issues.append(Issue(f"train_masks/{masks[i].name}", "missing_image", "error",
+        issues.append(Issue(f"train_masks/{masks[i]}", "missing_image", "error",
                             f"no {cfg.data.train_dir}/{i}.jpg"))
     rles: dict[str, str] | None = None
     if masks_csv is not None and p.check_rle:
@@ -404,14 +406,15 @@ def _train_jobs(cfg: Config, scan: Scan, masks_csv: pd.DataFrame | None, root: P
     size_dir = f"files/{p.height}x{p.width}-{p.fit}"
     jobs = []
     for i in sorted(set(imgs) & set(masks)):
-        fp_img, fp_mask = cache.file_fingerprint(imgs[i]), cache.file_fingerprint(masks[i])
         row = rles.get(i) if rles is not None else None
-        h = stable_hash({"code": CODE_VERSION, "img": fp_img, "mask": fp_mask, "dir": cfg.data.train_dir,
+        # Stat-only identity (name, size, mtime) of both inputs, as in `make`.
+        h = stable_hash({"code": CODE_VERSION, "img": fp_img[imgs[i]], "mask": fp_mask[masks[i]],
+                         "dir": cfg.data.train_dir,
                          "rle": None if row is None else stable_hash(" ".join(row.split())),
                          "size": [p.height, p.width, p.fit]})
-        hm = stable_hash({"code": CODE_VERSION, "mask": fp_mask})
-        jobs.append({"id": i, "img": str(imgs[i]), "mask": str(masks[i]),
-                     "rel_img": f"{cfg.data.train_dir}/{imgs[i].name}", "rel_mask": f"train_masks/{masks[i].name}",
+        hm = stable_hash({"code": CODE_VERSION, "mask": fp_mask[masks[i]]})
+        jobs.append({"id": i, "img": scan.train.path(i), "mask": scan.masks.path(i),
+                     "rel_img": f"{cfg.data.train_dir}/{imgs[i]}", "rel_mask": f"train_masks/{masks[i]}",
                      "rle": row, "height": p.height, "width": p.width, "fit": p.fit, "root": str(root),
                      "image_out": f"{size_dir}/{i}.{h}.png", "mask_out": f"{size_dir}/{i}.{h}_mask.png",
                      "full_out": f"files/full/{i}.{hm}.png", "record_out": f"{size_dir}/{i}.{h}.json"})
@@ -437,11 +440,11 @@ def _test_headers(cfg: Config, scan: Scan, root: Path) -> dict[str, dict]:
     """id -> header dict (or {"error", "reason"}) for every test image; cached per test-dir fingerprint."""
     files = scan.test.files
     h = stable_hash({"code": CODE_VERSION, "dir": cfg.data.test_dir,
-                     "files": cache.fingerprint_files(scan.test.all_paths)})
+                     "files": scan.test.fingerprint()})
     path = root / "files" / "test_headers" / f"{h}.json"
     if path.is_file():
         return cache.read_json(path)
-    items = [(i, str(files[i])) for i in sorted(files)]
+    items = [(i, scan.test.path(i)) for i in sorted(files)]
     p = cfg.prepare
     headers: dict[str, dict] = {}
     for res in _parallel(_headers_chunk, _chunks(items, 1024, p.workers), p.workers, len(items), "test headers"):
@@ -472,19 +475,19 @@ def _test_index(cfg: Config, scan: Scan, sample: pd.DataFrame | None, root: Path
                 issues.append(Issue("sample_submission.csv", "sample_without_image", "error",
                                     f"row '{img}' has no image in {rel}/"))
         for i in sorted(set(files) - listed):
-            issues.append(Issue(f"{rel}/{files[i].name}", "not_in_sample", "warning",
+            issues.append(Issue(f"{rel}/{files[i]}", "not_in_sample", "warning",
                                 "test image not listed in sample_submission.csv; left out"))
         order = [i for i in sample_ids if i in files]
     rows = []
     for i in order:
         hd = headers[i]
         if "error" in hd:
-            issues.append(Issue(f"{rel}/{files[i].name}", hd["error"], "error", hd["reason"]))
+            issues.append(Issue(f"{rel}/{files[i]}", hd["error"], "error", hd["reason"]))
             continue
         if hd["mode"] != "RGB" or hd["format"] != "JPEG":
-            issues.append(Issue(f"{rel}/{files[i].name}", "color_converted", "warning",
+            issues.append(Issue(f"{rel}/{files[i]}", "color_converted", "warning",
                                 f"{hd['format']} {hd['mode']} test image: predict must convert it to RGB"))
-        rows.append({"img": files[i].name, "id": i, "path": str(files[i].resolve()),
+        rows.append({"img": files[i], "id": i, "path": scan.test.path(i),
                      "orig_height": hd["height"], "orig_width": hd["width"],
                      **geometry(hd["height"], hd["width"], p.height, p.width, p.fit)})
     return pd.DataFrame(rows, columns=TEST_COLS), issues
