@@ -88,8 +88,11 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
     if list(index["img"]) != list(sample_ids):
         diff = next((k for k, (a, b) in enumerate(zip(index["img"], sample_ids)) if a != b),
                     min(len(index), len(sample_ids)))
+        ours = index["img"].iloc[diff] if diff < len(index) else "(end)"
+        theirs = sample_ids[diff] if diff < len(sample_ids) else "(end)"
         raise PipelineError(f"test index ids do not match sample_submission.csv ({len(index)} vs "
-                            f"{len(sample_ids)} rows, first difference at row {diff + 1}); rerun `make prepare`")
+                            f"{len(sample_ids)} rows, first difference at row {diff + 1}: {ours} vs {theirs}); "
+                            "a test image missing or unreadable? see prepare_report.json, then `make prepare`")
     fold_dirs = [str(d) for d in fold_dirs]
     problems = [m for m in (missing_report(Path(d), index["id"]) for d in fold_dirs) if m]
     if problems:
