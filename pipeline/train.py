@@ -346,8 +346,21 @@ class ShardSampler(Sampler):
         return len(self.idx)
 
 
-def _worker_init(_):
-    cv2.setNumThreads(1)   # one image per worker; cv2's own thread pool would oversubscribe the cores
+@contextlib.contextmanager
+def _cv2_single_thread():
+    """cv2 without its thread pool while DataLoader workers may be forked.
+
+    A forked worker inherits cv2's pool state but not its threads: any cv2 call
+    there that touches the pool (even cv2.setNumThreads) can wait forever on a
+    lock that no thread will release. With 1 thread in the parent, the children
+    never touch the pool; it also keeps the workers from oversubscribing the cores.
+    """
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(prev)
 
 
 def seed_everything(seed: int) -> None:
@@ -463,7 +476,7 @@ def _loader(ds, sampler, batch_size: int, num_workers: int, device: torch.device
     # (dropout/drop-path use it), or a resumed run would diverge from an uninterrupted one.
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=drop_last,
-                      persistent_workers=num_workers > 0, worker_init_fn=_worker_init if num_workers else None,
+                      persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -692,7 +705,8 @@ def run(cfg: Config, prepared_dir: str | Path | None = None) -> list[dict]:
     todo = folds if cfg.train.fold < 0 else [cfg.train.fold]
     d = dist_init(resolve_device(cfg.train.device).type)
     try:
-        return [train_fold(cfg, prepared, index, k, d) for k in todo]
+        with _cv2_single_thread():
+            return [train_fold(cfg, prepared, index, k, d) for k in todo]
     finally:
         if d.owns_group:
             dist.destroy_process_group()
