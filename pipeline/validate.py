@@ -26,6 +26,9 @@ import numpy as np
 from .config import PipelineError
 
 HEADER = ["img", "rle_mask"]
+# A ragged 1918x1280 prediction can have tens of thousands of runs: far above csv's default
+# 128 KiB field limit.
+csv.field_size_limit(2**31 - 1)
 _RLE_RE = re.compile(r"[0-9]+(?: [0-9]+)*")
 
 

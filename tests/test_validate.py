@@ -138,3 +138,14 @@ def test_cli_exit_codes(tmp_path):
     assert ko.returncode == 1 and "line 2 (car_01.jpg)" in ko.stdout
     missing = subprocess.run(cmd + [str(tmp_path / "nope.csv")], capture_output=True, text=True)
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_very_long_rle_row(tmp_path):
+    """A ragged 1918x1280 mask: 20k runs, ~300 KB in one field, past csv's default 128 KiB limit."""
+    rle = " ".join(f"{s} 3" for s in range(1, 1 + 100 * 20_000, 100))
+    assert len(rle) > 131072
+    rows = list(GOOD.items())
+    rows[0] = ("car_01.jpg", rle)
+    sizes = {i: (6, 8) for i in IDS} | {"car_01.jpg": (1280, 1918)}
+    rep = validate_submission(write(tmp_path, rows), IDS, sizes_from(sizes))
+    assert rep.ok, rep.summary()
