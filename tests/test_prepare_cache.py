@@ -141,16 +141,22 @@ def test_kill_9_mid_run_then_rerun_is_identical(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     files = cache / "prepare" / "files" / "224x320-stretch"
+
+    def final(pattern: str) -> list[Path]:
+        # pathlib's glob also matches dot files: leave out temp files (".<name>.tmp.*").
+        return [p for p in files.glob(pattern) if not p.name.startswith(".")]
+
     deadline = time.time() + 60
-    while time.time() < deadline and len(list(files.glob("*.json"))) < 3:
+    while time.time() < deadline and len(final("*.json")) < 3:
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list(files.glob("*.json")))
+    done = len(final("*.json"))
     key_dir = prepare.artifact_dir(_cfg(raw, cache, **{"prepare.height": 224, "prepare.width": 320}))
     assert 3 <= done < 48 and not is_complete(key_dir), "the kill did not land mid-run"
     # No file under a final name is half-written: every PNG decodes.
-    for p in files.glob("*.png"):
+    for p in final("*.png") + [p for p in (cache / "prepare" / "files" / "full").glob("*.png")
+                               if not p.name.startswith(".")]:
         assert cv2.imread(str(p), cv2.IMREAD_UNCHANGED) is not None, p
     cfg = _cfg(raw, cache, **{"prepare.height": 224, "prepare.width": 320})
     resumed = prepare.execute(cfg)
