@@ -23,8 +23,8 @@ def prepared(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
-    """One fold, two epochs: the artifacts that every fold writes."""
-    cfg = tiny_cfg(tmp_path_factory.mktemp("cache"), **{"train.epochs": 2})
+    """Every fold in turn (fold=-1), two epochs each: the artifacts that every fold writes."""
+    cfg = tiny_cfg(tmp_path_factory.mktemp("cache"), **{"train.epochs": 2, "train.fold": -1})
     summary = train.run(cfg, prepared_dir=prepared)
     return cfg, summary
 
@@ -45,6 +45,8 @@ def test_fold_writes_every_artifact(prepared, trained):
     index = pd.read_csv(prepared / "folds.csv")
     val_ids = sorted(index.loc[index.fold == 0, "id"])
     assert sorted(p.stem for p in (out / "oof").glob("*.png")) == val_ids
+    assert [s["fold"] for s in summary] == [0, 1]
+    assert (train.fold_dir(cfg, 1, prepared) / "manifest.json").is_file()
     s = summary[0]
     assert s["images"] == len(val_ids) and 0 <= s["dice_model"] <= 1 and 0 <= s["dice_original"] <= 1
     # The OOF Dice at model size is the best epoch's validation Dice (same model, same images).
@@ -80,12 +82,14 @@ def test_rerun_is_cached_and_keys(prepared, trained, capsys):
     out = train.fold_dir(cfg, 0, prepared)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     again = train.run(cfg, prepared_dir=prepared)
-    assert "fold 0: cached" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "fold 0: cached" in log and "fold 1: cached" in log
     assert again == summary
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
     # Run-only knobs keep the key; anything that changes results gives a new one.
     same = tiny_cfg(cfg.data.cache, **{"train.epochs": 2, "train.num_workers": 2, "train.fold": 1,
                                        "train.device": "cpu"})
+    assert train.run(same, prepared_dir=prepared) == summary[1:]
     assert train.run_dir(same, prepared) == train.run_dir(cfg, prepared)
     for change in ({"train.lr": 1e-3}, {"train.augment": "none"}, {"train.epochs": 3}):
         other = tiny_cfg(cfg.data.cache, **{"train.epochs": 2, **change})
@@ -306,3 +310,56 @@ def test_precision_resolution():
 def test_shard_sampler_covers_each_index_once():
     parts = [list(train.ShardSampler(10, r, 3)) for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(10))
+
+
+# ---------------------------------------------------------------------------- make oof
+
+def test_oof_summary_equals_direct_scoring(prepared, trained):
+    """oof.run pools both folds; its Dice equals scoring the saved maps against the full masks."""
+    import cv2
+    from pipeline import oof
+    from pipeline.metrics import dice
+    cfg, _ = trained
+    s = oof.run(cfg, prepared_dir=prepared)
+    assert cache.read_json(train.run_dir(cfg, prepared) / "oof_summary.json") == s
+    index = pd.read_csv(prepared / "train_index.csv")
+    assert s["images"] == len(index) and s["complete"] and s["folds_missing"] == []
+    scores = {t: [] for t in (0.5, s["best_threshold"])}
+    for r in index.itertuples():
+        q = cv2.imread(str(train.fold_dir(cfg, r.fold, prepared) / "oof" / f"{r.id}.png"), cv2.IMREAD_UNCHANGED)
+        up = cv2.resize(q.astype(np.float32) / 255, (r.orig_width, r.orig_height), interpolation=cv2.INTER_LINEAR)
+        full = cv2.imread(str(prepared / r.mask_full), cv2.IMREAD_GRAYSCALE)
+        for t in scores:
+            scores[t].append(dice(up > t, full))
+    assert s["dice"] == pytest.approx(np.mean(scores[0.5]), abs=1e-9)
+    assert s["dice_at_best"] == pytest.approx(np.mean(scores[s["best_threshold"]]), abs=1e-9)
+    assert s["dice_at_best"] >= s["dice"] and 0.3 <= s["best_threshold"] <= 0.7
+    assert s["folds"]["0"]["images"] + s["folds"]["1"]["images"] == len(index)
+
+
+def test_oof_summary_known_answer(tmp_path):
+    """Two folds of hand-made histograms; fold 1 unfinished is reported missing."""
+    from pipeline import oof
+    bins = train.OOF_BINS
+    f0 = tmp_path / "fold0"
+    (f0 / "oof").mkdir(parents=True)
+    # Image a: 10 true pixels at p=0.9, 10 false pixels at p=0.4 -> Dice 1 for t >= 0.4, 2*10/30 below.
+    # Image b: 4 true pixels at p=0.35 -> Dice 1 for t < 0.35, 0 at and above.
+    pos = np.zeros((2, bins + 1), np.int64)
+    all_ = np.zeros((2, bins + 1), np.int64)
+    for i, (p, n_true, n_false) in enumerate([(0.9, 10, 0), (0.4, 0, 10)]):
+        b = int(np.ceil(p * bins))
+        pos[0, b] += n_true
+        all_[0, b] += n_true + n_false
+    b = int(np.ceil(0.35 * bins))
+    pos[1, b] = all_[1, b] = 4
+    np.savez(f0 / "oof" / "hist.npz", ids=np.array(["a", "b"]), pos=pos, all=all_)
+    cache.write_json(f0 / "oof.json", {"dice_model": 0.5})
+    cache.write_manifest(f0, stage="train", key="k", params={}, inputs={}, outputs={})
+    s = oof.summarize({0: f0, 1: tmp_path / "fold1"}, thresholds=np.array([0.3, 0.34, 0.35, 0.4, 0.5]))
+    # t=0.3: a 20/30, b 1 -> 0.8333; t=0.34: same; t=0.35: a 20/30, b 0; t=0.4: a 1, b 0; t=0.5: a 1, b 0.
+    assert s["curve"] == pytest.approx({"0.30": 5 / 6, "0.34": 5 / 6, "0.35": 1 / 3, "0.40": 0.5, "0.50": 0.5})
+    assert s["best_threshold"] == 0.3 and s["dice_at_best"] == pytest.approx(5 / 6)
+    assert s["dice"] == pytest.approx(0.5) and s["folds_missing"] == [1] and not s["complete"]
+    with pytest.raises(PipelineError, match="no finished fold"):
+        oof.summarize({1: tmp_path / "fold1"})

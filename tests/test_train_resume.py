@@ -15,7 +15,7 @@ from _train_helpers import make_prepared, tiny_cfg
 from pipeline import cache, train
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = {"train.epochs": 3, "train.augment": "basic", "train.warmup_epochs": 0.5}
+OVERRIDES = {"train.epochs": 2, "train.augment": "basic", "train.warmup_epochs": 0.5}
 COMPARED = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "nonfinite", "best"]
 
 SCRIPT = """
@@ -52,7 +52,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys):
     # Rerun the same command: resumes after epoch 1 and finishes.
     capsys.readouterr()
     train.run(cfg, prepared_dir=prepared)
-    assert "resuming after epoch 1 of 3" in capsys.readouterr().out
+    assert "resuming after epoch 1 of 2" in capsys.readouterr().out
     assert cache.is_complete(out)
     got, want = pd.read_csv(out / "metrics.csv"), pd.read_csv(ref_dir / "metrics.csv")
     pd.testing.assert_frame_equal(got[COMPARED], want[COMPARED], check_exact=False, rtol=1e-5)
