@@ -314,3 +314,11 @@ def test_garbage_everywhere_no_traceback_and_strict_exits_nonzero(raw):
     assert strict.returncode == 2
     assert "Traceback" not in strict.stderr
     assert strict.stderr.strip().startswith("error: prepare.strict") and len(strict.stderr.strip().splitlines()) == 1
+
+
+def test_no_usable_pair_is_one_error_with_a_report(raw):
+    shutil.rmtree(raw / "train_masks")
+    with pytest.raises(PipelineError, match="no usable train image/mask pair") as e:
+        prepare.execute(_cfg(raw))
+    report = read_json(Path(str(e.value).rsplit("see ", 1)[1]))
+    assert len(_issue(report, "missing_mask")) == 32
