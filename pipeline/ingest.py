@@ -10,6 +10,20 @@ Levels:
   to RGB) or a CSV disagrees with the files on disk.
 Both count as problems for ``prepare.strict=true``.
 
+Issue kinds (``prepare_report.json``):
+    unreadable, corrupt, truncated    train/test image or mask file (error: left out)
+    not_jpeg, color_converted         image decoded anyway / converted to RGB (warning)
+    missing_mask, missing_image       image without mask, mask without image (error)
+    size_mismatch                     image and mask sizes differ (error: pair left out)
+    mask_not_binary                   mask values not exactly {0,1} or {0,255} (error)
+    rle_mismatch                      train_masks.csv RLE != GIF (error: pair left out)
+    rle_missing_row, rle_row_without_image   train_masks.csv vs files (warning)
+    bad_id, unexpected_file           name is not <12 hex>_<NN>.jpg / _mask.gif (error)
+    duplicate_id                      same id twice in a dir (error) or a CSV (warning)
+    csv_unreadable, csv_columns       CSV cannot be parsed / missing (error) or extra (warning) columns
+    not_in_sample, sample_without_image   test files vs sample_submission.csv rows
+    no_sample_submission, no_test_images  fall-backs taken (warning)
+
 What is checked, and how cheaply:
 - train images and masks are decoded completely (prepare needs their pixels):
   empty/unreadable files, JPEGs without their end-of-image marker (truncated),
@@ -47,7 +61,7 @@ CSV_COLUMNS = {
 @dataclass(frozen=True)
 class Issue:
     file: str        # path relative to the raw directory, e.g. "train/0cdf5b5d0ce1_01.jpg"
-    kind: str        # stable code, e.g. "truncated", "mask_not_binary" (see README table)
+    kind: str        # stable code, e.g. "truncated", "mask_not_binary" (module docstring)
     level: str       # "error" (left out) or "warning" (used after repair / CSV disagreement)
     reason: str      # one readable sentence
 
