@@ -16,6 +16,7 @@ Encoder weights:
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import torch
@@ -48,8 +49,10 @@ def check_names(arch: str, encoder: str) -> None:
     if encoder.startswith("tu-"):
         import timm
         name = encoder[3:]
-        if name not in timm.list_models():
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
+        all_models = timm.list_models()
+        if name not in all_models:
+            close = difflib.get_close_matches(name, all_models, n=20, cutoff=0.6) or \
+                timm.list_models(f"*{name.split('_')[0]}*")[:20]
             raise ConfigError(f"unknown timm encoder '{encoder}'. Similar timm models: "
                               f"{', '.join('tu-' + c for c in close) or '(none)'}")
         return
@@ -86,8 +89,9 @@ def load_encoder_weights(model: torch.nn.Module, path: str) -> None:
 def model_kwargs(encoder_depth: int = 5, decoder_channels: str = "") -> dict:
     """Extra smp constructor arguments from config values (defaults give smp's own defaults).
 
-    decoder_channels: "" (architecture default), "128" (one int, e.g. FPN) or
-    "64,32,16" (one per decoder stage, e.g. Unet; as many as encoder_depth).
+    decoder_channels: "" (architecture default), "64,32,16" (one per decoder stage:
+    Unet, UnetPlusPlus, MAnet; as many as encoder_depth) or "128" (one int:
+    DeepLabV3, PAN). Architectures without this argument (FPN) reject it.
     """
     kw: dict = {}
     if encoder_depth != 5:

@@ -82,9 +82,16 @@ def _prepared(cfg: Config, prepared_dir: str | Path | None) -> Path:
 
 
 def train_key(cfg: Config, prepared_dir: str | Path | None = None) -> str:
-    """Hash of the train params (minus RUN_ONLY), the prepare artifact key and CODE_VERSION."""
-    return stable_hash({"params": train_params(cfg), "prepare": _prepared(cfg, prepared_dir).name,
-                        "code": CODE_VERSION})
+    """Hash of the train params (minus RUN_ONLY), the prepare artifact key and CODE_VERSION.
+
+    A local encoder-weights file enters by fingerprint (name, size, mtime), so
+    replacing the file trains anew.
+    """
+    weights = cfg.train.encoder_weights
+    inputs = {"prepare": _prepared(cfg, prepared_dir).name}
+    if Path(weights).is_file():
+        inputs["encoder_weights"] = cache.file_fingerprint(weights)
+    return stable_hash({"params": train_params(cfg), **inputs, "code": CODE_VERSION})
 
 
 def run_dir(cfg: Config, prepared_dir: str | Path | None = None) -> Path:
@@ -363,6 +370,22 @@ def _cv2_single_thread():
         cv2.setNumThreads(prev)
 
 
+@torch.no_grad()
+def check_output_size(model: torch.nn.Module, h: int, w: int, device: torch.device, what: str = "model") -> None:
+    """One forward of a blank (1, 3, h, w) image: the logits must be (1, 1, h, w).
+
+    Some smp architectures ignore encoder_depth in their upsampling (FPN with
+    encoder_depth=3 returns 4x the input size); fail before training, not at the loss.
+    """
+    was = model.training
+    model.eval()
+    y = model(torch.zeros(1, 3, h, w, device=device))
+    model.train(was)
+    if tuple(y.shape) != (1, 1, h, w):
+        raise ConfigError(f"{what}: output {tuple(y.shape)} for a (1, 3, {h}, {w}) input; this "
+                          "architecture does not support these options (try encoder_depth=5)")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -559,6 +582,7 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
     seed_everything(t.seed + 1000 * k + d.rank)
     kwargs = model_kwargs(t.encoder_depth, t.decoder_channels)
     model = build_model(t.arch, t.encoder, t.encoder_weights, **kwargs).to(device)
+    check_output_size(model, h, w, device, f"{t.arch}/{t.encoder} with {kwargs}")
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, t.lr, t.weight_decay)

@@ -107,6 +107,9 @@ def test_unknown_names_are_errors_listing_valid_ones(prepared, tmp_path):
         train.run(tiny_cfg(tmp_path, **{"train.scheduler": "step"}), prepared_dir=prepared)
     with pytest.raises(ConfigError, match="train.augment"):
         train.run(tiny_cfg(tmp_path, **{"train.augment": "hflip,mixup"}), prepared_dir=prepared)
+    # smp's FPN ignores encoder_depth when upsampling: caught before any training step.
+    with pytest.raises(ConfigError, match=r"FPN/tu-resnet18 .*output \(1, 1, 256, 384\) for a \(1, 3, 64, 96\)"):
+        train.run(tiny_cfg(tmp_path, **{"train.arch": "FPN", "train.decoder_channels": ""}), prepared_dir=prepared)
     assert not (tmp_path / "train").exists()
 
 

@@ -1,0 +1,75 @@
+"""Model registry: names, smp options, local encoder weights, checkpoint round trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, PipelineError
+from pipeline.models import build_model, check_names, load_checkpoint, model_kwargs
+
+TINY = dict(encoder_depth=3, decoder_channels=[32, 16, 8])
+
+
+def test_unknown_encoder_lists_valid_names():
+    with pytest.raises(ConfigError) as e:
+        check_names("Unet", "resnet1800")
+    msg = str(e.value)
+    assert "unknown encoder 'resnet1800'" in msg and "resnet34" in msg and "efficientnet-b0" in msg
+    with pytest.raises(ConfigError, match=r"unknown timm encoder 'tu-resnet1800'.*tu-resnet18"):
+        check_names("Unet", "tu-resnet1800")
+    with pytest.raises(ConfigError, match=r"unknown architecture 'Unett'.*FPN.*Unet"):
+        check_names("Unett", "resnet18")
+
+
+@pytest.mark.parametrize("arch", ["Unet", "FPN"])
+def test_smp_and_timm_encoders_give_one_logit_map(arch):
+    kw = model_kwargs(3, "32,16,8") if arch == "Unet" else {}
+    model = build_model(arch, "tu-resnet18", "none", **kw).eval()
+    with torch.no_grad():
+        y = model(torch.randn(2, 3, 64, 96))
+    assert y.shape == (2, 1, 64, 96)
+
+
+def test_model_kwargs_parsing():
+    assert model_kwargs(5, "") == {}
+    assert model_kwargs(3, "64, 32,16") == {"encoder_depth": 3, "decoder_channels": [64, 32, 16]}
+    assert model_kwargs(5, "128") == {"decoder_channels": 128}
+    with pytest.raises(ConfigError, match="decoder_channels='a,b'"):
+        model_kwargs(5, "a,b")
+    # smp's own consistency check surfaces as a ConfigError naming the options.
+    with pytest.raises(ConfigError, match="Unet/tu-resnet18"):
+        build_model("Unet", "tu-resnet18", "none", encoder_depth=3, decoder_channels=[32, 16])
+
+
+def test_local_encoder_weights_file(tmp_path):
+    torch.manual_seed(0)
+    src = build_model("Unet", "tu-resnet18", "none", **TINY)
+    path = tmp_path / "enc.pth"
+    torch.save({"encoder." + k: v for k, v in src.encoder.state_dict().items()}, path)
+    torch.manual_seed(1)
+    model = build_model("Unet", "tu-resnet18", str(path), **TINY)
+    for k, v in src.encoder.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[k], v)
+    # A file that lacks encoder tensors is an error naming the file.
+    partial = tmp_path / "partial.pth"
+    torch.save(dict(list(src.encoder.state_dict().items())[:3]), partial)
+    with pytest.raises(PipelineError, match="partial.pth: encoder weights lack"):
+        build_model("Unet", "tu-resnet18", str(partial), **TINY)
+    with pytest.raises(PipelineError, match="not found"):
+        build_model("Unet", "tu-resnet18", str(tmp_path / "missing.pth"), **TINY)
+
+
+def test_load_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("Unet", "tu-resnet18", "none", **TINY).eval()
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "arch": "Unet", "encoder": "tu-resnet18", "model_kwargs": TINY,
+                "height": 64, "width": 96, "epoch": 3, "optimizer": {}}, ckpt)
+    loaded, meta = load_checkpoint(ckpt)
+    assert not loaded.training
+    assert meta["height"] == 64 and meta["epoch"] == 3 and "model" not in meta and "optimizer" not in meta
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(PipelineError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
