@@ -66,7 +66,7 @@ class TrainConfig:
     encoder: str = "resnet18"        # smp encoder or "tu-<timm name>"
     encoder_weights: str = "none"    # "imagenet", a local file path, or "none"
     encoder_depth: int = 5           # smp encoder stages used (3..5); fewer = smaller, faster model
-    decoder_channels: str = ""       # "" = smp default; "64,32,16" per stage (Unet) or "128" (FPN...)
+    decoder_channels: str = ""       # "" = smp default; "64,32,16" per stage (Unet) or "256" (DeepLabV3)
     epochs: int = 2
     batch_size: int = 8
     accum_steps: int = 1
