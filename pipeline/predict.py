@@ -243,9 +243,6 @@ class Plan:
     checkpoints: list[Path]
     ttas: list[tta_mod.TTA]
 
-    def fold_dirs(self, cache_root: str | Path) -> list[Path]:
-        return [fold_cache_dir(cache_root, checkpoint_hash(c), self.ttas) for c in self.checkpoints]
-
 
 def parse_folds(spec: str, n_folds: int) -> list[int]:
     if spec.strip() in ("", "all"):

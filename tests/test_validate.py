@@ -149,3 +149,24 @@ def test_very_long_rle_row(tmp_path):
     sizes = {i: (6, 8) for i in IDS} | {"car_01.jpg": (1280, 1918)}
     rep = validate_submission(write(tmp_path, rows), IDS, sizes_from(sizes))
     assert rep.ok, rep.summary()
+
+
+def test_sizes_from_jpeg_headers_and_index(tmp_path, capsys):
+    """Without --size: each image's H, W from the test JPEG beside the sample, or from test_index.csv."""
+    import cv2
+    import numpy as np
+
+    from pipeline.validate import main
+    (tmp_path / "test").mkdir()
+    for i in IDS:
+        cv2.imwrite(str(tmp_path / "test" / i), np.zeros((6, 8, 3), np.uint8))  # 8 wide, 6 high
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("img,rle_mask\n" + "".join(f"{i},1 1\n" for i in IDS))
+    good = write(tmp_path, list(GOOD.items()), name="good.csv")
+    assert main([str(good), "--sample", str(sample)]) == 0
+    cv2.imwrite(str(tmp_path / "test" / "car_05.jpg"), np.zeros((4, 8, 3), np.uint8))  # now 32 pixels
+    assert main([str(good), "--sample", str(sample)]) == 1
+    assert "line 6 (car_05.jpg)" in capsys.readouterr().out
+    index = tmp_path / "test_index.csv"
+    index.write_text("img,id,orig_height,orig_width\n" + "".join(f"{i},{i[:-4]},6,8\n" for i in IDS))
+    assert main([str(good), "--sample", str(sample), "--index", str(index)]) == 0
