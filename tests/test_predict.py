@@ -92,7 +92,7 @@ def test_cache_key_depends_on_checkpoint_bytes_and_tta(ckpt, tmp_path):
 def test_predict_fold_writes_every_image_then_caches(ckpt, test_set, tmp_path):
     index, _ = test_set
     ttas = tta.parse("hflip")
-    res = predict.predict_fold(index, ckpt, tmp_path, ttas, batch_size=4, num_workers=0, log=lambda m: None)
+    res = predict.predict_fold(index, ckpt, tmp_path, ttas, batch_size=4, num_workers=2, log=lambda m: None)
     assert (res.predicted, res.skipped) == (10, 0)
     for i in index["id"]:
         p = predict.read_prob(predict.prob_path(res.fold_dir, i))
