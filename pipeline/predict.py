@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from . import cache, prepare, tta as tta_mod
 from .config import Config, ConfigError, PipelineError, stable_hash
@@ -172,7 +173,7 @@ class FoldResult:
 def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | Path, ttas: list[tta_mod.TTA], *,
                  shard: tuple[int, int] = (0, 1), batch_size: int = 8, num_workers: int = 2,
                  device: str = "auto", autocast: str = "auto", ckpt_hash: str | None = None,
-                 log=print) -> FoldResult:
+                 log=print, progress: bool = True) -> FoldResult:
     """Predict this shard's test images with one checkpoint; skip those already on disk.
 
     index: test index rows (columns id, path). Writes ``<fold_dir>/<id>.png`` (uint8, model size).
@@ -196,8 +197,11 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
     if len(todo):
         model = model.to(memory_format=torch.channels_last)
         geoms = [row_geometry(r, *size) for r in todo.to_dict("records")]
+        # The placement must fit the checkpoint's input and fill it along one axis at least
+        # (prepare's stretch and pad both do): anything else means another prepare size.
         bad = [(i, g) for i, g in zip(todo["id"], geoms)
-               if g["pad_top"] + g["scaled_height"] > size[0] or g["pad_left"] + g["scaled_width"] > size[1]]
+               if g["pad_top"] + g["scaled_height"] > size[0] or g["pad_left"] + g["scaled_width"] > size[1]
+               or (g["scaled_height"] != size[0] and g["scaled_width"] != size[1])]
         if bad:
             raise PipelineError(f"test index geometry {bad[0][1]} of {bad[0][0]} does not fit the checkpoint's "
                                 f"{size[0]}x{size[1]} input: prepare and train used different sizes")
@@ -210,7 +214,8 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
         pending: deque = deque()
         max_pending = 4 * batch_size
         with ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode(), autocast_for(dev, autocast):
-            for images, pos in loader:
+            for images, pos in tqdm(loader, desc=f"predict {fold_dir.name}", unit="batch", disable=not progress,
+                                    mininterval=5.0):
                 x, _ = to_device(images, None, dev)
                 prob = tta_mod.predict_proba(model, x, ttas)[:, 0]
                 prob_u8 = (prob * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()

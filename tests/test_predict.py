@@ -187,3 +187,10 @@ def test_resume_after_kill(ckpt, test_set, tmp_path):
     for i in index["id"]:
         np.testing.assert_array_equal(predict.read_prob(predict.prob_path(fold_dir, i)),
                                       predict.read_prob(predict.prob_path(ref.fold_dir, i)))
+
+
+def test_index_from_another_prepare_size_is_refused(ckpt, test_set, tmp_path):
+    index, _ = test_set
+    other = index.iloc[:1].assign(scaled_height=32, scaled_width=48, pad_top=0, pad_left=0)  # a 32x48 prepare
+    with pytest.raises(Exception, match="prepare and train used different sizes"):
+        predict.predict_fold(other, ckpt, tmp_path, tta.parse("none"), num_workers=0, log=lambda m: None)
