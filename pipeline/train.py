@@ -262,7 +262,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
 
     Optimizer updates every ``accum_steps`` micro-batches and after the last one;
     ``max_steps`` > 0 caps the number of updates. Returns {loss (mean over the
-    images whose loss was finite), images, seconds, updates, nonfinite}.
+    images whose loss was finite), images, seconds, updates, nonfinite, lr (of the last update)}.
     """
     model.train()
     n = len(loader)
@@ -272,6 +272,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     kill = _kill_point()
     loss_sum, images, seen, updates, nonfinite0 = 0.0, 0, 0, 0, guard.total
+    lr = optimizer.param_groups[0]["lr"]
     group_bad = False
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -303,6 +304,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
                 if grad_clip > 0:
                     scaler.unscale_(optimizer)     # clip the true gradients, not the fp16-scaled ones
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                lr = optimizer.param_groups[0]["lr"]     # the rate this update used
                 scaler.step(optimizer)
                 scaler.update()
                 updates += 1
@@ -320,7 +322,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"loss": loss_sum / seen if seen else float("nan"), "images": images,
+    return {"loss": loss_sum / seen if seen else float("nan"), "images": images, "lr": lr,
             "seconds": time.perf_counter() - t0, "updates": updates, "nonfinite": guard.total - nonfinite0}
 
 
@@ -618,7 +620,7 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if start == 0:
-        n_img = len(sampler) * d.world
+        n_img = min(len(train_dl), steps_per_epoch * t.accum_steps) * t.batch_size * d.world
         _log(d, f"fold {k}: {len(train_df)} train / {len(val_df)} val images at {h}x{w}, {t.arch}/{t.encoder}, "
                 f"{precision}{' channels_last' if t.channels_last else ''}, {d.world} process(es), "
                 f"{steps_per_epoch} updates/epoch of {t.batch_size}x{t.accum_steps}x{d.world} "
@@ -639,7 +641,7 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
         _sync_buffers(model, d)
         ev = evaluate(model, val_dl, loss_fn, autocast=autocast, device=device, channels_last=t.channels_last)
         v_loss, v_dice, v_n = _all_sum([ev["loss_sum"], ev["dice_sum"], ev["n"]], d, device)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / seen_img,
+        row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": loss_sum / seen_img,
                "val_loss": v_loss / v_n, "val_dice": v_dice / v_n, "seconds": time.perf_counter() - t0,
                "images_per_s": seen_img / max(seconds / d.world, 1e-9), "nonfinite": tr["nonfinite"],
                "best": False}
