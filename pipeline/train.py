@@ -322,7 +322,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"loss": loss_sum / seen if seen else float("nan"), "images": images, "lr": lr,
+    return {"loss": loss_sum / seen if seen else float("nan"), "images": images, "scored": seen, "lr": lr,
             "seconds": time.perf_counter() - t0, "updates": updates, "nonfinite": guard.total - nonfinite0}
 
 
@@ -634,14 +634,15 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
                              device=device, accum_steps=t.accum_steps, grad_clip=t.grad_clip,
                              channels_last=t.channels_last, guard=guard, max_steps=t.max_train_steps,
                              epoch=epoch, progress=d.main, desc=f"fold {k} epoch {epoch + 1}/{t.epochs}")
-        loss_sum, seen_img, seconds = _all_sum([tr["loss"] * tr["images"], tr["images"], tr["seconds"]],
-                                               d, device)
+        loss_sum, scored, seen_img, seconds = _all_sum(
+            [tr["loss"] * tr["scored"] if tr["scored"] else 0.0, tr["scored"], tr["images"], tr["seconds"]],
+            d, device)
         # The bare model: ranks hold different numbers of validation batches, and DDP's forward
         # would expect matching collectives.
         _sync_buffers(model, d)
         ev = evaluate(model, val_dl, loss_fn, autocast=autocast, device=device, channels_last=t.channels_last)
         v_loss, v_dice, v_n = _all_sum([ev["loss_sum"], ev["dice_sum"], ev["n"]], d, device)
-        row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": loss_sum / seen_img,
+        row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": loss_sum / scored if scored else float("nan"),
                "val_loss": v_loss / v_n, "val_dice": v_dice / v_n, "seconds": time.perf_counter() - t0,
                "images_per_s": seen_img / max(seconds / d.world, 1e-9), "nonfinite": tr["nonfinite"],
                "best": False}

@@ -366,3 +366,26 @@ def test_oof_summary_known_answer(tmp_path):
     assert s["dice"] == pytest.approx(0.5) and s["folds_missing"] == [1] and not s["complete"]
     with pytest.raises(PipelineError, match="no finished fold"):
         oof.summarize({1: tmp_path / "fold1"})
+
+
+def test_fp16_grad_scaler_unscales_before_clipping():
+    """fp16 autocast + an enabled GradScaler (the CUDA path, here on CPU): the optimizer sees true
+    gradients, clipped to grad_clip after unscaling (clipping scaled ones would leave ~clip/scale)."""
+    batches = _batches(4, 4)
+    ref, _ = _grads(batches, accum=1)
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = GradSpy(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    guard = train.NonFiniteGuard(10, train.Dist(), torch.device("cpu"))
+    kw = dict(autocast=train.autocast_factory(torch.device("cpu"), "fp16"), device=torch.device("cpu"),
+              accum_steps=1, guard=guard)
+    train.train_one_epoch(model, batches, BceDiceLoss(), opt, None, scaler, grad_clip=0.0, **kw)
+    for a, b in zip(opt.seen[0], ref[0]):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=2e-3)
+    ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref[0]]))
+    clip = float(ref_norm) / 4
+    opt.seen.clear()
+    train.train_one_epoch(model, batches, BceDiceLoss(), opt, None, scaler, grad_clip=clip, **kw)
+    got = torch.linalg.vector_norm(torch.stack([g.norm() for g in opt.seen[0]]))
+    assert float(got) == pytest.approx(clip, rel=0.02)
