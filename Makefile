@@ -1,4 +1,4 @@
-# Carvana pipeline. `make all` = venv + demo data (if none) + prepare train predict submit.
+# Carvana pipeline. `make all` = venv + demo data (if none) + prepare train oof predict submit.
 # Overrides: CONFIG=configs/x.yaml, RAW=path/to/kaggle/data, FOLD=k, ARGS="key=value ...".
 SHELL := /bin/bash
 PY     := .venv/bin/python
@@ -9,6 +9,7 @@ SHARD  ?=
 SUB    ?=
 MASKS  ?=
 ARGS   ?=
+NPROC  ?= 2
 BENCH  ?=
 
 # Every stage sees the same config: the YAML, then RAW/FOLD/SHARD switches, then ARGS.
@@ -17,11 +18,11 @@ STAGE_ARGS := --config $(CONFIG) $(if $(RAW),data.raw=$(RAW)) $(if $(FOLD),train
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: all venv demo-data prepare train oof predict submit validate score test bench clean-cache
+.PHONY: all venv demo-data prepare train train-ddp oof predict submit validate score test bench clean-cache
 
 all: venv
 	@if [ -z "$(RAW)" ] && [ ! -d data/raw/train ]; then $(MAKE) --no-print-directory demo-data; fi
-	$(MAKE) --no-print-directory prepare train predict submit
+	$(MAKE) --no-print-directory prepare train oof predict submit
 
 # The venv is rebuilt only when requirements.txt changes.
 venv: .venv/.installed
@@ -38,6 +39,10 @@ prepare: venv
 
 train: venv
 	$(PY) -m pipeline train $(STAGE_ARGS)
+
+# The same training under torchrun/DistributedDataParallel (gloo on CPU, nccl on CUDA).
+train-ddp: venv
+	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pipeline train $(STAGE_ARGS)
 
 oof: venv
 	$(PY) -m pipeline oof $(STAGE_ARGS)
