@@ -13,7 +13,8 @@ config's model (default Unet/resnet18, batch 8) at S x S (default 256).
    alternated (A B A B) so that load from other processes hits both. Target:
    overhead <= 10% at 256 px.
 2. Precision: s/step for fp32, fp32 + channels_last, bf16, bf16 + channels_last
-   on the preloaded batch, same run. Expect bf16 + channels_last >= 2x fp32.
+   on the preloaded batch, same run, modes interleaved round-robin (median per
+   mode). Expect bf16 + channels_last >= 2x fp32.
 3. Real data: fold 0 of 5 of ../shared/data/carvana512 (2048 train images)
    at S x S, trained by ``train.run`` within about ``--minutes`` (default 30):
    the number of epochs (or, below one epoch, the number of steps) is planned
@@ -28,8 +29,6 @@ Writes benchmarks/results/train.json.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import statistics
 import sys
@@ -120,6 +119,7 @@ def throughput(args, cfg, prepared: Path) -> dict:
     batch = next(iter(dl))
     pre = [batch] * args.steps
     n, blocks = args.steps, (1 if args.quick else 2)
+    prec_rounds, prec_steps = (1, 2) if args.quick else (3, max(2, n // 3))
     with train._cv2_single_thread():
         rig.steps(pre, 2, "bf16", True)                   # warm-up: kernels, allocator
         rig.steps(dl, 2, "bf16", True)                    # warm-up: workers started and prefetching
@@ -128,18 +128,24 @@ def throughput(args, cfg, prepared: Path) -> dict:
             sampler.set_epoch(b + 1)
             loader_s.append(rig.steps(dl, n, "bf16", True))
             preload_s.append(rig.steps(pre, n, "bf16", True))
-        prec = {}
-        for name, precision, cl in (("fp32", "fp32", False), ("fp32 + channels_last", "fp32", True),
-                                    ("bf16", "bf16", False), ("bf16 + channels_last", "bf16", True)):
+        modes = {"fp32": ("fp32", False), "fp32 + channels_last": ("fp32", True),
+                 "bf16": ("bf16", False), "bf16 + channels_last": ("bf16", True)}
+        for precision, cl in modes.values():
             rig.steps(pre, 1, precision, cl)              # warm-up for this layout/dtype
-            prec[name] = rig.steps(pre, max(2, n // 2), precision, cl)
+        # Round-robin over the modes, median per mode: a burst of load from other processes
+        # then hits every mode alike instead of one of them.
+        times = {m: [] for m in modes}
+        for _ in range(prec_rounds):
+            for m, (precision, cl) in modes.items():
+                times[m].append(rig.steps(pre, prec_steps, precision, cl))
+        prec = {m: statistics.median(v) for m, v in times.items()}
         fwd = rig.forward_only(batch, max(2, n // 2), "bf16")
     lo, pr = statistics.median(loader_s), statistics.median(preload_s)
     res = {"size": args.size, "batch_size": t.batch_size, "num_workers": t.num_workers, "augment": t.augment,
            "model": f"{t.arch}/{t.encoder}", "steps_per_block": n, "blocks": blocks,
            "loader_s_per_step": loader_s, "preloaded_s_per_step": preload_s,
            "loader_steps_per_s": 1 / lo, "preloaded_steps_per_s": 1 / pr, "loader_overhead": lo / pr - 1,
-           "precision_s_per_step": prec, "bf16_cl_speedup_vs_fp32": prec["fp32"] / prec["bf16 + channels_last"],
+           "precision_s_per_step": prec, "precision_rounds": times, "bf16_cl_speedup_vs_fp32": prec["fp32"] / prec["bf16 + channels_last"],
            "train_images_per_s": t.batch_size / lo, "eval_images_per_s": t.batch_size / fwd}
     print(f"\n1. Loader overhead at {args.size}x{args.size}, {t.arch}/{t.encoder}, batch {t.batch_size}, "
           f"bf16 + channels_last, {t.num_workers} workers, augment={t.augment} (median of {blocks} block(s) "
@@ -147,7 +153,7 @@ def throughput(args, cfg, prepared: Path) -> dict:
     print(table([["real DataLoader", f"{1 / lo:.3f}", f"{lo:.3f}"], ["preloaded batch", f"{1 / pr:.3f}", f"{pr:.3f}"]],
                 ["source", "steps/s", "s/step"]))
     print(f"loader overhead: {100 * (lo / pr - 1):+.1f}% (target <= 10%)")
-    print(f"\n2. Precision (preloaded batch, {max(2, n // 2)} steps each)")
+    print(f"\n2. Precision (preloaded batch; median of {prec_rounds} round-robin round(s) of {prec_steps} steps)")
     print(table([[k, f"{v:.3f}", f"{prec['fp32'] / v:.2f}x"] for k, v in prec.items()],
                 ["mode", "s/step", "vs fp32"]))
     return res
