@@ -37,7 +37,7 @@ class DataConfig:
 @dataclass
 class SynthConfig:
     """The embedded default dataset (``make demo-data``), written to ``data.raw``."""
-    train_cars: int = 8
+    train_cars: int = 12
     test_cars: int = 4
     image_height: int = 320          # Kaggle: 1280
     image_width: int = 480           # Kaggle: 1918

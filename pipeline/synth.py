@@ -38,9 +38,17 @@ VIEWS = 16
 MAKES = [("Acura", "TL"), ("Audi", "A4"), ("BMW", "3 Series"), ("Chevrolet", "Malibu"),
          ("Ford", "Fusion"), ("Honda", "Accord"), ("Hyundai", "Sonata"), ("Kia", "Optima"),
          ("Mazda", "Mazda6"), ("Nissan", "Altima"), ("Toyota", "Camry"), ("Volkswagen", "Passat")]
-# Body colours in BGR; the near-white ones are the hard cases on a light backdrop.
-COLORS = [(40, 40, 200), (200, 60, 30), (30, 30, 30), (235, 235, 235), (190, 190, 195),
-          (40, 120, 40), (20, 180, 230), (120, 60, 20), (90, 90, 100), (250, 250, 248)]
+
+
+def paint_color(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A body colour in BGR. Drawn from a continuous range so that a handful of training cars
+    already spans the colour space; a third are greys from black to near-white, the hard cases
+    on a light backdrop (as white and silver cars are in Carvana's studio)."""
+    if rng.random() < 1 / 3:
+        v = int(rng.uniform(20, 240))
+        return (v, v, v)
+    hsv = np.uint8([[[rng.uniform(0, 180), rng.uniform(0.35, 1.0) * 255, rng.uniform(0.3, 0.95) * 255]]])
+    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
 
 
 def car_ids(n: int, rng: np.random.Generator) -> list[str]:
@@ -61,7 +69,7 @@ def car_params(rng: np.random.Generator) -> dict:
         "cabin_len": rng.uniform(0.45, 0.6),     # fraction of the body length
         "cabin_shift": rng.uniform(0.02, 0.12),  # cabin sits towards the rear
         "wheel_r": rng.uniform(0.045, 0.06),     # fraction of image height
-        "color": COLORS[int(rng.integers(len(COLORS)))],
+        "color": paint_color(rng),
         "ground": rng.uniform(0.74, 0.8),        # floor line, fraction of height
         "dx": rng.uniform(-0.02, 0.02),
     }
