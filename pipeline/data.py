@@ -13,6 +13,7 @@ resumed run sees the same images as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import cv2
@@ -192,3 +193,20 @@ def to_device(images: torch.Tensor, masks: torch.Tensor | None, device: torch.de
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     y = None if masks is None else masks.to(device, non_blocking=non_blocking).unsqueeze(1).float()
     return x, y
+
+
+@contextlib.contextmanager
+def cv2_single_thread():
+    """cv2 without its thread pool while DataLoader workers may be forked.
+
+    A forked worker inherits cv2's pool state but not its threads: any cv2 call
+    there that touches the pool (even cv2.setNumThreads) can wait forever on a
+    lock that no thread will release. With 1 thread in the parent, the children
+    never touch the pool; it also keeps the workers from oversubscribing the cores.
+    """
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(prev)

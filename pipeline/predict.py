@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import cache, prepare, tta as tta_mod
 from .config import Config, ConfigError, PipelineError, stable_hash
-from .data import read_image, to_device
+from .data import cv2_single_thread, read_image, to_device
 # The torch-free half of this stage (file layout, reading maps, back to original size) lives in
 # probmaps so that submit's worker processes need not import torch; re-exported here.
 from .probmaps import (GEOM_COLS, done_ids, prob_path, read_prob, row_geometry, stretch_geometry,  # noqa: F401
@@ -123,7 +123,7 @@ class TestImages(Dataset):
 
 def _worker_init(_):
     # Each loader worker decodes one image at a time: extra threads would only fight the model's.
-    cv2.setNumThreads(1)
+    # No cv2.setNumThreads here: in a forked worker it can deadlock (see cv2_single_thread).
     torch.set_num_threads(1)
 
 
@@ -170,6 +170,7 @@ class FoldResult:
     seconds: float
 
 
+@cv2_single_thread()
 def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | Path, ttas: list[tta_mod.TTA], *,
                  shard: tuple[int, int] = (0, 1), batch_size: int = 8, num_workers: int = 2,
                  device: str = "auto", autocast: str = "auto", ckpt_hash: str | None = None,

@@ -54,7 +54,8 @@ from tqdm import tqdm
 
 from . import cache
 from .config import Config, ConfigError, PipelineError, stable_hash
-from .data import SegDataset, SeededSampler, build_transform, load_index, read_image, read_mask, to_device
+from .data import (SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image, read_mask,
+                   to_device)
 from .losses import BceDiceLoss, dice_per_image
 from .models import build_model, model_kwargs
 
@@ -353,23 +354,6 @@ class ShardSampler(Sampler):
 
     def __len__(self):
         return len(self.idx)
-
-
-@contextlib.contextmanager
-def _cv2_single_thread():
-    """cv2 without its thread pool while DataLoader workers may be forked.
-
-    A forked worker inherits cv2's pool state but not its threads: any cv2 call
-    there that touches the pool (even cv2.setNumThreads) can wait forever on a
-    lock that no thread will release. With 1 thread in the parent, the children
-    never touch the pool; it also keeps the workers from oversubscribing the cores.
-    """
-    prev = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(prev)
 
 
 @torch.no_grad()
@@ -732,7 +716,7 @@ def run(cfg: Config, prepared_dir: str | Path | None = None) -> list[dict]:
     todo = folds if cfg.train.fold < 0 else [cfg.train.fold]
     d = dist_init(resolve_device(cfg.train.device).type)
     try:
-        with _cv2_single_thread():
+        with cv2_single_thread():
             return [train_fold(cfg, prepared, index, k, d) for k in todo]
     finally:
         if d.owns_group:
