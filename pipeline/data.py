@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .config import ConfigError, PipelineError
 
-# ImageNet statistics, as the smp/timm encoders were trained with.
+# ImageNet statistics: the default input normalisation (see models.input_stats for others).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -178,17 +178,19 @@ class SegDataset(Dataset):
 
 
 def to_device(images: torch.Tensor, masks: torch.Tensor | None, device: torch.device,
-              channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+              channels_last: bool = True, stats: tuple = (MEAN, STD)) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 batch -> float model input on ``device``.
 
-    images: (N, H, W, 3) uint8 -> (N, 3, H, W) float32, ImageNet-normalised
-    (channels_last memory when asked: the permute of HWC is already that layout).
+    images: (N, H, W, 3) uint8 -> (N, 3, H, W) float32, (x / 255 - mean) / std with
+    ``stats`` = (mean, std) per channel (default ImageNet; the encoder's own come from
+    ``models.input_stats``), channels_last memory when asked (the permute of HWC is
+    already that layout).
     masks: (N, H, W) uint8 {0,1} -> (N, 1, H, W) float32.
     """
     non_blocking = device.type == "cuda"
     x = images.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255.0
+    mean = torch.tensor(stats[0], device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(stats[1], device=device).view(1, 3, 1, 1) * 255.0
     x = (x - mean) / std
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     y = None if masks is None else masks.to(device, non_blocking=non_blocking).unsqueeze(1).float()

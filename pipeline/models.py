@@ -1,8 +1,8 @@
 """Model registry: any segmentation-models-pytorch architecture with any encoder.
 
 ``build_model("Unet", "resnet18", "none")`` -> ``nn.Module`` mapping (N, 3, H, W)
-float images (ImageNet-normalised) to (N, 1, H, W) logits. H and W must be
-multiples of 32.
+float images, normalised with :func:`input_stats`, to (N, 1, H, W) logits. H and W
+must be multiples of 32.
 
 Encoder weights:
 - ``"imagenet"`` (or any name smp knows for that encoder): smp's hub download,
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, PipelineError
+from .data import MEAN, STD
 
 
 def _smp():
@@ -60,6 +61,42 @@ def check_names(arch: str, encoder: str) -> None:
     if encoder not in names:
         raise ConfigError(f"unknown encoder '{encoder}'. Valid smp encoders: {', '.join(names)}; "
                           "or any timm model as 'tu-<name>'")
+
+
+IMAGENET_STATS = (MEAN, STD)
+
+
+def input_stats(encoder: str, encoder_weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel, on the 0..1 scale, that the encoder's weights expect.
+
+    Pretrained weights only help when the input is normalised as in their own training:
+    ``tf_efficientnet_lite0`` (``lite0-pypi``) was trained on (x - 0.5) / 0.5, not on
+    ImageNet statistics. ``tu-`` encoders take timm's pretrained config (in timm's
+    registry, no download); smp's own encoders with hub weights take smp's
+    preprocessing config when it can be read (it is a hub file) and ImageNet
+    statistics otherwise, which is what almost all of them use. Random weights
+    (``none``) and local files for smp encoders: ImageNet statistics.
+    """
+    weights = encoder_weights.strip()
+    if weights in ("", "none", "None"):
+        return IMAGENET_STATS
+    if encoder.startswith("tu-"):
+        import timm
+        try:
+            pcfg = timm.get_pretrained_cfg(encoder[3:])
+        except Exception:   # a name timm registers without a pretrained config
+            pcfg = None
+        if pcfg is not None and pcfg.mean and pcfg.std:
+            return tuple(float(v) for v in pcfg.mean), tuple(float(v) for v in pcfg.std)
+        return IMAGENET_STATS
+    if _is_local_file(weights):
+        return IMAGENET_STATS
+    try:
+        params = _smp().encoders.get_preprocessing_params(encoder, pretrained=weights)
+    except Exception:       # offline, or no config for these weights
+        return IMAGENET_STATS
+    scale = 255.0 if max(params.get("input_range") or [1]) > 1 else 1.0
+    return (tuple(float(v) / scale for v in params["mean"]), tuple(float(v) / scale for v in params["std"]))
 
 
 def _is_local_file(weights: str) -> bool:

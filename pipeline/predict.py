@@ -179,7 +179,7 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
 
     index: test index rows (columns id, path). Writes ``<fold_dir>/<id>.png`` (uint8, model size).
     """
-    from .models import load_checkpoint
+    from .models import IMAGENET_STATS, load_checkpoint
     t0 = time.time()
     ckpt_path = Path(ckpt_path)
     ckpt_hash = ckpt_hash or checkpoint_hash(ckpt_path)
@@ -192,6 +192,8 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
     if len(todo) or not (fold_dir / "meta.json").is_file():  # a finished shard needs no model
         model, meta = load_checkpoint(ckpt_path, dev)
         size = (int(meta["height"]), int(meta["width"]))
+        # Checkpoints written before input_stats was recorded were all trained on ImageNet statistics.
+        stats = meta.get("input_stats", IMAGENET_STATS)
         write_meta(fold_dir, {"checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256_16": ckpt_hash,
                               "arch": meta.get("arch"), "encoder": meta.get("encoder"), "height": size[0],
                               "width": size[1], "tta": tta_mod.names(ttas), "code": CODE_VERSION})
@@ -217,7 +219,7 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
         with ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode(), autocast_for(dev, autocast):
             for images, pos in tqdm(loader, desc=f"predict {fold_dir.name}", unit="batch", disable=not progress,
                                     mininterval=5.0):
-                x, _ = to_device(images, None, dev)
+                x, _ = to_device(images, None, dev, stats=stats)
                 prob = tta_mod.predict_proba(model, x, ttas)[:, 0]
                 prob_u8 = (prob * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
                 for k, p in zip(pos.tolist(), prob_u8):

@@ -57,10 +57,10 @@ from .config import Config, ConfigError, PipelineError, stable_hash
 from .data import (SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image, read_mask,
                    to_device)
 from .losses import BceDiceLoss, dice_per_image
-from .models import build_model, model_kwargs
+from .models import IMAGENET_STATS, build_model, input_stats, model_kwargs
 
 STAGE = "train"
-CODE_VERSION = "train-1"              # bump when results change for the same config
+CODE_VERSION = "train-2"              # bump when results change for the same config
 RUN_ONLY = ("fold", "num_workers", "device")   # never change results, so not in the key
 SCHEDULERS = ("cosine", "onecycle", "none")
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "seconds", "images_per_s",
@@ -258,7 +258,7 @@ def _kill_point() -> tuple[int, int] | None:
 def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, scheduler, scaler, *,
                     autocast, device: torch.device, accum_steps: int = 1, grad_clip: float = 0.0,
                     channels_last: bool = True, guard: NonFiniteGuard, max_steps: int = 0,
-                    epoch: int = 0, progress: bool = False, desc: str = "") -> dict:
+                    epoch: int = 0, progress: bool = False, desc: str = "", stats: tuple = IMAGENET_STATS) -> dict:
     """One pass over ``loader`` (batches of (images (N,H,W,3) uint8, masks (N,H,W) uint8, ...)).
 
     Optimizer updates every ``accum_steps`` micro-batches and after the last one;
@@ -287,7 +287,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
         group = accum_steps if i < full else n - full
         images += batch[0].shape[0]
         if not group_bad:   # a group with a non-finite loss is dropped whole: no more work on it
-            x, y = to_device(batch[0], batch[1], device, channels_last)
+            x, y = to_device(batch[0], batch[1], device, channels_last, stats)
             # Micro-batches before the update only accumulate locally; DDP all-reduces on the last.
             sync = model.no_sync() if ddp and not need_update else contextlib.nullcontext()
             with sync:
@@ -329,12 +329,12 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, loss_fn, *, autocast, device: torch.device,
-             channels_last: bool = True) -> dict:
+             channels_last: bool = True, stats: tuple = IMAGENET_STATS) -> dict:
     """Validation sums over this rank's shard: {loss_sum, dice_sum, n} (per-image Dice at p > 0.5)."""
     model.eval()
     loss_sum, dice_sum, n = 0.0, 0.0, 0
     for images, masks, _ in loader:
-        x, y = to_device(images, masks, device, channels_last)
+        x, y = to_device(images, masks, device, channels_last, stats)
         with autocast():
             logits = model(x)
         loss_sum += loss_fn(logits, y).item() * x.shape[0]
@@ -455,7 +455,7 @@ def _oof_one(q: np.ndarray, mask_small: np.ndarray, row: dict, out_png: Path) ->
 
 @torch.no_grad()
 def predict_oof(model: torch.nn.Module, val: pd.DataFrame, loader, out_dir: Path, *, autocast,
-                device: torch.device, channels_last: bool = True) -> list[tuple]:
+                device: torch.device, channels_last: bool = True, stats: tuple = IMAGENET_STATS) -> list[tuple]:
     """Predict this rank's validation shard; write ``out_dir/<id>.png``; score at both sizes.
 
     Returns [(id, dice at model size, pos hist, all hist at original size)] (see prob_hist).
@@ -465,7 +465,7 @@ def predict_oof(model: torch.nn.Module, val: pd.DataFrame, loader, out_dir: Path
     out, pending = [], []
     with ThreadPoolExecutor(max_workers=2) as pool:   # PNG I/O and full-size resizes overlap the model
         for images, masks, idx in loader:
-            x, _ = to_device(images, None, device, channels_last)
+            x, _ = to_device(images, None, device, channels_last, stats)
             with autocast():
                 logits = model(x)
             q = (torch.sigmoid(logits.float())[:, 0] * 255).round_().to(torch.uint8).cpu().numpy()
@@ -578,8 +578,9 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
     loss_fn = BceDiceLoss(t.bce_weight, t.dice_weight)
     guard = NonFiniteGuard(t.max_nonfinite, d, device)
 
+    stats = input_stats(t.encoder, t.encoder_weights)   # predict normalises as training did
     meta = {"arch": t.arch, "encoder": t.encoder, "model_kwargs": kwargs, "height": h, "width": w,
-            "config": fold_cfg, "train_key": key, "fold": k, "code_version": CODE_VERSION}
+            "input_stats": stats, "config": fold_cfg, "train_key": key, "fold": k, "code_version": CODE_VERSION}
     start, best, history = 0, -1.0, []
     last_path, best_path = out / "last.pt", out / "best.pt"
     if last_path.is_file():
@@ -617,14 +618,16 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
         tr = train_one_epoch(net, train_dl, loss_fn, optimizer, scheduler, scaler, autocast=autocast,
                              device=device, accum_steps=t.accum_steps, grad_clip=t.grad_clip,
                              channels_last=t.channels_last, guard=guard, max_steps=t.max_train_steps,
-                             epoch=epoch, progress=d.main, desc=f"fold {k} epoch {epoch + 1}/{t.epochs}")
+                             epoch=epoch, progress=d.main, desc=f"fold {k} epoch {epoch + 1}/{t.epochs}",
+                             stats=stats)
         loss_sum, scored, seen_img, seconds = _all_sum(
             [tr["loss"] * tr["scored"] if tr["scored"] else 0.0, tr["scored"], tr["images"], tr["seconds"]],
             d, device)
         # The bare model: ranks hold different numbers of validation batches, and DDP's forward
         # would expect matching collectives.
         _sync_buffers(model, d)
-        ev = evaluate(model, val_dl, loss_fn, autocast=autocast, device=device, channels_last=t.channels_last)
+        ev = evaluate(model, val_dl, loss_fn, autocast=autocast, device=device, channels_last=t.channels_last,
+                      stats=stats)
         v_loss, v_dice, v_n = _all_sum([ev["loss_sum"], ev["dice_sum"], ev["n"]], d, device)
         row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": loss_sum / scored if scored else float("nan"),
                "val_loss": v_loss / v_n, "val_dice": v_dice / v_n, "seconds": time.perf_counter() - t0,
@@ -658,7 +661,7 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
         raise PipelineError(f"fold {k}: {best_path} missing after training (no epoch was scored)")
     model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
     results = predict_oof(model, val_df, val_dl, out / "oof", autocast=autocast, device=device,
-                          channels_last=t.channels_last)
+                          channels_last=t.channels_last, stats=stats)
     results = [r for part in _gather(results, d) for r in part]
     summary = {}
     if d.main:

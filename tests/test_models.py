@@ -73,3 +73,13 @@ def test_load_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(PipelineError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_input_stats_follow_the_weights():
+    from pipeline.models import IMAGENET_STATS, input_stats
+    half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert input_stats("tu-tf_efficientnet_lite0", "lite0-pypi") == half      # timm's pretrained config
+    assert input_stats("tu-tf_efficientnet_lite0", "none") == IMAGENET_STATS  # random weights: the default
+    assert input_stats("tu-resnet18", "imagenet") == IMAGENET_STATS
+    assert input_stats("resnet18", "none") == IMAGENET_STATS
+    assert input_stats("resnet18", "/some/encoder.pth") == IMAGENET_STATS

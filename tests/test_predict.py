@@ -106,19 +106,25 @@ def test_predict_fold_writes_every_image_then_caches(ckpt, test_set, tmp_path):
     assert other.fold_dir != res.fold_dir and other.predicted == 2
 
 
-def test_hflip_tta_is_mean_of_views(ckpt, test_set, tmp_path):
-    """The stored map equals the hand-made mean of the plain and the flipped-back flipped prediction."""
+@pytest.mark.parametrize("stats", [None, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))], ids=["imagenet", "recorded"])
+def test_hflip_tta_is_mean_of_views(ckpt, test_set, tmp_path, stats):
+    """The stored map equals the hand-made mean of the plain and the flipped-back flipped prediction,
+    on inputs normalised as the checkpoint records (ImageNet when it records nothing)."""
     index, _ = test_set
     row = index.iloc[[1]]
+    if stats is not None:
+        state = torch.load(ckpt, weights_only=False)
+        ckpt = tmp_path / "stats.pt"
+        torch.save({**state, "input_stats": stats}, ckpt)
     res = predict.predict_fold(row, ckpt, tmp_path, tta.parse("hflip"), num_workers=0, autocast="fp32",
                                log=lambda m: None)
     got = predict.read_prob(predict.prob_path(res.fold_dir, row["id"].iloc[0])).astype(np.float32) / 255
     from pipeline.data import read_image, to_device
-    from pipeline.models import load_checkpoint
+    from pipeline.models import IMAGENET_STATS, load_checkpoint
     from pipeline.prepare import to_model
     model, _ = load_checkpoint(ckpt)
     img = to_model(read_image(row["path"].iloc[0]), predict.stretch_geometry(H, W), H, W)
-    x, _ = to_device(torch.from_numpy(img)[None], None, torch.device("cpu"))
+    x, _ = to_device(torch.from_numpy(img)[None], None, torch.device("cpu"), stats=stats or IMAGENET_STATS)
     with torch.no_grad():
         want = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1))[0, 0].numpy() / 2
     assert np.abs(got - want).max() <= 0.5 / 255 + 1e-4

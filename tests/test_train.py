@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from _train_helpers import make_prepared, tiny_cfg
-from pipeline import cache, train
+from pipeline import cache, models, train
 from pipeline.config import ConfigError, PipelineError
 from pipeline.losses import BceDiceLoss
 from pipeline.metrics import dice_batch
@@ -54,6 +54,7 @@ def test_fold_writes_every_artifact(prepared, trained):
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
     assert best["epoch"] == int(m.loc[m["val_dice"].idxmax(), "epoch"])
     assert (best["height"], best["width"]) == (64, 96)
+    assert best["input_stats"] == models.input_stats(cfg.train.encoder, cfg.train.encoder_weights)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_score", "train_key"):
         assert key in last, key

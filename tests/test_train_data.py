@@ -87,3 +87,6 @@ def test_to_device_layout_and_normalisation():
     np.testing.assert_allclose(x[0, :, 0, 0].numpy(), want, rtol=1e-5)
     x2, none = data.to_device(img, None, torch.device("cpu"), channels_last=False)
     assert none is None and x2.is_contiguous() and torch.equal(x2, x)
+    half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))          # tf_efficientnet_lite0: 0..255 -> -1..1
+    x3, _ = data.to_device(img, None, torch.device("cpu"), stats=half)
+    np.testing.assert_allclose(x3[0, :, 0, 0].numpy(), [1.0, -1.0, -1.0], rtol=1e-6)
