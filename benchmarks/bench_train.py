@@ -46,7 +46,7 @@ from torch.utils.data import DistributedSampler  # noqa: E402
 
 from pipeline import cache, prepare, train  # noqa: E402
 from pipeline.config import apply, load  # noqa: E402
-from pipeline.data import SeededSampler, SegDataset, build_transform, load_index  # noqa: E402
+from pipeline.data import SeededSampler, SegDataset, build_transform, cv2_single_thread, load_index  # noqa: E402
 from pipeline.losses import BceDiceLoss  # noqa: E402
 from pipeline.models import build_model, model_kwargs  # noqa: E402
 
@@ -120,7 +120,7 @@ def throughput(args, cfg, prepared: Path) -> dict:
     pre = [batch] * args.steps
     n, blocks = args.steps, (1 if args.quick else 2)
     prec_rounds, prec_steps = (1, 2) if args.quick else (3, max(2, n // 3))
-    with train._cv2_single_thread():
+    with cv2_single_thread():
         rig.steps(pre, 2, "bf16", True)                   # warm-up: kernels, allocator
         rig.steps(dl, 2, "bf16", True)                    # warm-up: workers started and prefetching
         loader_s, preload_s = [], []
