@@ -36,12 +36,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import wait_peak_rss, write_result  # noqa: E402
 from pipeline import predict, synth, tta  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 
@@ -116,14 +116,7 @@ def peak_rss(index_csv: Path, ckpt: Path, cache: Path, sub: Path) -> dict:
     """Peak RSS (MiB) of the child's process tree, polled every 20 ms, and its phase times."""
     proc = subprocess.Popen([sys.executable, "-c", RSS_CHILD, str(index_csv), str(ckpt), str(cache), str(sub)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ps, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [ps, *ps.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
+    peak = wait_peak_rss(proc)
     out, err = proc.communicate()
     if proc.returncode:
         raise SystemExit(f"RSS child failed: {err.decode()[-2000:]}")
@@ -193,10 +186,7 @@ def main() -> int:
             growth = rss[-1]["peak_rss_mib"] - rss[0]["peak_rss_mib"]
             print(f"  growth {rss[0]['images']} -> {rss[-1]['images']} images: {growth:+.1f} MiB")
             result["rss_growth_mib"] = growth
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predict.json").write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out / 'predict.json'}")
+    write_result("predict", result)
     return 0
 
 

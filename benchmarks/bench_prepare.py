@@ -22,7 +22,6 @@ Writes benchmarks/results/prepare.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import wait_peak_rss, write_result  # noqa: E402
 from pipeline import prepare, synth  # noqa: E402
 from pipeline.config import load  # noqa: E402
 
@@ -125,14 +125,7 @@ def peak_rss(raw: Path, cache: Path, workers: int, h: int, w: int) -> tuple[floa
            f"prepare.height={h}", f"prepare.width={w}", f"prepare.workers={workers}", "prepare.n_folds=5"]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ps, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [ps, *ps.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
+    peak = wait_peak_rss(proc)
     if proc.returncode:
         raise SystemExit(f"prepare failed: {proc.stderr.read().decode()[-2000:]}")
     return peak / 2**20, time.perf_counter() - t
@@ -212,10 +205,7 @@ def main(argv=None) -> int:
               "limit_cpu_s": limit_cpu, "prepare_cpu_s": prep_cpu, "cpu_ratio": cpu_ratio,
               "load_average_at_start": load_avg,
               "peak_rss_mib": {str(n): v[0] for n, v in rss.items()}, "stats": stats}
-    out = ROOT / "benchmarks" / "results" / "prepare.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result("prepare", result)
     return 0
 
 

@@ -19,7 +19,6 @@ Writes benchmarks/results/rle.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import write_result  # noqa: E402
 from pipeline import predict, rle, submit  # noqa: E402
 
 GOLDEN = ROOT.parent / "shared" / "data" / "carvana_fullres" / "train_masks" / "00087a6bd4dc_04_mask.gif"
@@ -130,10 +130,7 @@ def main() -> int:
     out = {"mask": source, "shape": list(mask.shape), "runs": n_runs, "reps": reps, "encoder": enc,
            "speedup_runs": speed_runs, "speedup_string": speed_str, "postprocess_ms": post,
            "model_size": [h, w], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    res = ROOT / "benchmarks" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "rle.json").write_text(json.dumps(out, indent=2))
-    print(f"\nwrote {res / 'rle.json'}")
+    write_result("rle", out)
     return 0
 
 
