@@ -16,6 +16,11 @@ folds, TTA and config hash.
 
 Threshold: ``submit.threshold`` when >= 0, else ``best_threshold`` from the
 train run's ``oof_summary.json`` when it exists, else 0.5.
+
+Caching: the sidecar records ``submit_key``, a hash of everything the CSV depends
+on (checkpoint hashes, TTA, threshold, test index and sample submission
+fingerprints, gzip, code version), and the CSV's own fingerprint. A rerun with
+the same key and an untouched CSV writes nothing (100k images take minutes).
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ from joblib import Parallel, delayed
 from . import cache, probmaps, rle
 from .config import Config, PipelineError, stable_hash
 from .validate import read_ids, sizes_from, validate_submission
+
+CODE_VERSION = "submit-1"   # bump when the CSV changes for the same inputs
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -165,6 +172,15 @@ def run(cfg: Config) -> Path:
     hashes = [predict.checkpoint_hash(c) for c in p.checkpoints]
     fold_dirs = [predict.fold_cache_dir(cfg.data.cache, h, p.ttas) for h in hashes]
     out = Path(cfg.data.submissions) / (cfg.submit.name + (".csv.gz" if cfg.submit.gzip else ".csv"))
+    key = stable_hash({"checkpoints": hashes, "tta": [t.name for t in p.ttas], "threshold": threshold,
+                       "test_index": cache.file_fingerprint(p.test_index), "sample": cache.file_fingerprint(sample),
+                       "gzip": cfg.submit.gzip, "code": CODE_VERSION})
+    side = sidecar_path(out)
+    if out.is_file() and side.is_file():
+        old = cache.read_json(side)
+        if old.get("submit_key") == key and old.get("submission_fingerprint") == cache.file_fingerprint(out):
+            print(f"submit: cached, nothing to do ({old.get('rows')} rows, threshold {threshold}) -> {out}")
+            return out
     stats = write_submission(index, fold_dirs, out, threshold, sample_ids, workers=cfg.submit.workers,
                              images_per_task=cfg.submit.images_per_task)
     models = []
@@ -172,8 +188,9 @@ def run(cfg: Config) -> Path:
         meta = cache.read_json(d / "meta.json") if (d / "meta.json").is_file() else {}
         models.append({"fold": k, "checkpoint": str(c), "checkpoint_sha256_16": h, "predictions": str(d),
                        **{key: meta.get(key) for key in ("arch", "encoder", "height", "width")}})
-    cache.write_json(sidecar_path(out), {
-        "submission": str(out), "rows": stats["rows"], "threshold": threshold, "threshold_source": source,
+    cache.write_json(side, {
+        "submission": str(out), "submit_key": key, "submission_fingerprint": cache.file_fingerprint(out),
+        "rows": stats["rows"], "threshold": threshold, "threshold_source": source,
         "folds": p.folds, "tta": [t.name for t in p.ttas], "models": models,
         "test_index": str(p.test_index), "sample_submission": str(sample),
         "config_hash": stable_hash(cfg.to_dict()), "config": cfg.to_dict(),

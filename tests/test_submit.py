@@ -136,3 +136,17 @@ def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
     assert side["folds"] == [0, 1] and side["tta"] == ["none", "hflip"] and side["rows"] == 2
     assert [m["checkpoint_sha256_16"] for m in side["models"]] == [predict.checkpoint_hash(c) for c in ckpts]
     assert side["config_hash"] == config.stable_hash(cfg.to_dict())
+
+    # Same inputs: nothing is written. A new threshold, or an edited CSV, writes it again.
+    writes = []
+    real_write = submit.write_submission
+    monkeypatch.setattr(submit, "write_submission", lambda *a, **kw: writes.append(1) or real_write(*a, **kw))
+    assert submit.run(cfg) == out and writes == []
+    cfg.submit.threshold = 0.99
+    submit.run(cfg)
+    assert len(writes) == 1 and json.loads((tmp_path / "subs" / "mine.json").read_text())["threshold"] == 0.99
+    submit.run(cfg)
+    assert len(writes) == 1
+    out.write_bytes(b"edited")
+    submit.run(cfg)
+    assert len(writes) == 2 and list(pd.read_csv(out, keep_default_na=False).rle_mask) == ["1 96", ""]
