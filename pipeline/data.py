@@ -69,11 +69,21 @@ def load_index(prepared_dir: str | Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def read_image(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from a PNG/JPEG file (or a .npy array)."""
+def read_image(path: str, reduction: int = 1) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a PNG/JPEG file (or a .npy array).
+
+    reduction=2 decodes a JPEG at half size, ceil(H/2) x ceil(W/2), by libjpeg's DCT
+    scaling (see ``prepare.jpeg_reduction``); other formats ignore it (cv2 would resize
+    them after decoding, which prepare does not do).
+    """
     if path.endswith(".npy"):
         return np.load(path)
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read image ({e})") from None
+    is_jpeg = data[:2].tobytes() == b"\xff\xd8"
+    img = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_2 if reduction == 2 and is_jpeg else cv2.IMREAD_COLOR)
     if img is None:
         raise PipelineError(f"{path}: cannot read image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

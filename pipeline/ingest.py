@@ -212,24 +212,34 @@ def _header(data: bytes) -> Image.Image:
         raise _unreadable(e) from None
 
 
-def decode_image(path: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode a train image. Returns ((H, W, 3) uint8 BGR, [(kind, reason) warnings]).
+JPEG_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}   # decode scale -> cv2 flag
 
-    RGB JPEGs take the fast cv2 path; grayscale, RGBA, CMYK (and non-JPEG files
-    named .jpg) go through PIL's conversion to RGB, which handles Adobe CMYK.
+
+def decode_image(path: Path, reduction=None) -> tuple[np.ndarray, list[tuple[str, str]], tuple[int, int]]:
+    """Decode a train image. Returns ((h, w, 3) uint8 BGR, [(kind, reason) warnings], (H, W)).
+
+    (H, W) is the image's own size (from its header). RGB JPEGs take the fast cv2 path,
+    decoded at 1/r size when ``reduction(H, W)`` returns r = 2 (h, w = ceil(H/r), ceil(W/r);
+    see ``prepare.jpeg_reduction``); grayscale, RGBA, CMYK (and non-JPEG files named .jpg)
+    go through PIL's conversion to RGB at full size, which handles Adobe CMYK.
     Raises BadFile for unreadable, corrupt or truncated files.
     """
     data = _read_bytes(path)
     im = _header(data)
     fmt, mode = im.format, im.mode
+    size = (im.height, im.width)
     warnings = []
     if fmt == "JPEG" and not jpeg_complete(data[-64:]):
         raise BadFile("truncated", f"truncated JPEG: no end-of-image marker ({len(data)} bytes)")
     if fmt == "JPEG" and mode == "RGB":
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        r = reduction(*size) if reduction is not None else 1
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), JPEG_FLAGS[r])
         if arr is None:
             raise BadFile("corrupt", "JPEG decoder failed")
-        return arr, warnings
+        if arr.shape[:2] != (-(-size[0] // r), -(-size[1] // r)):
+            raise BadFile("corrupt", f"JPEG header says {size[1]}x{size[0]}, decoded {arr.shape[1]}x{arr.shape[0]}"
+                                     + (f" at 1/{r} scale" if r > 1 else ""))
+        return arr, warnings, size
     if fmt != "JPEG":
         warnings.append(("not_jpeg", f"file is {fmt}, not JPEG; decoded anyway"))
     if mode != "RGB":
@@ -238,7 +248,7 @@ def decode_image(path: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:
         rgb = np.asarray(im.convert("RGB"))
     except Exception as e:  # truncated non-JPEG data, decoder errors
         raise BadFile("corrupt", f"decoder failed ({type(e).__name__}: {e})") from None
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), warnings
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), warnings, rgb.shape[:2]
 
 
 def decode_mask(path: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:

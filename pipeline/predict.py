@@ -44,7 +44,7 @@ from .data import cv2_single_thread, read_image, to_device
 from .probmaps import (GEOM_COLS, done_ids, prob_path, read_prob, row_geometry, stretch_geometry,  # noqa: F401
                        to_original, to_uint8)
 
-CODE_VERSION = "predict-1"
+CODE_VERSION = "predict-2"
 TEST_INDEX_COLUMNS = ("img", "id", "path", "orig_height", "orig_width")
 
 
@@ -109,14 +109,14 @@ class TestImages(Dataset):
     Returns ((h, w, 3) uint8 RGB tensor, row position).
     """
 
-    def __init__(self, paths: list[str], geoms: list[dict], size: tuple[int, int]):
-        self.paths, self.geoms, self.size = list(paths), list(geoms), size
+    def __init__(self, paths: list[str], geoms: list[dict], size: tuple[int, int], reductions: list[int]):
+        self.paths, self.geoms, self.size, self.reductions = list(paths), list(geoms), size, list(reductions)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        img = read_image(self.paths[i])
+        img = read_image(self.paths[i], self.reductions[i])   # JPEG decode scale, as prepare decodes
         out = prepare.to_model(img, self.geoms[i], *self.size)
         return torch.from_numpy(np.ascontiguousarray(out)), i
 
@@ -208,8 +208,10 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
         if bad:
             raise PipelineError(f"test index geometry {bad[0][1]} of {bad[0][0]} does not fit the checkpoint's "
                                 f"{size[0]}x{size[1]} input: prepare and train used different sizes")
-        loader = DataLoader(TestImages(todo["path"].tolist(), geoms, size), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, pin_memory=dev.type == "cuda",
+        reductions = [prepare.jpeg_reduction(int(r["orig_height"]), int(r["orig_width"]), g)
+                      for r, g in zip(todo.to_dict("records"), geoms)]
+        loader = DataLoader(TestImages(todo["path"].tolist(), geoms, size, reductions), batch_size=batch_size,
+                            shuffle=False, num_workers=num_workers, pin_memory=dev.type == "cuda",
                             worker_init_fn=_worker_init, prefetch_factor=4 if num_workers else None)
         ids = todo["id"].tolist()
         # PNG encoding + atomic writes run in threads (cv2 releases the GIL) while the model computes;

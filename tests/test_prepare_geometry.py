@@ -49,3 +49,44 @@ def test_mask_round_trip_keeps_shape_and_is_close(fit):
     back = to_original(small.astype(np.float32), (128, 192), g) >= 0.5
     inter = (back & mask.astype(bool)).sum()
     assert 2 * inter / (back.sum() + mask.sum()) > 0.97
+
+
+@pytest.mark.parametrize("size, fit, want", [
+    ((128, 192), "stretch", 2),    # the CPU demo size from Kaggle's 1280x1918: 10x smaller
+    ((320, 480), "stretch", 2),    # 4x: INTER_AREA still halves after the DCT halving
+    ((640, 960), "stretch", 1),    # the Kaggle config: 2x is all DCT scaling, no resize left
+    ((512, 768), "stretch", 1),    # 2.5x: too close to the DCT halving alone
+    ((512, 512), "pad", 2),        # pad scales 1918 -> 512 and 1280 -> 342: 3.7x both ways
+])
+def test_jpeg_reduction_known_answers(size, fit, want):
+    from pipeline.prepare import jpeg_reduction
+    g = geometry(1280, 1918, *size, fit)
+    assert jpeg_reduction(1280, 1918, g) == want
+
+
+def test_prepare_and_predict_decode_a_jpeg_alike(tmp_path):
+    """A JPEG 4x the model size: prepare (ingest.decode_image) and predict (data.read_image) both
+    decode it at half size, and the model-input pixels they make are identical."""
+    import cv2
+
+    from pipeline.data import read_image
+    from pipeline.ingest import decode_image
+    from pipeline.prepare import jpeg_reduction
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (257, 383, 3), dtype=np.uint8), (0, 0), 3)
+    path = tmp_path / "car.jpg"
+    cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    g = geometry(257, 383, 64, 96, "stretch")
+    r = jpeg_reduction(257, 383, g)
+    assert r == 2
+    bgr, warnings, size = decode_image(path, lambda h, w: jpeg_reduction(h, w, g))
+    assert size == (257, 383) and bgr.shape == (129, 192, 3) and warnings == []
+    rgb = read_image(str(path), r)
+    np.testing.assert_array_equal(rgb, bgr[..., ::-1])
+    np.testing.assert_array_equal(to_model(rgb, g, 64, 96), to_model(bgr, g, 64, 96)[..., ::-1])
+    # Half-size decoding is a downscale like any other: close to the full decode's INTER_AREA.
+    full = to_model(read_image(str(path)), g, 64, 96).astype(int)
+    assert np.abs(to_model(rgb, g, 64, 96).astype(int) - full).mean() < 1.0
+    # A PNG is never reduced (cv2 would resize it after decoding; prepare does not).
+    cv2.imwrite(str(tmp_path / "car.png"), img)
+    assert read_image(str(tmp_path / "car.png"), 2).shape == (257, 383, 3)

@@ -65,3 +65,19 @@ def test_prepare_real_files(real_raw, tmp_path):
     test = pd.read_csv(res.dir / "test_index.csv")
     assert list(test.img) == list(pd.read_csv(real_raw / "sample_submission.csv").img)
     assert (test.orig_height == 512).all() and (test.orig_width == 512).all()
+
+
+def test_half_size_jpeg_decode_of_a_real_car_matches_the_full_decode(shared_data):
+    """The real 1918x1280 photo at the CPU demo size 128x192: decoding at half size (what prepare
+    and predict do there) changes the model input by well under one grey level on average."""
+    import numpy as np
+
+    from pipeline.data import read_image
+    from pipeline.prepare import geometry, jpeg_reduction, to_model
+    path = str(shared_data / "carvana_fullres" / "train" / "00087a6bd4dc_04.jpg")
+    g = geometry(1280, 1918, 128, 192, "stretch")
+    assert jpeg_reduction(1280, 1918, g) == 2
+    half, full = read_image(path, 2), read_image(path)
+    assert half.shape == (640, 959, 3) and full.shape == (1280, 1918, 3)
+    diff = np.abs(to_model(half, g, 128, 192).astype(int) - to_model(full, g, 128, 192).astype(int))
+    assert diff.mean() < 0.2 and np.percentile(diff, 99) <= 2
