@@ -97,6 +97,7 @@ class PredictConfig:
     num_workers: int = 2
     device: str = "auto"
     autocast: str = "auto"           # auto (bf16 CPU / fp16 CUDA) | bf16 | fp16 | fp32
+    max_forward: int = 0             # images per forward pass (TTA views included); 0 = a batch's views at once
 
 
 @dataclass

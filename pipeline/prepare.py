@@ -34,6 +34,8 @@ Masks: resized masks and full-size masks are 8-bit PNGs with values {0, 1}, so
 """
 from __future__ import annotations
 
+import hashlib
+
 import sys
 import time
 from collections import Counter
@@ -173,6 +175,26 @@ def _inputs(scan: Scan) -> dict:
             "train_masks": scan.masks.fingerprint(),
             "test": scan.test.fingerprint(),
             "csv": {n: (cache.file_fingerprint(p) if p else None) for n, p in scan.csvs.items()}}
+
+
+def train_data_key(prepared_dir: str | Path) -> str:
+    """Hash of the two files the train stage reads from a prepare artifact.
+
+    ``train_index.csv`` names content-addressed files (keyed by each train image's and
+    mask's fingerprint, the prepare parameters and CODE_VERSION, never an absolute path)
+    and ``folds.csv`` the split, so this changes with the training data and nothing
+    else: a new or larger test set (``test_hq``), or the same data at another path on
+    another machine (copied with mtimes kept, e.g. ``rsync -a``), finds the folds it
+    already trained.
+    """
+    d = Path(prepared_dir)
+    h = hashlib.sha256()
+    for name in ("train_index.csv", "folds.csv"):
+        path = d / name
+        if not path.is_file():
+            raise PipelineError(f"{path}: missing (run `make prepare` first)")
+        h.update(name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _check_cfg(cfg: Config) -> None:

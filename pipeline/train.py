@@ -7,7 +7,8 @@ Each fold writes under ``<cache>/train/<train_key>/fold<k>/`` (see docs/design.m
 ``oof/<id>.png``, ``oof/hist.npz``, ``oof.json`` and, last, ``manifest.json``.
 
 - Key: the train parameters except fold/num_workers/device (they do not change
-  results), the prepare artifact key and CODE_VERSION. A changed config trains
+  results), the training data key (prepare.train_data_key: train-side files and
+  prepare parameters, not the test set) and CODE_VERSION. A changed config trains
   anew under a new key; a fold with a manifest is not trained again.
 - Resume: ``last.pt`` (written atomically after every epoch) holds model,
   optimizer, scheduler, GradScaler, epoch, best score, every rank's RNG states
@@ -79,24 +80,27 @@ def _prepared(cfg: Config, prepared_dir: str | Path | None) -> Path:
     if prepared_dir is not None:
         return Path(prepared_dir)
     from . import prepare
-    return Path(prepare.artifact_dir(cfg))
+    return Path(prepare.load(cfg))
 
 
 def train_key(cfg: Config, prepared_dir: str | Path | None = None) -> str:
-    """Hash of the train params (minus RUN_ONLY), the prepare artifact key and CODE_VERSION.
+    """Hash of the train params (minus RUN_ONLY), the training data and CODE_VERSION.
 
-    A local encoder-weights file enters by fingerprint (name, size, mtime), so
-    replacing the file trains anew.
+    The training data enters by ``prepare.train_data_key`` (the bytes of the artifact's
+    train_index.csv and folds.csv), not by the whole prepare key, so a changed test set or
+    raw path does not retrain. A local encoder-weights file enters by fingerprint (name,
+    size, mtime), so replacing the file trains anew.
     """
+    from . import prepare
     weights = cfg.train.encoder_weights
-    inputs = {"prepare": _prepared(cfg, prepared_dir).name}
+    inputs = {"train_data": prepare.train_data_key(_prepared(cfg, prepared_dir))}
     if Path(weights).is_file():
         inputs["encoder_weights"] = cache.file_fingerprint(weights)
     return stable_hash({"params": train_params(cfg), **inputs, "code": CODE_VERSION})
 
 
 def run_dir(cfg: Config, prepared_dir: str | Path | None = None) -> Path:
-    """``<cache>/train/<train_key>``: the parent of every fold's directory (stat only, no work)."""
+    """``<cache>/train/<train_key>``: the parent of every fold's directory (no training)."""
     return cache.stage_dir(cfg.data.cache, STAGE, train_key(cfg, prepared_dir))
 
 

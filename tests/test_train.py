@@ -95,8 +95,9 @@ def test_rerun_is_cached_and_keys(prepared, trained, capsys):
     for change in ({"train.lr": 1e-3}, {"train.augment": "none"}, {"train.epochs": 3}):
         other = tiny_cfg(cfg.data.cache, **{"train.epochs": 2, **change})
         assert train.run_dir(other, prepared) != train.run_dir(cfg, prepared), change
-    # Another prepare artifact (e.g. another size) is another key.
-    assert train.train_key(cfg, prepared.parent / "other") != train.train_key(cfg, prepared)
+    # Other training data (another size, other images or folds) is another key.
+    other_data = make_prepared(prepared.parent / "other", height=32, width=64)
+    assert train.train_key(cfg, other_data) != train.train_key(cfg, prepared)
 
 
 def test_unknown_names_are_errors_listing_valid_ones(prepared, tmp_path):
