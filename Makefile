@@ -13,16 +13,20 @@ NPROC  ?= 2
 BENCH  ?=
 
 # Every stage sees the same config: the YAML, then RAW/FOLD/SHARD switches, then ARGS.
-STAGE_ARGS := --config $(CONFIG) $(if $(RAW),data.raw=$(RAW)) $(if $(FOLD),train.fold=$(FOLD)) \
+# FOLD=k trains fold k and predicts with it alone (so `make all FOLD=0` is one fold end to end).
+STAGE_ARGS := --config $(CONFIG) $(if $(RAW),data.raw=$(RAW)) $(if $(FOLD),train.fold=$(FOLD) predict.folds=$(FOLD)) \
               $(if $(SHARD),predict.shard=$(SHARD)) $(ARGS)
 export NO_ALBUMENTATIONS_UPDATE := 1
 # Not HF_HUB_OFFLINE: encoder_weights=imagenet downloads from the hub for users who are online.
 # Tests and benchmarks never need the hub and set it themselves.
 
 .PHONY: all venv demo-data prepare train train-ddp oof predict submit validate score test bench clean-cache
+# The stages depend on each other's files: never run them side by side, even under `make -j`.
+.NOTPARALLEL:
 
+# demo-data generates the embedded set only where data.raw holds no dataset yet (it never overwrites).
 all: venv
-	@if [ -z "$(RAW)" ] && [ ! -d data/raw/train ]; then $(MAKE) --no-print-directory demo-data; fi
+	@if [ -z "$(RAW)" ]; then $(MAKE) --no-print-directory demo-data; fi
 	$(MAKE) --no-print-directory prepare train oof predict submit
 
 # The venv is rebuilt only when requirements.txt changes.
@@ -33,26 +37,26 @@ venv: .venv/.installed
 	@touch $@
 
 demo-data: venv
-	$(PY) -m pipeline synth $(STAGE_ARGS)
+	$(PY) scripts/synth.py $(STAGE_ARGS)
 
 prepare: venv
-	$(PY) -m pipeline prepare $(STAGE_ARGS)
+	$(PY) scripts/prepare.py $(STAGE_ARGS)
 
 train: venv
-	$(PY) -m pipeline train $(STAGE_ARGS)
+	$(PY) scripts/train.py $(STAGE_ARGS)
 
 # The same training under torchrun/DistributedDataParallel (gloo on CPU, nccl on CUDA).
 train-ddp: venv
 	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pipeline train $(STAGE_ARGS)
 
 oof: venv
-	$(PY) -m pipeline oof $(STAGE_ARGS)
+	$(PY) scripts/oof.py $(STAGE_ARGS)
 
 predict: venv
-	$(PY) -m pipeline predict $(STAGE_ARGS)
+	$(PY) scripts/predict.py $(STAGE_ARGS)
 
 submit: venv
-	$(PY) -m pipeline submit $(STAGE_ARGS)
+	$(PY) scripts/submit.py $(STAGE_ARGS)
 
 validate: venv
 	$(PY) scripts/validate.py $(SUB) $(if $(RAW),--sample $(RAW)/sample_submission.csv)

@@ -217,12 +217,17 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
-        for k, v in doc.items():
-            if k in SECTIONS and isinstance(v, dict):
-                for kk, vv in v.items():
-                    apply(cfg, f"{k}.{kk}", vv)
-            else:
-                apply(cfg, k, v)
+        try:
+            for k, v in doc.items():
+                if k in SECTIONS and isinstance(v, dict):
+                    for kk, vv in v.items():
+                        apply(cfg, f"{k}.{kk}", vv)
+                elif k in SECTIONS:
+                    raise ConfigError(f"section '{k}' must be a mapping of keys, got {type(v).__name__}")
+                else:
+                    apply(cfg, k, v)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:
@@ -242,8 +247,20 @@ def validate(cfg: Config) -> None:
     if p.n_folds < 2:
         raise ConfigError(f"prepare.n_folds={p.n_folds}: need at least 2 folds")
     t = cfg.train
-    if t.fold >= p.n_folds:
-        raise ConfigError(f"train.fold={t.fold}: only {p.n_folds} folds (0..{p.n_folds - 1})")
+    if t.fold >= p.n_folds or t.fold < -1:
+        raise ConfigError(f"train.fold={t.fold}: -1 (all folds) or one of 0..{p.n_folds - 1}")
+    sy = cfg.synth
+    if sy.train_cars < 1 or sy.test_cars < 1:
+        raise ConfigError(f"synth.train_cars={sy.train_cars}, synth.test_cars={sy.test_cars}: need at least 1 each")
+    if sy.image_height < 32 or sy.image_width < 32:
+        raise ConfigError(f"synth.image_height={sy.image_height}, synth.image_width={sy.image_width}: "
+                          "need at least 32x32 pixels")
+    for name in ("batch_size", "epochs"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if cfg.predict.batch_size < 1 or cfg.predict.max_forward < 0:
+        raise ConfigError(f"predict.batch_size={cfg.predict.batch_size} must be >= 1 and "
+                          f"predict.max_forward={cfg.predict.max_forward} >= 0 (0 = no limit)")
     if t.accum_steps < 1:
         raise ConfigError("train.accum_steps must be >= 1")
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):

@@ -222,13 +222,31 @@ def generate(out_dir: str | Path, train_cars: int = 8, test_cars: int = 4, heigh
 
 
 def run(cfg) -> Path:
-    """``make demo-data``: write the synthetic set to ``cfg.data.raw`` (refuses to overwrite real data)."""
+    """``make demo-data``: write the synthetic set to ``cfg.data.raw``, unless a dataset is there.
+
+    A folder that already holds a complete Kaggle layout (``sample_submission.csv`` and
+    train images) is left alone, so ``make all`` may call this on real data too. A folder
+    with some files but no complete dataset (an interrupted copy, say) is an error: nothing
+    is ever written over a user's files. The set is generated in a temporary sibling folder
+    and renamed into place, so an interrupted run leaves no half-written dataset behind.
+    """
+    import shutil
     from .config import PipelineError
     out = Path(cfg.data.raw)
-    if (out / "train").is_dir() and any((out / "train").iterdir()):
-        raise PipelineError(f"{out}/train already holds images; remove {out} first to regenerate demo data")
+    has_train = (out / "train").is_dir() and any((out / "train").iterdir())
+    if has_train and (out / "sample_submission.csv").is_file():
+        print(f"synth: {out} already holds a dataset; nothing generated (remove it to regenerate the demo set)")
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise PipelineError(f"{out}: holds files but no complete dataset (train/*.jpg + sample_submission.csv); "
+                            f"remove it or point data.raw elsewhere")
     s = cfg.synth
-    generate(out, s.train_cars, s.test_cars, s.image_height, s.image_width, s.seed, s.workers)
+    tmp = out.with_name(f".{out.name}.synth-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)           # a previous interrupted run
+    generate(tmp, s.train_cars, s.test_cars, s.image_height, s.image_width, s.seed, s.workers)
+    if out.exists():
+        out.rmdir()                                  # empty, checked above
+    tmp.rename(out)
     n_train, n_test = s.train_cars * VIEWS, s.test_cars * VIEWS
     print(f"synth: wrote {n_train} train and {n_test} test images ({s.image_width}x{s.image_height}) to {out}")
     return out

@@ -60,3 +60,22 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["prepare", "epoch=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'epoch'" in err and "Traceback" not in err
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: unknown config key 'train\.epoch'"):
+        config.load(f)
+    f.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: section 'train' must be a mapping"):
+        config.load(f)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.fold=-4", "train.fold"), ("synth.image_height=0", "synth.image_height"),
+    ("synth.train_cars=-1", "synth.train_cars"), ("train.batch_size=0", "train.batch_size"),
+    ("predict.max_forward=-1", "predict.max_forward")])
+def test_out_of_range_values_are_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.load(None, [override])

@@ -4,6 +4,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+import pytest
+
 from pipeline import rle, synth
 
 
@@ -48,3 +50,30 @@ def test_car_pixels_differ_from_background():
     car = img[mask.astype(bool)].mean(0)
     back = img[~mask.astype(bool)].mean(0)
     assert np.abs(car - back).max() > 5
+
+
+def _synth_cfg(raw):
+    from pipeline import config
+    return config.load(None, {"data.raw": str(raw), "synth.train_cars": 1, "synth.test_cars": 1,
+                              "synth.image_height": 64, "synth.image_width": 96, "synth.workers": 1})
+
+
+def test_run_writes_complete_set_then_leaves_it_alone(tmp_path, capsys):
+    raw = tmp_path / "data" / "raw"
+    synth.run(_synth_cfg(raw))
+    assert (raw / "sample_submission.csv").is_file() and len(list((raw / "train").glob("*.jpg"))) == 16
+    assert not list(raw.parent.glob(".*synth-tmp"))          # generated aside, renamed into place
+    before = {p: p.stat().st_mtime_ns for p in raw.rglob("*")}
+    synth.run(_synth_cfg(raw))                                # e.g. `make all` on existing (or real) data
+    assert "already holds a dataset" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in raw.rglob("*")} == before
+
+
+def test_run_refuses_a_folder_with_an_incomplete_dataset(tmp_path):
+    from pipeline.config import PipelineError
+    raw = tmp_path / "raw"
+    (raw / "train").mkdir(parents=True)
+    (raw / "train" / "abc_01.jpg").write_bytes(b"user file")
+    with pytest.raises(PipelineError, match="no complete dataset"):
+        synth.run(_synth_cfg(raw))
+    assert (raw / "train" / "abc_01.jpg").read_bytes() == b"user file"
