@@ -14,6 +14,7 @@ resumed run sees the same images as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import cv2
@@ -187,6 +188,20 @@ class SegDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(mask)), i
 
 
+@functools.lru_cache(maxsize=16)
+def _norm_tensors(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) float32 mean * 255 and std * 255 on ``device``, built once per (device, stats).
+
+    Building them per batch from Python lists is a synchronous host-to-device copy on CUDA,
+    which stalls the stream and defeats the batch's non_blocking copy. Callers must not
+    modify the returned tensors in place (they are shared).
+    """
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+    return m, s
+
+
 def to_device(images: torch.Tensor, masks: torch.Tensor | None, device: torch.device,
               channels_last: bool = True, stats: tuple = (MEAN, STD)) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 batch -> float model input on ``device``.
@@ -199,8 +214,7 @@ def to_device(images: torch.Tensor, masks: torch.Tensor | None, device: torch.de
     """
     non_blocking = device.type == "cuda"
     x = images.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(stats[0], device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(stats[1], device=device).view(1, 3, 1, 1) * 255.0
+    mean, std = _norm_tensors(torch.device(device), tuple(map(float, stats[0])), tuple(map(float, stats[1])))
     x = (x - mean) / std
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     y = None if masks is None else masks.to(device, non_blocking=non_blocking).unsqueeze(1).float()

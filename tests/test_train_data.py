@@ -90,3 +90,20 @@ def test_to_device_layout_and_normalisation():
     half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))          # tf_efficientnet_lite0: 0..255 -> -1..1
     x3, _ = data.to_device(img, None, torch.device("cpu"), stats=half)
     np.testing.assert_allclose(x3[0, :, 0, 0].numpy(), [1.0, -1.0, -1.0], rtol=1e-6)
+
+
+def test_to_device_builds_normalisation_tensors_once(monkeypatch):
+    """mean/std are made once per (device, stats), not per batch (a blocking host->device copy on CUDA)."""
+    img = torch.randint(0, 256, (2, 4, 6, 3), dtype=torch.uint8)
+    stats = ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    want, _ = data.to_device(img, None, torch.device("cpu"), stats=stats)   # may build them
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    for _ in range(3):
+        got, _ = data.to_device(img, None, torch.device("cpu"), stats=[list(stats[0]), list(stats[1])])
+        assert torch.equal(got, want)
+    assert made == []
+    # Other stats are another entry, with their own values.
+    other, _ = data.to_device(img, None, torch.device("cpu"), stats=((0.7, 0.2, 0.3), (0.4, 0.5, 0.6)))
+    assert len(made) == 2 and not torch.equal(other[:, 0], want[:, 0]) and torch.equal(other[:, 1:], want[:, 1:])
