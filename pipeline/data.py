@@ -84,7 +84,7 @@ def read_image(path: str, reduction: int = 1) -> np.ndarray:
     except OSError as e:
         raise PipelineError(f"{path}: cannot read image ({e})") from None
     is_jpeg = data[:2].tobytes() == b"\xff\xd8"
-    img = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_2 if reduction == 2 and is_jpeg else cv2.IMREAD_COLOR)
+    img = cv2.imdecode(data, (cv2.IMREAD_REDUCED_COLOR_2 if reduction == 2 and is_jpeg else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise PipelineError(f"{path}: cannot read image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -214,7 +214,10 @@ def to_device(images: torch.Tensor, masks: torch.Tensor | None, device: torch.de
     """
     non_blocking = device.type == "cuda"
     x = images.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).float()
-    mean, std = _norm_tensors(torch.device(device), tuple(map(float, stats[0])), tuple(map(float, stats[1])))
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:   # the cache entry must name the GPU it lives on
+        dev = torch.device("cuda", torch.cuda.current_device())
+    mean, std = _norm_tensors(dev, tuple(map(float, stats[0])), tuple(map(float, stats[1])))
     x = (x - mean) / std
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     y = None if masks is None else masks.to(device, non_blocking=non_blocking).unsqueeze(1).float()

@@ -6,7 +6,9 @@ must be multiples of 32.
 
 Encoder weights:
 - ``"imagenet"`` (or any name smp knows for that encoder): smp's hub download,
-  the real path for users who are online;
+  the real path for users who are online; for timm encoders, ``tu-<model>`` takes
+  timm's default pretrained weights and ``tu-<model>.<tag>`` (e.g.
+  ``tu-resnet18.a1_in1k``) the tagged ones;
 - a path to a local ``.pt``/``.pth``/``.safetensors`` file holding an encoder
   state_dict (keys as in ``model.encoder.state_dict()``, optionally prefixed
   ``encoder.``);
@@ -49,13 +51,21 @@ def check_names(arch: str, encoder: str) -> None:
         raise ConfigError(f"unknown architecture '{arch}'. Valid: {', '.join(archs)}")
     if encoder.startswith("tu-"):
         import timm
-        name = encoder[3:]
+        # 'tu-<model>' or 'tu-<model>.<pretrained tag>' (smp 0.6: the tag picks timm's weights).
+        # timm.list_models() has no tags, so the model is checked by its base name and the tag
+        # against timm's pretrained list (timm rejects an unknown tag with a bare RuntimeError).
+        name, _, tag = encoder[3:].partition(".")
         all_models = timm.list_models()
         if name not in all_models:
             close = difflib.get_close_matches(name, all_models, n=20, cutoff=0.6) or \
                 timm.list_models(f"*{name.split('_')[0]}*")[:20]
             raise ConfigError(f"unknown timm encoder '{encoder}'. Similar timm models: "
                               f"{', '.join('tu-' + c for c in close) or '(none)'}")
+        if tag:
+            tagged = timm.list_pretrained(f"{name}.*")
+            if f"{name}.{tag}" not in tagged:
+                raise ConfigError(f"unknown pretrained tag '{tag}' for timm encoder 'tu-{name}'. Tags: "
+                                  f"{', '.join(t.partition('.')[2] for t in tagged) or '(none)'}")
         return
     names = encoders()
     if encoder not in names:
@@ -153,6 +163,11 @@ def build_model(arch: str, encoder: str, encoder_weights: str = "none", **kwargs
     smp = _smp()
     local = _is_local_file(encoder_weights)
     hub_weights = None if (local or encoder_weights in ("", "none", "None")) else encoder_weights
+    if hub_weights is not None and encoder.startswith("tu-"):
+        # smp 0.6 wants True for timm encoders (the weights are named by the encoder's tag,
+        # 'tu-<model>.<tag>', else timm's default tag) and warns about a string; users keep
+        # writing 'imagenet'.
+        hub_weights = True
     try:
         model = getattr(smp, arch)(encoder_name=encoder, encoder_weights=hub_weights, in_channels=3, classes=1,
                                    **kwargs)

@@ -83,3 +83,29 @@ def test_input_stats_follow_the_weights():
     assert input_stats("tu-resnet18", "imagenet") == IMAGENET_STATS
     assert input_stats("resnet18", "none") == IMAGENET_STATS
     assert input_stats("resnet18", "/some/encoder.pth") == IMAGENET_STATS
+
+
+def test_timm_encoder_with_pretrained_tag():
+    """smp 0.6 names timm weights by tag ('tu-resnet18.a1_in1k'): valid; unknown tags/models are errors."""
+    check_names("Unet", "tu-resnet18.a1_in1k")
+    with pytest.raises(ConfigError, match=r"unknown pretrained tag 'bogus' for timm encoder 'tu-resnet18'.*a1_in1k"):
+        check_names("Unet", "tu-resnet18.bogus")
+    with pytest.raises(ConfigError, match=r"unknown timm encoder 'tu-resnet1800.a1_in1k'.*tu-resnet18"):
+        check_names("Unet", "tu-resnet1800.a1_in1k")
+    model = build_model("Unet", "tu-resnet18.a1_in1k", "none", **TINY).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
+    from pipeline.models import IMAGENET_STATS, input_stats
+    assert input_stats("tu-resnet18.a1_in1k", "imagenet") == IMAGENET_STATS
+
+
+def test_timm_imagenet_weights_offline_is_a_clear_error(monkeypatch, recwarn, tmp_path):
+    """encoder_weights=imagenet for a tu- encoder reaches the real hub download (offline, empty cache):
+    a PipelineError naming the weights, and no smp warning about a string for timm weights."""
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))     # nothing cached on this machine
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: True)
+    for enc in ("tu-resnet18", "tu-resnet18.a1_in1k"):
+        with pytest.raises(PipelineError, match=f"encoder_weights='imagenet' for '{enc}' could not be downloaded"):
+            build_model("Unet", enc, "imagenet", **TINY)
+    assert not [w for w in recwarn if "encoder_weights" in str(w.message)]
