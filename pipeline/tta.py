@@ -2,12 +2,30 @@
 
 ``forward`` maps an image batch (N, C, H, W) to what the model sees; ``inverse``
 maps the model's per-pixel output for that view (N, 1, H', W') back onto the
-original pixel grid (N, 1, H, W). Flips are their own inverse; ``scaleS``
-resizes by ``S`` (rounded to the encoder stride of 32) and back.
+original pixel grid (N, 1, H, W). Both act on each image independently, so a
+batch may be split anywhere (``max_forward``) without changing the result.
 
 Spec strings (``predict.tta``): a comma list of ``none``, ``hflip``, ``vflip``,
 ``hvflip``, ``scale<S>`` (e.g. ``scale0.75``). ``none`` (the identity) is always
 included once, first, so ``tta=hflip`` means {identity, hflip}.
+
+What is exact and what is not:
+
+- Flips (``hflip``, ``vflip``, ``hvflip``) are exact: each is its own inverse,
+  ``inverse(forward(x)) == x`` bit for bit, and every prediction goes back to
+  the pixel it was made for.
+- ``scale<S>`` is approximate, in two ways. (1) The view's size is S times the
+  input's, rounded to the encoder stride (32) per axis, so the factor per axis
+  is not exactly S and the aspect ratio can change: 1280x1920 at 0.75 ->
+  960x1440 (exact), 320x480 -> 256x352 (0.80, 0.73), 64x96 -> 64x64 (1.0, 0.67).
+  (2) The inverse is a bilinear resize back (antialiased when it shrinks), not
+  a true inverse: ``inverse(forward(m))`` is a low-passed ``m``. Measured on
+  256x384 maps (tests/test_tta.py checks the first two): a constant comes back
+  exactly; a smooth map within 3e-4 inside and 1e-2 at the border; a sharp 0/1
+  edge is smeared over 2 (S=1.5) to 6 (S=0.5) pixels, with errors up to 0.19-0.38
+  on those pixels, but symmetrically, so thresholded at 0.5 it stays on the same
+  pixel. The scaled view's prediction is therefore slightly softer at the car's
+  edges than the flips'; it is averaged with them, never used alone.
 """
 from __future__ import annotations
 
@@ -87,19 +105,40 @@ def names(ttas: list[TTA]) -> list[str]:
     return [t.name for t in ttas]
 
 
+def _chunks(n_views: int, n: int, max_forward: int):
+    """Split the n_views * n images of one scale group (view-major: view v, image i at v * n + i)
+    into consecutive runs of at most max_forward (0 = one run). Yields lists of (view, i0, i1)
+    pieces, one list per forward pass."""
+    total = n_views * n
+    step = max_forward if max_forward > 0 else total
+    for a in range(0, total, step):
+        b = min(a + step, total)
+        pieces = []
+        for v in range(a // n, (b - 1) // n + 1):
+            i0, i1 = max(a - v * n, 0), min(b - v * n, n)
+            pieces.append((v, i0, i1))
+        yield pieces
+
+
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, x: torch.Tensor, ttas: list[TTA]) -> torch.Tensor:
+def predict_proba(model: torch.nn.Module, x: torch.Tensor, ttas: list[TTA], max_forward: int = 0) -> torch.Tensor:
     """x: (N, 3, H, W) normalised images. Returns (N, 1, H, W) float32: mean sigmoid over the views.
 
     Views of the same scale are concatenated into one batch (N * k images) so the model runs
-    once per distinct scale, not once per view.
+    once per distinct scale, not once per view. ``max_forward`` > 0 caps the images per model
+    call: the concatenated views are cut into runs of at most that many (a run may span two
+    views), so memory is bounded whatever the batch size and TTA; 0 = no cap. Each view's
+    inputs are built per run, so a large N * k never exists as one input tensor either.
     """
+    if max_forward < 0:
+        raise ConfigError(f"predict.max_forward={max_forward}: must be >= 0 (0 = all views of a batch at once)")
     n, size = x.shape[0], tuple(x.shape[-2:])
     total = torch.zeros((n, 1) + size, dtype=torch.float32, device=x.device)
     for s in sorted({t.scale for t in ttas}):
         group = [t for t in ttas if t.scale == s]
-        views = torch.cat([t.forward(x) for t in group], 0)
-        prob = torch.sigmoid(model(views).float())
-        for t, p in zip(group, prob.split(n, 0)):
-            total += t.inverse(p, size)
+        for pieces in _chunks(len(group), n, max_forward):
+            views = torch.cat([group[v].forward(x[i0:i1]) for v, i0, i1 in pieces], 0)
+            prob = torch.sigmoid(model(views).float())
+            for (v, i0, i1), p in zip(pieces, prob.split([i1 - i0 for _, i0, i1 in pieces], 0)):
+                total[i0:i1] += group[v].inverse(p, size)
     return total / len(ttas)

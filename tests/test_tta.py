@@ -30,17 +30,32 @@ def test_flip_inverse_of_forward_is_exact(name):
 
 
 @pytest.mark.parametrize("name,size", [("scale0.75", (64, 64)), ("scale1.5", (96, 128)), ("scale2", (128, 192))])
-def test_scale_inverse_of_forward(name, size):
+def test_scale_view_size_is_rounded_to_the_stride(name, size):
     (t,) = [v for v in tta.parse(name) if v.name == name]
-    const = torch.full((1, 1, 64, 96), 0.3)
-    y = t.forward(const)
-    assert tuple(y.shape[-2:]) == size  # multiples of the stride 32 (and >= 32)
-    torch.testing.assert_close(t.inverse(y, (64, 96)), const)  # constant maps survive exactly
-    # A smooth map comes back within interpolation error (resampling is not exactly invertible).
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 96), indexing="ij")
+    y = t.forward(torch.zeros(1, 1, 64, 96))
+    assert tuple(y.shape[-2:]) == size  # multiples of the stride 32 (and >= 32): 64x96 at 0.75 is 64x64
+    assert tta.scaled_size((1280, 1920), 0.75) == (960, 1440) and tta.scaled_size((320, 480), 0.75) == (256, 352)
+
+
+@pytest.mark.parametrize("name", ["scale0.5", "scale0.75", "scale1.5"])
+def test_scale_inverse_is_approximate_as_documented(name):
+    """tta.py's account of scale<S>: constants exact, smooth maps close, sharp edges smeared
+    (not exact) but symmetrically, so that a 0.5 threshold keeps them on the same pixel."""
+    (t,) = [v for v in tta.parse(name) if v.name == name]
+    size = (256, 384)
+    const = torch.full((1, 1) + size, 0.3)
+    torch.testing.assert_close(t.inverse(t.forward(const), size), const)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size[0]), torch.linspace(0, 1, size[1]), indexing="ij")
     smooth = torch.sin(3 * xx + 2 * yy)[None, None]
-    back = t.inverse(t.forward(smooth), (64, 96))
-    assert (back - smooth)[..., 4:-4, 4:-4].abs().max() < 0.02
+    err = (t.inverse(t.forward(smooth), size) - smooth).abs()
+    assert err[..., 4:-4, 4:-4].max() < 1e-3 and err.max() < 2e-2
+    for offset in range(4):
+        edge = torch.zeros((1, 1) + size)
+        edge[..., size[1] // 2 + offset:] = 1.0
+        back = t.inverse(t.forward(edge), size)
+        assert (back - edge).abs().max() > 0.1                               # not an exact inverse
+        assert int(((back - edge).abs()[0, 0].amax(0) > 0.01).sum()) <= 6     # only near the edge
+        assert torch.equal(back > 0.5, edge > 0.5)                            # the edge stays put
 
 
 def test_predict_proba_is_mean_over_views_known_answer():
@@ -74,3 +89,45 @@ def test_predict_proba_batches_views_of_one_scale():
     # A per-pixel model is flip-equivariant: every flip view gives back exactly the identity answer.
     flips = tta.predict_proba(Count(), x, tta.parse("hflip,vflip,hvflip"))
     torch.testing.assert_close(flips, torch.sigmoid(x[:, :1]))
+
+
+class TinyConv(torch.nn.Module):
+    """Not flip-equivariant and not per-pixel (3x3 conv + a horizontal ramp), and records the
+    batch size of every call: chunks that mixed up images or views would change the answer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return self.conv(x) + torch.linspace(-2, 2, x.shape[-1]).view(1, 1, 1, -1)
+
+
+@pytest.mark.parametrize("max_forward", [1, 3, 4, 7, 100])
+def test_max_forward_caps_images_per_call_same_result(max_forward):
+    x = torch.randn(5, 3, 64, 64)
+    ttas = tta.parse("hflip,vflip,hvflip,scale1.5")
+    whole = TinyConv()
+    want = tta.predict_proba(whole, x, ttas)                    # 0 = every view of a scale at once
+    assert sorted(whole.calls) == [5, 20]
+    capped = TinyConv()
+    got = tta.predict_proba(capped, x, ttas, max_forward=max_forward)
+    assert max(capped.calls) <= max_forward
+    assert sum(capped.calls) == 25                              # each view of each image exactly once
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_max_forward_negative_is_an_error():
+    with pytest.raises(ConfigError, match="max_forward=-1"):
+        tta.predict_proba(TinyConv(), torch.randn(1, 3, 32, 32), tta.parse("hflip"), max_forward=-1)
+
+
+def test_chunks_split_view_major_runs():
+    # 3 views x 2 images = 6, runs of 4: (view 0: both, view 1: both) then (view 2: both).
+    assert list(tta._chunks(3, 2, 4)) == [[(0, 0, 2), (1, 0, 2)], [(2, 0, 2)]]
+    # Runs of 3 cut through a view: image 0 of view 1 ends the first run, image 1 starts the second.
+    assert list(tta._chunks(3, 2, 3)) == [[(0, 0, 2), (1, 0, 1)], [(1, 1, 2), (2, 0, 2)]]
+    assert list(tta._chunks(3, 2, 0)) == [[(0, 0, 2), (1, 0, 2), (2, 0, 2)]]
