@@ -110,7 +110,8 @@ RSS_CHILD = textwrap.dedent("""
     predict.predict_fold(index, sys.argv[2], sys.argv[3], tta.parse("hflip"), batch_size=8, num_workers=2,
                          log=lambda m: None)
     t1 = time.time()
-    fold = predict.fold_cache_dir(sys.argv[3], predict.checkpoint_hash(sys.argv[2]), tta.parse("hflip"))
+    fold = predict.fold_cache_dir(sys.argv[3], predict.checkpoint_hash(sys.argv[2]), tta.parse("hflip"),
+                                  predict.resolve_precision("auto"))
     submit.write_submission(index, [fold], sys.argv[4], 0.5, list(index["img"]), workers=2)
     print(json.dumps({"predict_s": t1 - t, "submit_s": time.time() - t1}))
 """)

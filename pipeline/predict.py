@@ -3,11 +3,17 @@
 Layout (one directory per checkpoint x TTA, so adding a fold or changing the
 threshold reruns only what changed)::
 
-    <cache>/predict/<ckpt sha256[:16]>-<tta hash>/
-        meta.json            checkpoint path/hash, arch, encoder, model size, TTA names
+    <cache>/predict/<ckpt sha256[:16]>-<hash of TTA + precision>/
+        meta.json            checkpoint path/hash, arch, encoder, model size, TTA names, precision
         <id>.png             uint8 = round(255 * mean over TTA views of sigmoid), model size
         shards/<i>of<N>.json a shard finished (submit names the missing ones)
         config.yaml, manifest.json   written once every test image is present
+
+The precision the forward ran in (fp32, or bf16/fp16 autocast: ``predict.autocast``
+resolved for the device type, 'auto' = bf16 on CPU, fp16 on CUDA) is part of the
+key: bf16 and fp16 maps differ by a few levels of 255, so they never share a
+directory, and shards must run with the same precision (a CPU and a GPU machine
+with autocast=auto do not) to fill the same one.
 
 Every ``<id>.png`` is written atomically, and images whose file exists are
 skipped, so an interrupted run resumes where it stopped and shards running on
@@ -45,6 +51,7 @@ from .probmaps import (GEOM_COLS, done_ids, prob_path, read_prob, row_geometry, 
                        to_original, to_uint8)
 
 CODE_VERSION = "predict-2"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # resolved autocast -> dtype
 TEST_INDEX_COLUMNS = ("img", "id", "path", "orig_height", "orig_width")
 
 
@@ -78,12 +85,17 @@ def checkpoint_hash(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def tta_key(ttas: list[tta_mod.TTA]) -> str:
-    return stable_hash({"tta": tta_mod.names(ttas), "code": CODE_VERSION}, n=8)
+def tta_key(ttas: list[tta_mod.TTA], precision: str) -> str:
+    """Hash of what changes the maps besides the checkpoint: TTA views, precision, code version.
+    Batch size, max_forward, workers and sharding do not enter: they leave each map unchanged."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}': expected one of {list(PRECISIONS)} (see resolve_precision)")
+    return stable_hash({"tta": tta_mod.names(ttas), "precision": precision, "code": CODE_VERSION}, n=8)
 
 
-def fold_cache_dir(cache_root: str | Path, ckpt_hash: str, ttas: list[tta_mod.TTA]) -> Path:
-    return cache.stage_dir(cache_root, "predict", f"{ckpt_hash}-{tta_key(ttas)}")
+def fold_cache_dir(cache_root: str | Path, ckpt_hash: str, ttas: list[tta_mod.TTA], precision: str) -> Path:
+    """precision: resolved, as from :func:`resolve_precision` ('fp32', 'bf16' or 'fp16')."""
+    return cache.stage_dir(cache_root, "predict", f"{ckpt_hash}-{tta_key(ttas, precision)}")
 
 
 def read_test_index(path: str | Path) -> pd.DataFrame:
@@ -135,17 +147,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device, mode: str = "auto"):
-    """bf16 on CPU / fp16 on CUDA for 'auto'; 'fp32' disables autocast."""
-    if mode == "fp32":
-        return nullcontext()
+def device_type(device: str | torch.device) -> str:
+    """'cpu' or 'cuda' (...) for a device or a predict.device string, without needing the device:
+    submit resolves the predictions' directory on a machine that may not have the GPU predict used."""
+    if isinstance(device, torch.device):
+        return device.type
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"predict.device='{device}': not a device (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def resolve_precision(device: str | torch.device, mode: str = "auto") -> str:
+    """The precision predict's forward runs in: 'fp32', 'bf16' or 'fp16'.
+    autocast 'auto' is bf16 on CPU and fp16 on CUDA; 'fp32' disables autocast."""
     if mode == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    elif mode in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    else:
+        return "fp16" if device_type(device) == "cuda" else "bf16"
+    if mode not in PRECISIONS:
         raise ConfigError(f"predict.autocast='{mode}': choose auto, bf16, fp16 or fp32")
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return mode
+
+
+def autocast_for(device: torch.device, mode: str = "auto"):
+    """The autocast context for resolve_precision(device, mode) (none for fp32)."""
+    dtype = PRECISIONS[resolve_precision(device, mode)]
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _write_png(path: Path, prob_u8: np.ndarray) -> None:
@@ -173,22 +201,29 @@ class FoldResult:
 @cv2_single_thread()
 def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | Path, ttas: list[tta_mod.TTA], *,
                  shard: tuple[int, int] = (0, 1), batch_size: int = 8, num_workers: int = 2,
-                 device: str = "auto", autocast: str = "auto", ckpt_hash: str | None = None,
-                 log=print, progress: bool = True) -> FoldResult:
+                 device: str = "auto", autocast: str = "auto", max_forward: int = 0, ckpt_hash: str | None = None,
+                 config: dict | None = None, log=print, progress: bool = True) -> FoldResult:
     """Predict this shard's test images with one checkpoint; skip those already on disk.
 
     index: test index rows (columns id, path). Writes ``<fold_dir>/<id>.png`` (uint8, model size).
+    max_forward: at most this many images (TTA views included) per model call; 0 = a batch's
+    views of one scale at once (batch_size * views). Peak memory follows it; the maps do not.
+    config: the resolved config, written as ``config.yaml`` beside the maps with the manifest
+    (default: this call's own arguments).
     """
     from .models import IMAGENET_STATS, load_checkpoint
     t0 = time.time()
+    if max_forward < 0:
+        raise ConfigError(f"predict.max_forward={max_forward}: must be >= 0 (0 = all views of a batch at once)")
     ckpt_path = Path(ckpt_path)
     ckpt_hash = ckpt_hash or checkpoint_hash(ckpt_path)
-    fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas)
+    dev = resolve_device(device)
+    precision = resolve_precision(dev, autocast)
+    fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, precision)
     fold_dir.mkdir(parents=True, exist_ok=True)
     rows = index.iloc[shard_positions(len(index), shard)]
     have = done_ids(fold_dir)
     todo = rows[~rows["id"].isin(have)]
-    dev = resolve_device(device)
     if len(todo) or not (fold_dir / "meta.json").is_file():  # a finished shard needs no model
         model, meta = load_checkpoint(ckpt_path, dev)
         size = (int(meta["height"]), int(meta["width"]))
@@ -196,7 +231,8 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
         stats = meta.get("input_stats", IMAGENET_STATS)
         write_meta(fold_dir, {"checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256_16": ckpt_hash,
                               "arch": meta.get("arch"), "encoder": meta.get("encoder"), "height": size[0],
-                              "width": size[1], "tta": tta_mod.names(ttas), "code": CODE_VERSION})
+                              "width": size[1], "tta": tta_mod.names(ttas), "precision": precision,
+                              "autocast": autocast, "device_type": dev.type, "code": CODE_VERSION})
     if len(todo):
         model = model.to(memory_format=torch.channels_last)
         geoms = [row_geometry(r, *size) for r in todo.to_dict("records")]
@@ -222,7 +258,7 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
             for images, pos in tqdm(loader, desc=f"predict {fold_dir.name}", unit="batch", disable=not progress,
                                     mininterval=5.0):
                 x, _ = to_device(images, None, dev, stats=stats)
-                prob = tta_mod.predict_proba(model, x, ttas)[:, 0]
+                prob = tta_mod.predict_proba(model, x, ttas, max_forward)[:, 0]
                 prob_u8 = (prob * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
                 for k, p in zip(pos.tolist(), prob_u8):
                     pending.append(pool.submit(_write_png, prob_path(fold_dir, ids[k]), p))
@@ -233,10 +269,18 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
     cache.write_json(fold_dir / "shards" / f"{shard[0]}of{shard[1]}.json",
                      {"shard": f"{shard[0]}/{shard[1]}", "images": len(rows), "finished_at": time.time()})
     if done_ids(fold_dir).issuperset(index["id"]):
+        if config is None:  # called directly (tests, benchmarks): record what this call was given
+            config = {"predict": {"tta": ",".join(tta_mod.names(ttas)), "batch_size": batch_size,
+                                  "shard": f"{shard[0]}/{shard[1]}", "num_workers": num_workers, "device": device,
+                                  "autocast": autocast, "max_forward": max_forward}}
+        # Rewritten by every run that finds this index complete (the directory outlives one test set):
+        # the config is that run's; shards may differ in settings outside the key (batch size,
+        # workers, max_forward), which leave the maps unchanged.
         cache.write_manifest(fold_dir, stage="predict", key=fold_dir.name,
-                             params={"tta": tta_mod.names(ttas), "checkpoint_sha256_16": ckpt_hash},
+                             params={"tta": tta_mod.names(ttas), "checkpoint_sha256_16": ckpt_hash,
+                                     "precision": precision},
                              inputs={"checkpoint": str(ckpt_path.resolve())},
-                             outputs={"images": int(len(index))})
+                             outputs={"images": int(len(index))}, config=config)
     res = FoldResult(fold_dir, len(todo), len(rows) - len(todo), time.time() - t0)
     log(f"predict: {ckpt_path} -> {fold_dir}: {res.predicted} predicted, {res.skipped} cached "
         f"(shard {shard[0]}/{shard[1]}), {res.seconds:.1f}s")
@@ -288,7 +332,8 @@ def run(cfg: Config) -> list[FoldResult]:
     for k, ckpt in zip(p.folds, p.checkpoints):
         out.append(predict_fold(index, ckpt, cfg.data.cache, p.ttas, shard=shard,
                                 batch_size=cfg.predict.batch_size, num_workers=cfg.predict.num_workers,
-                                device=cfg.predict.device, autocast=cfg.predict.autocast))
+                                device=cfg.predict.device, autocast=cfg.predict.autocast,
+                                max_forward=cfg.predict.max_forward, config=cfg.to_dict()))
     print(json.dumps({"predict": [str(r.fold_dir) for r in out], "shard": f"{shard[0]}/{shard[1]}",
                       "tta": tta_mod.names(p.ttas)}))
     return out

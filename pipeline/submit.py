@@ -15,10 +15,16 @@ only then renamed to ``<submissions>/<name>.csv[.gz]``; a JSON sidecar
 folds, TTA and config hash.
 
 Threshold: ``submit.threshold`` when >= 0, else ``best_threshold`` from the
-train run's ``oof_summary.json`` when it exists, else 0.5.
+train run's ``oof_summary.json`` when it exists, else 0.5. From the OOF summary,
+the sidecar also records ``oof_complete`` and ``oof_folds_missing`` (a threshold
+tuned on some folds only is flagged, and warned about).
+
+The maps are read from predict's directories for ``predict.autocast`` resolved
+for ``predict.device`` (auto: bf16 on CPU, fp16 on CUDA), so submit must be
+given the precision the predictions were made in.
 
 Caching: the sidecar records ``submit_key``, a hash of everything the CSV depends
-on (checkpoint hashes, TTA, threshold, test index and sample submission
+on (checkpoint hashes, TTA, precision, threshold, test index and sample submission
 fingerprints, gzip, code version), and the CSV's own fingerprint. A rerun with
 the same key and an untouched CSV writes nothing (100k images take minutes).
 """
@@ -63,12 +69,33 @@ def encode_chunk(fold_dirs: list[str], ids: list[str], sizes: list[tuple[int, in
     return [rle.encode(ensemble_mask(fold_dirs, i, s, threshold, g)) for i, s, g in zip(ids, sizes, geoms)]
 
 
+def other_precisions(fold_dir: Path, ids: pd.Series) -> list[str]:
+    """The same checkpoint's other predict directories (another precision or TTA), as
+    'name (precision, tta a,b: k of n images)', from their meta.json."""
+    prefix = fold_dir.name.split("-")[0] + "-"
+    out = []
+    for d in sorted(fold_dir.parent.glob(prefix + "*")) if fold_dir.parent.is_dir() else []:
+        if d == fold_dir or not (d / "meta.json").is_file():
+            continue
+        meta = cache.read_json(d / "meta.json")
+        have = int(ids.isin(probmaps.done_ids(d)).sum())
+        out.append(f"{d.name} ({meta.get('precision', 'precision unknown')}, tta {','.join(meta.get('tta') or [])}: "
+                   f"{have} of {len(ids)} images)")
+    return out
+
+
 def missing_report(fold_dir: Path, ids: pd.Series) -> str | None:
     """None when every id has a probability file in fold_dir, else a message naming ids and shards."""
     missing = ids[~ids.isin(probmaps.done_ids(fold_dir))]
     if missing.empty:
         return None
     msg = f"{fold_dir}: {len(missing)} of {len(ids)} test images not predicted, e.g. {missing.iloc[:3].tolist()}"
+    # The directory is keyed by checkpoint, TTA and the resolved precision: shards run on a CPU and a
+    # GPU machine with autocast=auto (bf16 vs fp16), or a submit resolving another precision, miss it.
+    msg += (" (predictions are keyed by checkpoint, TTA and precision: every shard and submit must use the same "
+            "predict.autocast and device type, auto = bf16 on CPU, fp16 on CUDA")
+    others = other_precisions(fold_dir, ids)
+    msg += f"; this checkpoint also has {'; '.join(others)})" if others else ")"
     markers = sorted((fold_dir / "shards").glob("*of*.json")) if (fold_dir / "shards").is_dir() else []
     by_n: dict[int, set[int]] = {}
     for m in markers:
@@ -140,18 +167,28 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
     return {"rows": len(imgs), "seconds": round(time.time() - t0, 2)}
 
 
-def resolve_threshold(cfg: Config) -> tuple[float, str]:
-    """(threshold, where it came from)."""
+def threshold_info(cfg: Config) -> dict:
+    """The threshold and its provenance, as the sidecar records them: ``threshold``,
+    ``threshold_source``, and when it is the OOF summary's best threshold, ``oof_complete`` and
+    ``oof_folds_missing`` (a threshold tuned on some folds only is worth knowing about)."""
     if cfg.submit.threshold >= 0:
-        return float(cfg.submit.threshold), "config submit.threshold"
+        return {"threshold": float(cfg.submit.threshold), "threshold_source": "config submit.threshold"}
     from . import train
     summary = Path(train.run_dir(cfg)) / "oof_summary.json"
     if summary.is_file():
         data = cache.read_json(summary)
         if "best_threshold" not in data:
             raise PipelineError(f"{summary}: no 'best_threshold' key")
-        return float(data["best_threshold"]), str(summary)
-    return DEFAULT_THRESHOLD, "default (no oof_summary.json)"
+        # Summaries written before oof recorded completeness say nothing: None, not a guess.
+        return {"threshold": float(data["best_threshold"]), "threshold_source": str(summary),
+                "oof_complete": data.get("complete"), "oof_folds_missing": data.get("folds_missing")}
+    return {"threshold": DEFAULT_THRESHOLD, "threshold_source": "default (no oof_summary.json)"}
+
+
+def resolve_threshold(cfg: Config) -> tuple[float, str]:
+    """(threshold, where it came from)."""
+    info = threshold_info(cfg)
+    return info["threshold"], info["threshold_source"]
 
 
 def sidecar_path(out_path: Path) -> Path:
@@ -168,17 +205,30 @@ def run(cfg: Config) -> Path:
     index = predict.read_test_index(p.test_index)
     sample = Path(cfg.data.raw) / "sample_submission.csv"
     sample_ids = read_ids(sample)
-    threshold, source = resolve_threshold(cfg)
+    thr = threshold_info(cfg)
+    threshold, source = thr["threshold"], thr["threshold_source"]
+    if thr.get("oof_complete") is False:
+        print(f"submit: warning: threshold {threshold} from an incomplete OOF summary "
+              f"(folds missing {thr.get('oof_folds_missing')}): {source}")
     hashes = [predict.checkpoint_hash(c) for c in p.checkpoints]
-    fold_dirs = [predict.fold_cache_dir(cfg.data.cache, h, p.ttas) for h in hashes]
+    # Where predict wrote these checkpoints' maps: resolved as predict resolves it (autocast 'auto'
+    # by device type), without needing that device here.
+    precision = predict.resolve_precision(cfg.predict.device, cfg.predict.autocast)
+    fold_dirs = [predict.fold_cache_dir(cfg.data.cache, h, p.ttas, precision) for h in hashes]
     out = Path(cfg.data.submissions) / (cfg.submit.name + (".csv.gz" if cfg.submit.gzip else ".csv"))
-    key = stable_hash({"checkpoints": hashes, "tta": [t.name for t in p.ttas], "threshold": threshold,
+    key = stable_hash({"checkpoints": hashes, "tta": [t.name for t in p.ttas], "precision": precision,
+                       "threshold": threshold,
                        "test_index": cache.file_fingerprint(p.test_index), "sample": cache.file_fingerprint(sample),
                        "gzip": cfg.submit.gzip, "code": CODE_VERSION})
     side = sidecar_path(out)
     if out.is_file() and side.is_file():
         old = cache.read_json(side)
         if old.get("submit_key") == key and old.get("submission_fingerprint") == cache.file_fingerprint(out):
+            # The CSV stands; the sidecar's account of the threshold may not (an OOF summary rewritten
+            # with more folds and the same best threshold): bring it up to date, nothing else.
+            if any(old.get(k) != v for k, v in thr.items()):
+                cache.write_json(side, {**{k: v for k, v in old.items() if not k.startswith("oof_")}, **thr})
+                print(f"submit: sidecar {side} updated (threshold source)")
             print(f"submit: cached, nothing to do ({old.get('rows')} rows, threshold {threshold}) -> {out}")
             return out
     stats = write_submission(index, fold_dirs, out, threshold, sample_ids, workers=cfg.submit.workers,
@@ -187,10 +237,10 @@ def run(cfg: Config) -> Path:
     for k, c, h, d in zip(p.folds, p.checkpoints, hashes, fold_dirs):
         meta = cache.read_json(d / "meta.json") if (d / "meta.json").is_file() else {}
         models.append({"fold": k, "checkpoint": str(c), "checkpoint_sha256_16": h, "predictions": str(d),
-                       **{key: meta.get(key) for key in ("arch", "encoder", "height", "width")}})
+                       **{key: meta.get(key) for key in ("arch", "encoder", "height", "width", "precision")}})
     cache.write_json(side, {
         "submission": str(out), "submit_key": key, "submission_fingerprint": cache.file_fingerprint(out),
-        "rows": stats["rows"], "threshold": threshold, "threshold_source": source,
+        "rows": stats["rows"], **thr, "precision": precision,
         "folds": p.folds, "tta": [t.name for t in p.ttas], "models": models,
         "test_index": str(p.test_index), "sample_submission": str(sample),
         "config_hash": stable_hash(cfg.to_dict()), "config": cfg.to_dict(),

@@ -1,4 +1,5 @@
 """Predict: per-image cached probabilities at model size, resume after a kill, shards merge to one run."""
+import json
 import signal
 import subprocess
 import sys
@@ -83,10 +84,39 @@ def test_cache_key_depends_on_checkpoint_bytes_and_tta(ckpt, tmp_path):
     copy = tmp_path / "copy.pt"
     copy.write_bytes(ckpt.read_bytes())
     assert predict.checkpoint_hash(copy) == h            # content, not path or mtime
-    a = predict.fold_cache_dir("c", h, tta.parse("hflip"))
-    assert a != predict.fold_cache_dir("c", h, tta.parse("hflip,vflip"))
-    assert a == predict.fold_cache_dir("c", h, tta.parse("none,hflip"))
+    a = predict.fold_cache_dir("c", h, tta.parse("hflip"), "bf16")
+    assert a != predict.fold_cache_dir("c", h, tta.parse("hflip,vflip"), "bf16")
+    assert a == predict.fold_cache_dir("c", h, tta.parse("none,hflip"), "bf16")
     assert a.name.startswith(h)
+    # The precision the maps were computed in is part of the key: fp32, bf16 and fp16 never mix.
+    dirs = {predict.fold_cache_dir("c", h, tta.parse("hflip"), p) for p in ("fp32", "bf16", "fp16")}
+    assert len(dirs) == 3
+    with pytest.raises(ValueError, match="precision 'auto'"):  # only resolved precisions make a key
+        predict.fold_cache_dir("c", h, tta.parse("hflip"), "auto")
+
+
+def test_resolve_precision_by_device_type():
+    assert predict.resolve_precision("cpu", "auto") == "bf16"
+    assert predict.resolve_precision("cuda", "auto") == "fp16"      # resolved without needing the GPU
+    assert predict.resolve_precision("cuda:1", "auto") == "fp16"
+    assert predict.resolve_precision(torch.device("cpu"), "fp32") == "fp32"
+    assert predict.resolve_precision("cpu", "fp16") == "fp16"
+    for bad in ("half", "float32", ""):
+        with pytest.raises(ConfigError, match="predict.autocast"):
+            predict.resolve_precision("cpu", bad)
+
+
+def test_fp32_and_bf16_maps_get_their_own_dirs(ckpt, test_set, tmp_path):
+    index, _ = test_set
+    kw = dict(num_workers=0, device="cpu", log=lambda m: None)
+    f32 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), autocast="fp32", **kw)
+    b16 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), autocast="auto", **kw)
+    assert f32.fold_dir != b16.fold_dir and b16.predicted == 2          # bf16 did not reuse the fp32 maps
+    assert predict.fold_cache_dir(tmp_path, predict.checkpoint_hash(ckpt), tta.parse("hflip"), "bf16") == b16.fold_dir
+    meta = json.loads((b16.fold_dir / "meta.json").read_text())
+    assert (meta["precision"], meta["autocast"], meta["device_type"]) == ("bf16", "auto", "cpu")
+    assert json.loads((f32.fold_dir / "meta.json").read_text())["precision"] == "fp32"
+    assert json.loads((b16.fold_dir / "manifest.json").read_text())["params"]["precision"] == "bf16"
 
 
 def test_predict_fold_writes_every_image_then_caches(ckpt, test_set, tmp_path):
@@ -172,7 +202,7 @@ def test_resume_after_kill(ckpt, test_set, tmp_path):
     index_csv = tmp_path / "test_index.csv"
     index.to_csv(index_csv, index=False)
     ttas = tta.parse("hflip")
-    fold_dir = predict.fold_cache_dir(tmp_path / "cache", predict.checkpoint_hash(ckpt), ttas)
+    fold_dir = predict.fold_cache_dir(tmp_path / "cache", predict.checkpoint_hash(ckpt), ttas, "fp32")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(index_csv), str(ckpt), str(tmp_path / "cache")],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -200,3 +230,82 @@ def test_index_from_another_prepare_size_is_refused(ckpt, test_set, tmp_path):
     other = index.iloc[:1].assign(scaled_height=32, scaled_width=48, pad_top=0, pad_left=0)  # a 32x48 prepare
     with pytest.raises(Exception, match="prepare and train used different sizes"):
         predict.predict_fold(other, ckpt, tmp_path, tta.parse("none"), num_workers=0, log=lambda m: None)
+
+
+def _spy_model_calls(monkeypatch):
+    """Record the batch size of every model call inside predict_fold."""
+    from pipeline import models
+    real, calls = models.load_checkpoint, []
+
+    def spy(path, device="cpu"):
+        model, meta = real(path, device)
+        model.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+        return model, meta
+    monkeypatch.setattr(models, "load_checkpoint", spy)
+    return calls
+
+
+def test_max_forward_bounds_images_per_call_same_maps(ckpt, test_set, tmp_path, monkeypatch):
+    index, _ = test_set
+    calls = _spy_model_calls(monkeypatch)
+    kw = dict(batch_size=4, num_workers=0, autocast="fp32", log=lambda m: None)
+    ttas = tta.parse("hflip,vflip")                                  # 3 views: 12 images per batch of 4
+    whole = predict.predict_fold(index, ckpt, tmp_path / "a", ttas, **kw)
+    assert max(calls) == 12
+    calls.clear()
+    capped = predict.predict_fold(index, ckpt, tmp_path / "b", ttas, max_forward=3, **kw)
+    assert max(calls) <= 3 and sum(calls) == 30                      # 10 images x 3 views, none twice
+    assert capped.fold_dir.name == whole.fold_dir.name               # same maps, so the same cache key
+    for i in index["id"]:
+        a = predict.read_prob(predict.prob_path(whole.fold_dir, i)).astype(int)
+        b = predict.read_prob(predict.prob_path(capped.fold_dir, i)).astype(int)
+        assert np.abs(a - b).max() <= 1                              # fp32 sums in another order
+    with pytest.raises(ConfigError, match="max_forward=-2"):
+        predict.predict_fold(index, ckpt, tmp_path / "c", ttas, max_forward=-2, **kw)
+
+
+def test_manifest_writes_config_beside_the_maps(ckpt, test_set, tmp_path):
+    import yaml
+    index, _ = test_set
+    cfg = {"predict": {"tta": "hflip", "batch_size": 5, "max_forward": 0}, "data": {"cache": str(tmp_path)}}
+    kw = dict(num_workers=0, autocast="fp32", log=lambda m: None)
+    part = predict.predict_fold(index, ckpt, tmp_path, tta.parse("hflip"), shard=(0, 2), config=cfg, **kw)
+    assert not (part.fold_dir / "config.yaml").exists()              # half the images: unfinished
+    done = predict.predict_fold(index, ckpt, tmp_path, tta.parse("hflip"), shard=(1, 2), config=cfg, **kw)
+    assert yaml.safe_load((done.fold_dir / "config.yaml").read_text()) == cfg
+    assert (done.fold_dir / "manifest.json").is_file()
+    # Called without a config (tests, benchmarks): the call's own predict settings are recorded.
+    alone = predict.predict_fold(index.iloc[:1], ckpt, tmp_path / "x", tta.parse("hflip"), batch_size=3, **kw)
+    got = yaml.safe_load((alone.fold_dir / "config.yaml").read_text())["predict"]
+    assert (got["tta"], got["batch_size"], got["autocast"], got["max_forward"]) == ("none,hflip", 3, "fp32", 0)
+
+
+def test_scale_tta_through_predict_fold(ckpt, test_set, tmp_path, monkeypatch):
+    """tta=hflip,scale0.75 on the tiny model: the scaled view (64x96 -> 64x64, a separate forward)
+    comes back at model size, the map is the mean of the three views, and it is cached."""
+    index, _ = test_set
+    calls = _spy_model_calls(monkeypatch)
+    ttas = tta.parse("hflip,scale0.75")
+    kw = dict(batch_size=5, num_workers=0, autocast="fp32", log=lambda m: None)
+    res = predict.predict_fold(index, ckpt, tmp_path, ttas, **kw)
+    assert res.predicted == 10 and sorted(calls) == [5, 5, 10, 10]  # per batch: 2 flips together, 1 scaled
+    plain = predict.predict_fold(index, ckpt, tmp_path, tta.parse("hflip"), **kw)
+    assert plain.fold_dir != res.fold_dir
+    from pipeline.data import read_image, to_device
+    from pipeline.models import IMAGENET_STATS, load_checkpoint
+    from pipeline.prepare import to_model
+    model, _ = load_checkpoint(ckpt)
+    for k, i in enumerate(index["id"]):
+        got = predict.read_prob(predict.prob_path(res.fold_dir, i))
+        assert got.shape == (H, W) and got.dtype == np.uint8 and 0 < got.mean() < 255
+        if k < 2:  # the stored map is the 3-view mean, against the model called by hand
+            img = to_model(read_image(index["path"].iloc[k]), predict.stretch_geometry(H, W), H, W)
+            x, _ = to_device(torch.from_numpy(img)[None], None, torch.device("cpu"), stats=IMAGENET_STATS)
+            with torch.no_grad():
+                small = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)
+                views = [torch.sigmoid(model(x)), torch.sigmoid(model(x.flip(-1))).flip(-1),
+                         torch.nn.functional.interpolate(torch.sigmoid(model(small)), size=(H, W), mode="bilinear")]
+            want = (sum(views) / 3)[0, 0].numpy() * 255
+            assert np.abs(got - want).max() <= 0.5 + 1e-3
+    again = predict.predict_fold(index, ckpt, tmp_path, ttas, **kw)
+    assert (again.predicted, again.skipped) == (0, 10)

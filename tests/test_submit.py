@@ -89,8 +89,23 @@ def test_refuses_when_validation_fails(tmp_path, monkeypatch):
 def test_missing_predictions_named(tmp_path):
     index, dirs, ids = make_case(tmp_path, [[const(255)] * 3], [(8, 12)] * 3)
     predict.prob_path(dirs[0], index.id[1]).unlink()
-    with pytest.raises(PipelineError, match=r"1 of 3 test images not predicted, e\.g\. \['c1_02'\]"):
+    with pytest.raises(PipelineError, match=r"1 of 3 test images not predicted, e\.g\. \['c1_02'\]") as e:
         submit.write_submission(index, dirs, tmp_path / "s.csv", 0.5, ids, workers=1)
+    assert "must use the same predict.autocast and device type" in str(e.value)
+
+
+def test_missing_maps_name_the_same_checkpoint_in_another_precision(tmp_path):
+    """Predicted on a GPU (fp16), submitted where autocast resolves to bf16: the error says where the maps are."""
+    index, src, ids = make_case(tmp_path, [[const(255)] * 3], [(8, 12)] * 3)
+    ttas = tta.parse("hflip")
+    fp16 = predict.fold_cache_dir(tmp_path / "cache", "abcd", ttas, "fp16")
+    fp16.parent.mkdir(parents=True)
+    src[0].rename(fp16)
+    cache.write_json(fp16 / "meta.json", {"precision": "fp16", "tta": ["none", "hflip"]})
+    bf16 = predict.fold_cache_dir(tmp_path / "cache", "abcd", ttas, "bf16")
+    with pytest.raises(PipelineError, match=r"3 of 3 test images not predicted.*this checkpoint also has "
+                                            rf"{fp16.name} \(fp16, tta none,hflip: 3 of 3 images\)"):
+        submit.write_submission(index, [bf16], tmp_path / "s.csv", 0.5, ids, workers=1)
 
 
 def test_threshold_sources(tmp_path, monkeypatch):
@@ -101,19 +116,21 @@ def test_threshold_sources(tmp_path, monkeypatch):
     cache.write_json(tmp_path / "run" / "oof_summary.json", {"dice": 0.99, "best_threshold": 0.42})
     thr, src = submit.resolve_threshold(cfg)
     assert thr == 0.42 and src.endswith("oof_summary.json")
+    assert submit.threshold_info(cfg)["oof_complete"] is None      # an older summary says nothing
     cfg.submit.threshold = 0.6
     assert submit.resolve_threshold(cfg)[0] == 0.6
 
 
-def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
-    """run(cfg) with the other stages replaced by a fixed plan: CSV, gzip, sidecar contents."""
+def run_case(tmp_path, monkeypatch, **overrides):
+    """run(cfg)'s inputs with the other stages replaced by a fixed plan: 2 folds' fp32 maps, 2 images.
+    Returns (cfg, ckpts)."""
     ttas = tta.parse("hflip")
     ckpts = []
     for k in range(2):
         p = tmp_path / f"ckpt{k}.pt"
         p.write_bytes(f"weights {k}".encode())
         ckpts.append(p)
-    dirs = [predict.fold_cache_dir(tmp_path / "cache", predict.checkpoint_hash(c), ttas) for c in ckpts]
+    dirs = [predict.fold_cache_dir(tmp_path / "cache", predict.checkpoint_hash(c), ttas, "fp32") for c in ckpts]
     sizes = [(8, 12), (8, 12)]
     index, tmp_dirs, ids = make_case(tmp_path, [[const(255), const(0)], [const(255), const(0)]], sizes)
     for src, dst in zip(tmp_dirs, dirs):
@@ -126,7 +143,14 @@ def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
     monkeypatch.setattr(predict, "plan", lambda cfg: predict.Plan(tmp_path / "test_index.csv", [0, 1], ckpts, ttas))
     cfg = config.load(None, {"data.cache": str(tmp_path / "cache"), "data.raw": str(raw),
                              "data.submissions": str(tmp_path / "subs"), "submit.gzip": "true",
-                             "submit.threshold": "0.5", "submit.workers": "1", "submit.name": "mine"})
+                             "submit.threshold": "0.5", "submit.workers": "1", "submit.name": "mine",
+                             "predict.autocast": "fp32", **overrides})
+    return cfg, ckpts
+
+
+def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
+    """run(cfg) with the other stages replaced by a fixed plan: CSV, gzip, sidecar contents."""
+    cfg, ckpts = run_case(tmp_path, monkeypatch)
     out = submit.run(cfg)
     assert out == tmp_path / "subs" / "mine.csv.gz"
     sub = pd.read_csv(out, keep_default_na=False)
@@ -136,6 +160,7 @@ def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
     assert side["folds"] == [0, 1] and side["tta"] == ["none", "hflip"] and side["rows"] == 2
     assert [m["checkpoint_sha256_16"] for m in side["models"]] == [predict.checkpoint_hash(c) for c in ckpts]
     assert side["config_hash"] == config.stable_hash(cfg.to_dict())
+    assert side["precision"] == "fp32" and not any(k.startswith("oof_") for k in side)
 
     # Same inputs: nothing is written. A new threshold, or an edited CSV, writes it again.
     writes = []
@@ -150,3 +175,29 @@ def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
     out.write_bytes(b"edited")
     submit.run(cfg)
     assert len(writes) == 2 and list(pd.read_csv(out, keep_default_na=False).rle_mask) == ["1 96", ""]
+
+
+def test_sidecar_records_whether_the_oof_summary_was_complete(tmp_path, monkeypatch, capsys):
+    from pipeline import train
+    monkeypatch.setattr(train, "run_dir", lambda c, *a: tmp_path / "run")
+    summary = tmp_path / "run" / "oof_summary.json"
+    cache.write_json(summary, {"best_threshold": 0.5, "complete": False, "folds_missing": [1]})
+    cfg, _ = run_case(tmp_path, monkeypatch, **{"submit.threshold": "-1"})
+    out = submit.run(cfg)
+    side_path = tmp_path / "subs" / "mine.json"
+    side = json.loads(side_path.read_text())
+    assert side["threshold_source"] == str(summary) and side["threshold"] == 0.5
+    assert (side["oof_complete"], side["oof_folds_missing"]) == (False, [1])
+    assert "incomplete OOF summary (folds missing [1])" in capsys.readouterr().out
+    # The other folds finish, same best threshold: the CSV is cached, the sidecar follows the summary.
+    cache.write_json(summary, {"best_threshold": 0.5, "complete": True, "folds_missing": []})
+    before = out.read_bytes()
+    submit.run(cfg)
+    side = json.loads(side_path.read_text())
+    assert (side["oof_complete"], side["oof_folds_missing"]) == (True, [])
+    assert out.read_bytes() == before and side["submission_fingerprint"] == cache.file_fingerprint(out)
+    # A threshold from the config: no OOF fields at all.
+    cfg.submit.threshold = 0.5
+    submit.run(cfg)
+    side = json.loads(side_path.read_text())
+    assert side["threshold_source"] == "config submit.threshold" and not any(k.startswith("oof_") for k in side)
