@@ -2,18 +2,27 @@
 
 Checks, each reported with the file's line number (line 1 is the header):
 - the header is exactly ``img,rle_mask``;
-- row k holds the k-th id of ``sample_submission.csv`` (same ids, same order,
-  same count; a missing or extra row is reported once, at the line where it
-  appears);
+- the rows hold exactly the ids of ``sample_submission.csv``, once each, in its
+  order. Each id problem is named once, checked against a sample ``id -> row``
+  map: an **unknown id** (not in the sample), a **duplicate** (naming the line of
+  the first occurrence), a row **out of order** (row i holds the sample's row k;
+  the fewest rows that, moved, restore the order: those off the longest run of
+  rows already in sample order), and **missing ids** (one problem after the last
+  line: how many, and the first few with their sample rows). A missing row does
+  not make the rows after it "out of order", nor does a swap look like a
+  missing row;
 - every ``rle_mask`` is empty (an empty mask) or an even count of positive
   integers ``start length ...`` with starts strictly increasing, runs that do
   not overlap, and the last pixel within H*W of that image.
 
+Rows are counted from 1 without the header: row i is on line i + 1.
+
 The submission is read row by row (plain or .gz), so checking 100k rows holds
-one row at a time plus the sample's ids.
+one row at a time plus the sample's ids, the ids seen and one int per row.
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
 import re
@@ -119,6 +128,12 @@ class Report:
         if len(self.problems) < limit:
             self.problems.append(Problem(line, img, message))
 
+    def merge(self, found: list[Problem], limit: int) -> None:
+        """Add problems found after the pass (out of order rows), keeping the listed ones the
+        first ``limit`` by line: any problem beyond the first ``limit`` of either list cannot be."""
+        self.n_problems += len(found)
+        self.problems = sorted(self.problems + found[:limit], key=lambda q: q.line)[:limit]
+
     def summary(self) -> str:
         if self.ok:
             return f"{self.path}: OK ({self.rows} rows)"
@@ -156,52 +171,99 @@ def sizes_from(size: tuple[int, int] | dict | None = None, images_dir: str | Pat
     raise PipelineError("need image sizes: --size HxW, --index test_index.csv or a test image folder")
 
 
+def out_of_order(positions: list[int]) -> list[int]:
+    """Indices of the fewest entries to move to put ``positions`` (distinct) in increasing order:
+    those off one longest increasing subsequence, found in O(n log n).
+    [0, 2, 1, 3] -> [1] (an adjacent swap is one row out of order); [3, 0, 1, 2] -> [0]."""
+    tails, tail_at, prev = [], [], [-1] * len(positions)   # patience sorting with back-links
+    for j, v in enumerate(positions):
+        k = bisect.bisect_left(tails, v)
+        if k == len(tails):
+            tails.append(v)
+            tail_at.append(j)
+        else:
+            tails[k], tail_at[k] = v, j
+        prev[j] = tail_at[k - 1] if k else -1
+    keep = set()
+    j = tail_at[-1] if tail_at else -1
+    while j >= 0:
+        keep.add(j)
+        j = prev[j]
+    return [j for j in range(len(positions)) if j not in keep]
+
+
 def validate_submission(path: str | Path, sample_ids: list[str], size_of: SizeOf,
                         max_problems: int = 20) -> Report:
-    """Check a submission file against the sample's ids (in order) and each image's (H, W)."""
+    """Check a submission file against the sample's ids (in order) and each image's (H, W).
+
+    Returns a Report: every problem counted, the first ``max_problems`` by line listed (the
+    missing-ids summary, when there is one, always among them).
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: submission not found")
     rep = Report(str(path), expected_rows=len(sample_ids))
+    position = {}                       # sample id -> its 0-based row in the sample
+    for k, i in enumerate(sample_ids):
+        position.setdefault(i, k)
+    seen: dict[str, int] = {}           # id -> line of its first occurrence
+    order_lines: list[int] = []         # first occurrences of sample ids: line, sample row
+    order_pos: list[int] = []
     rows = iter_rows(path)
     try:
         _, header = next(rows, (1, []))
         if header != HEADER:
             rep.add(1, "", f"header must be 'img,rle_mask', got {','.join(header)!r}", max_problems)
-        k = 0  # position in the sample
         for line, fields in rows:
             rep.rows += 1
+            img = fields[0] if fields else ""
+            known = img in position
+            if known and img in seen:
+                rep.add(line, img, f"duplicate of line {seen[img]} (row {seen[img] - 1})", max_problems)
+            elif known:
+                seen[img] = line
+                order_lines.append(line)
+                order_pos.append(position[img])
+            elif img:
+                rep.add(line, img, "unknown id: not in the sample submission", max_problems)
             if len(fields) != 2:
-                rep.add(line, fields[0] if fields else "", f"expected 2 fields, got {len(fields)}", max_problems)
-                k += 1
+                rep.add(line, img, f"expected 2 fields, got {len(fields)}", max_problems)
                 continue
-            img, rle = fields
-            if k >= len(sample_ids):
-                rep.add(line, img, f"extra row: the sample has only {len(sample_ids)} rows", max_problems)
+            if not known:
                 continue
-            if img != sample_ids[k]:
-                if k + 1 < len(sample_ids) and img == sample_ids[k + 1]:
-                    rep.add(line, img, f"missing row for {sample_ids[k]} (row {k + 1} of the sample)",
-                            max_problems)
-                    k += 1  # resynchronise: this row is the sample's next one
-                elif k > 0 and img == sample_ids[k - 1]:
-                    rep.add(line, img, "duplicate of the previous row", max_problems)
-                    continue
-                else:
-                    rep.add(line, img, f"expected id {sample_ids[k]} (row {k + 1} of the sample)", max_problems)
-                    k += 1
-                    continue
             h, w = size_of(img)
-            msg = rle_problem(rle, h * w)
+            msg = rle_problem(fields[1], h * w)
             if msg:
                 rep.add(line, img, f"rle_mask: {msg} (image {w}x{h})", max_problems)
-            k += 1
     except (UnicodeDecodeError, csv.Error, OSError, EOFError) as e:
         rep.add(rep.rows + 2, "", f"unreadable: {e}", max_problems)
         return rep
-    if k < len(sample_ids):
-        rep.add(rep.rows + 2, "", f"{len(sample_ids) - k} row(s) missing at the end, from {sample_ids[k]}",
-                max_problems)
+    moved = out_of_order(order_pos)
+    if moved:
+        kept = sorted(set(range(len(order_pos))) - set(moved))
+        kept_pos = [order_pos[j] for j in kept]
+        found = []
+        for j in moved:
+            line, k = order_lines[j], order_pos[j]
+            # Where it belongs among the rows that are in order: after the last of them that the
+            # sample puts before it, before the first that the sample puts after it.
+            b = bisect.bisect_right(kept_pos, k)
+            after = f"line {order_lines[kept[b - 1]]} ({sample_ids[kept_pos[b - 1]]})" if b > 0 else ""
+            before = f"line {order_lines[kept[b]]} ({sample_ids[kept_pos[b]]})" if b < len(kept) else ""
+            where = (f", which belongs between {after} and {before}" if after and before
+                     else f", which belongs after {after}" if after else f", which belongs before {before}" if before
+                     else "")
+            found.append(Problem(line, sample_ids[k],
+                                 f"out of order: row {line - 1} holds the sample's row {k + 1}{where}"))
+        rep.merge(sorted(found, key=lambda q: q.line), max_problems)
+    if len(seen) < len(position):
+        missing = [k for i, k in position.items() if i not in seen]
+        missing.sort()
+        first = ", ".join(f"{sample_ids[k]} (row {k + 1})" for k in missing[:3])
+        if len(rep.problems) >= max_problems > 0:
+            rep.problems.pop()          # the summary matters more than the last row listed
+        rep.add(rep.rows + 2, "", f"{len(missing)} id(s) of the sample missing: {first}"
+                + (", ..." if len(missing) > 3 else ""), max_problems)
     return rep
 
 
@@ -231,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", help="one WxH for every image, e.g. 1918x1280 (Kaggle)")
     ap.add_argument("--index", help="prepare's test_index.csv (orig_height, orig_width per img)")
     ap.add_argument("--images", help="test image folder, sizes from JPEG headers "
-                                     "(default: test/ beside the sample)")
+                                     "(default: the --test-dir folder beside the sample)")
+    ap.add_argument("--test-dir", default="test",
+                    help="test image folder name beside the sample, as data.test_dir (e.g. test_hq; "
+                         "default: %(default)s)")
     ap.add_argument("--max-problems", type=int, default=20)
     a = ap.parse_args(argv)
     try:
@@ -241,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         elif a.index:
             size_of = sizes_from(sizes_from_index(a.index))
         else:
-            size_of = sizes_from(images_dir=a.images or Path(a.sample).parent / "test")
+            images = Path(a.images) if a.images else Path(a.sample).parent / a.test_dir
+            if not images.is_dir():
+                raise PipelineError(f"{images}: no test image folder to read sizes from "
+                                    "(--test-dir NAME beside the sample, --images DIR, --index or --size)")
+            size_of = sizes_from(images_dir=images)
         rep = validate_submission(a.submission, ids, size_of, a.max_problems)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -78,28 +78,87 @@ def test_header(tmp_path):
     assert [p.line for p in rep.problems] == [1] and "header" in rep.problems[0].message
 
 
+def problems(rep):
+    return [(p.line, p.img, p.message) for p in rep.problems]
+
+
 def test_missing_row(tmp_path):
     rows = [r for r in GOOD.items() if r[0] != "car_03.jpg"]
     rep = check(tmp_path, rows)
-    assert [(p.line, p.message.split(" (")[0]) for p in rep.problems] == [(4, "missing row for car_03.jpg")]
+    # One problem: the rows after it are in order, not "out of order" or "expected id".
+    assert problems(rep) == [(6, "", "1 id(s) of the sample missing: car_03.jpg (row 3)")]
 
 
-def test_missing_rows_at_end_and_extra_rows(tmp_path):
-    rep = check(tmp_path, list(GOOD.items())[:3])
-    assert rep.n_problems == 1 and "2 row(s) missing at the end, from car_04.jpg" in rep.problems[0].message
+def test_missing_rows_at_end_and_unknown_rows(tmp_path):
+    rep = check(tmp_path, list(GOOD.items())[:1] + list(GOOD.items())[2:3])
+    assert problems(rep) == [(4, "", "3 id(s) of the sample missing: car_02.jpg (row 2), car_04.jpg (row 4), "
+                                     "car_05.jpg (row 5)")]
+    rep = check(tmp_path, [])
+    assert problems(rep) == [(2, "", "5 id(s) of the sample missing: car_01.jpg (row 1), car_02.jpg (row 2), "
+                                     "car_03.jpg (row 3), ...")]
     rep = check(tmp_path, list(GOOD.items()) + [("car_06.jpg", "1 1")])
-    assert [p.line for p in rep.problems] == [7] and "extra row" in rep.problems[0].message
+    assert problems(rep) == [(7, "car_06.jpg", "unknown id: not in the sample submission")]
 
 
-def test_wrong_order_and_duplicate(tmp_path):
+def test_swapped_rows(tmp_path):
     rows = list(GOOD.items())
     rows[1], rows[2] = rows[2], rows[1]
     rep = check(tmp_path, rows)
-    assert rep.n_problems >= 1 and rep.problems[0].line == 3
+    # The fewest rows to move: one (not a false "missing row" and a "duplicate").
+    assert problems(rep) == [(3, "car_03.jpg", "out of order: row 2 holds the sample's row 3, "
+                                               "which belongs between line 4 (car_02.jpg) and line 5 (car_04.jpg)")]
     rows = list(GOOD.items())
-    rows.insert(2, rows[1])
+    rows = rows[1:] + rows[:1]                                      # the first row moved to the end
+    assert problems(check(tmp_path, rows)) == [
+        (6, "car_01.jpg", "out of order: row 5 holds the sample's row 1, which belongs before line 2 (car_02.jpg)")]
+    rows = list(GOOD.items())
+    rows = rows[-1:] + rows[:-1]                                    # the last row moved first
+    assert problems(check(tmp_path, rows)) == [
+        (2, "car_05.jpg", "out of order: row 1 holds the sample's row 5, which belongs after line 6 (car_04.jpg)")]
+
+
+def test_duplicates_adjacent_and_not(tmp_path):
+    rows = list(GOOD.items())
+    rows.insert(2, rows[1])                                         # car_02 twice in a row
+    assert problems(check(tmp_path, rows)) == [(4, "car_02.jpg", "duplicate of line 3 (row 2)")]
+    rows = list(GOOD.items())
+    rows[3] = rows[0]                                               # car_01 again in car_04's place
+    assert problems(check(tmp_path, rows)) == [
+        (5, "car_01.jpg", "duplicate of line 2 (row 1)"),
+        (7, "", "1 id(s) of the sample missing: car_04.jpg (row 4)")]
+
+
+def test_unknown_id_in_place_of_a_row(tmp_path):
+    rows = list(GOOD.items())
+    rows[2] = ("car_99.jpg", "7 2")
+    assert problems(check(tmp_path, rows)) == [
+        (4, "car_99.jpg", "unknown id: not in the sample submission"),
+        (7, "", "1 id(s) of the sample missing: car_03.jpg (row 3)")]
+
+
+def test_every_kind_at_once_listed_by_line_with_the_cap(tmp_path):
+    rows = list(GOOD.items())
+    rows = [rows[1], rows[0], ("car_01.jpg", ""), ("zz.jpg", ""), rows[3]]   # car_03, car_05 missing
     rep = check(tmp_path, rows)
-    assert any(p.line == 4 and "duplicate" in p.message for p in rep.problems)
+    assert problems(rep) == [
+        (2, "car_02.jpg", "out of order: row 1 holds the sample's row 2, which belongs between line 3 (car_01.jpg) "
+                          "and line 6 (car_04.jpg)"),
+        (4, "car_01.jpg", "duplicate of line 3 (row 2)"),
+        (5, "zz.jpg", "unknown id: not in the sample submission"),
+        (7, "", "2 id(s) of the sample missing: car_03.jpg (row 3), car_05.jpg (row 5)")]
+    capped = validate_submission(write(tmp_path, rows), IDS, SIZE, max_problems=2)
+    assert capped.n_problems == 4 and len(capped.problems) == 2
+    assert [p.line for p in capped.problems] == [2, 7]                # the missing summary is always listed
+    assert "... and 2 more" in capped.summary()
+
+
+def test_out_of_order_is_the_fewest_rows_to_move():
+    from pipeline.validate import out_of_order
+    assert out_of_order([0, 1, 2]) == []
+    assert out_of_order([0, 2, 1, 3]) == [1]
+    assert out_of_order([9, 0, 1, 2, 3]) == [0]                     # the last row moved first: one row, not all
+    assert out_of_order([1, 2, 3, 0]) == [3]
+    assert len(out_of_order([4, 3, 2, 1, 0])) == 4
 
 
 def test_wrong_field_count(tmp_path):
@@ -170,3 +229,23 @@ def test_sizes_from_jpeg_headers_and_index(tmp_path, capsys):
     index = tmp_path / "test_index.csv"
     index.write_text("img,id,orig_height,orig_width\n" + "".join(f"{i},{i[:-4]},6,8\n" for i in IDS))
     assert main([str(good), "--sample", str(sample), "--index", str(index)]) == 0
+
+
+def test_test_dir_option_reads_sizes_from_that_folder(tmp_path, capsys):
+    """data.test_dir=test_hq: sizes come from <raw>/test_hq, not from a test/ of another size."""
+    import cv2
+    import numpy as np
+
+    from pipeline.validate import main
+    for name, (h, w) in (("test", (4, 8)), ("test_hq", (6, 8))):    # test/ would reject "40 9" (32 px)
+        (tmp_path / name).mkdir()
+        for i in IDS:
+            cv2.imwrite(str(tmp_path / name / i), np.zeros((h, w, 3), np.uint8))
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("img,rle_mask\n" + "".join(f"{i},1 1\n" for i in IDS))
+    good = write(tmp_path, list(GOOD.items()), name="good.csv")
+    assert main([str(good), "--sample", str(sample)]) == 1            # default: test/
+    assert main([str(good), "--sample", str(sample), "--test-dir", "test_hq"]) == 0
+    capsys.readouterr()
+    assert main([str(good), "--sample", str(sample), "--test-dir", "nope"]) == 2
+    assert "nope: no test image folder" in capsys.readouterr().err
