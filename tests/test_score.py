@@ -54,31 +54,77 @@ def test_hand_computed(tmp_path, masks):
     want = [8 / 13, 1.0, 2 / 3]
     assert [v for _, v in res.per_image] == pytest.approx(want)
     assert res.mean_dice == pytest.approx(np.mean(want))
+    assert not res.partial and res.n_masks == 3
     # Anything predicted on an empty truth scores 0.
-    res = score_submission(write_sub(tmp_path, [("a_02.jpg", "1 1")]), d, workers=1)
-    assert res.mean_dice == 0.0
+    res = score_submission(write_sub(tmp_path, [("a_01.jpg", "8 5"), ("a_02.jpg", "1 1"), ("a_03.jpg", "1 12")]),
+                           d, workers=1)
+    assert res.per_image[1] == ("a_02.jpg", 0.0)
 
 
 def test_errors_name_the_line(tmp_path, masks):
     d, _ = masks
-    with pytest.raises(PipelineError, match=r"line 2 \(zz_01.jpg\): no true mask"):
-        score_submission(write_sub(tmp_path, [("zz_01.jpg", "")]), d, workers=1)
-    with pytest.raises(PipelineError, match=r"line 2 \(a_01.jpg\): invalid rle_mask"):
-        score_submission(write_sub(tmp_path, [("a_01.jpg", "20 10")]), d, workers=1)
+    with pytest.raises(PipelineError, match=r"line 3 \(a_01.jpg\): invalid rle_mask"):
+        score_submission(write_sub(tmp_path, [("a_02.jpg", ""), ("a_01.jpg", "20 10"), ("a_03.jpg", "")]), d,
+                         workers=1)
+
+
+PERFECT = [("a_01.jpg", "8 4 14 4"), ("a_02.jpg", ""), ("a_03.jpg", "1 24")]   # the true masks' RLE
+
+
+def test_incomplete_submission_is_refused_naming_what_is_wrong(tmp_path, masks):
+    """A mean over the rows present would inflate the score (drop a badly predicted image, repeat a good one)."""
+    d, _ = masks
+    perfect = score_submission(write_sub(tmp_path, PERFECT), d, workers=1)
+    assert perfect.mean_dice == 1.0
+    bad_01 = [("a_01.jpg", "1 1")] + PERFECT[1:]
+    with pytest.raises(PipelineError, match=r"1 of 3 true masks' images have no row, e\.g\. a_01\. .*--partial"):
+        score_submission(write_sub(tmp_path, PERFECT[1:]), d, workers=1)
+    with pytest.raises(PipelineError, match=r"1 image\(s\) have more than one row, e\.g\. a_02 \(lines 3, 5\)"):
+        score_submission(write_sub(tmp_path, bad_01 + [("a_02.jpg", "")]), d, workers=1)
+    with pytest.raises(PipelineError, match=r"1 row\(s\) have no true mask, e\.g\. line 5 \(zz_01\.jpg\)"):
+        score_submission(write_sub(tmp_path, bad_01 + [("zz_01.jpg", "")]), d, workers=1)
+    # All three at once, in one message.
+    with pytest.raises(PipelineError, match=r"have no row.*more than one row.*no true mask"):
+        score_submission(write_sub(tmp_path, PERFECT[1:] + [("a_02.jpg", ""), ("zz.jpg", "")]), d, workers=1)
+
+
+def test_partial_scores_the_intersection_and_says_so(tmp_path, masks):
+    d, _ = masks
+    rows = [("a_01.jpg", "1 1"), ("a_02.jpg", ""), ("a_02.jpg", "1 24"), ("zz_01.jpg", "1 1")]   # a_03 missing
+    res = score_submission(write_sub(tmp_path, rows), d, workers=1, partial=True)
+    assert res.partial and res.n_images == 2 and res.n_masks == 3
+    assert res.per_image == [("a_01.jpg", 0.0), ("a_02.jpg", 1.0)]          # first row of a_02 only
+    assert "a_03" in res.coverage_problems and "zz_01" in res.coverage_problems
+    assert res.to_dict()["partial"] is True
+    full = score_submission(write_sub(tmp_path, PERFECT), d, workers=1, partial=True)
+    assert not full.partial and full.n_images == 3                         # complete: nothing to say
 
 
 def test_real_masks_cli(tmp_path, shared_data):
-    """carvana512 test masks: their own RLE scores 1, an all-empty submission scores 0 (cars everywhere)."""
+    """carvana512 test masks: their own RLE scores 1, an all-empty submission scores 0 (cars everywhere);
+    6 rows against the whole folder of 496 are refused, or scored with --partial and said loudly."""
+    import shutil
     masks_dir = shared_data / "carvana512" / "test_masks"
     files = sorted(masks_dir.glob("*_mask.gif"))[:6]
     if not files:
         pytest.skip("no carvana512 test masks")
+    six = tmp_path / "six_masks"
+    six.mkdir()
+    for f in files:
+        shutil.copy(f, six / f.name)
     imgs = [f.name.replace("_mask.gif", ".jpg") for f in files]
     exact = write_sub(tmp_path, [(i, rle.encode(np.array(Image.open(f)))) for i, f in zip(imgs, files)])
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "score.py"), str(exact), str(masks_dir),
-                          "--workers", "2"], capture_output=True, text=True)
+    cmd = [sys.executable, str(REPO / "scripts" / "score.py"), str(exact)]
+    out = subprocess.run(cmd + [str(six), "--workers", "2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "mean Dice 1.000000 over 6 images" in out.stdout
+    assert "mean Dice 1.000000 over 6 images (" in out.stdout and "PARTIAL" not in out.stdout
+    refused = subprocess.run(cmd + [str(masks_dir), "--workers", "1"], capture_output=True, text=True)
+    n = len(list(masks_dir.glob("*_mask.gif")))
+    assert refused.returncode == 2 and f"{n - 6} of {n} true masks' images have no row" in refused.stderr
+    part = subprocess.run(cmd + [str(masks_dir), "--workers", "1", "--partial"], capture_output=True, text=True)
+    assert part.returncode == 0, part.stderr
+    assert f"PARTIAL SCORE: 6 of {n} true masks' images scored" in part.stdout and "PARTIAL" in part.stderr
+    assert "mean Dice 1.000000 over 6 images (PARTIAL)" in part.stdout
     empty = tmp_path / "empty.csv"
     empty.write_text("img,rle_mask\n" + "".join(f"{i},\n" for i in imgs))
-    assert score_submission(empty, masks_dir, workers=1).mean_dice == 0.0
+    assert score_submission(empty, six, workers=1).mean_dice == 0.0
