@@ -12,9 +12,11 @@ Caching (the DVC idea, in-process):
 - Per-image outputs are content-addressed under ``<cache>/prepare/files/``:
   ``full/<id>.<h>.png`` (full-size mask, keyed by the mask file and code),
   ``<H>x<W>-<fit>/<id>.<h>.png|_mask.png|.json`` (resized image, resized mask and a
-  record of the validation result; keyed by image, mask, RLE row, size and code).
+  record of the validation result; keyed by image, mask, RLE row, size and code),
+  ``test_checks/<code>/<h>.json`` (test image checks, one entry per file keyed by
+  its directory, name, size and mtime).
   A new key (10 images added, a new size) therefore re-uses every output that
-  is still valid and processes only what is new. Old outputs stay until
+  is still valid and processes (or checks) only what is new. Old outputs stay until
   ``make clean-cache``.
 - Every file is written to a temp name and renamed (``pipeline.cache``); the
   per-image record is written after its PNGs and the manifest after everything,
@@ -51,10 +53,12 @@ from tqdm import tqdm
 from . import cache, rle
 from .config import Config, ConfigError, PipelineError, stable_hash
 from .folds import make_folds
-from .ingest import BadFile, Issue, Listing, decode_image, decode_mask, jpeg_header, list_dir, read_csv
+from .ingest import (IMAGE_EXTS, MASK_SUFFIX, BadFile, Issue, Listing, check_test_image, decode_image,
+                     decode_mask, list_dir, overlap_issues, read_csv)
+from .validate import rle_problem
 
 STAGE = "prepare"
-CODE_VERSION = "prepare-2"          # bump when outputs change for the same inputs
+CODE_VERSION = "prepare-3"          # bump when outputs change for the same inputs
 RUN_ONLY = ("workers", "strict", "chunk_size")   # knobs that never change the artifacts
 FITS = ("stretch", "pad")
 PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]           # level 1: ~fastest, larger levels gain <5% here
@@ -64,6 +68,8 @@ TRAIN_COLS = ["id", "car_id", "view", "image", "mask", "mask_full", "orig_height
 TEST_COLS = ["img", "id", "path", "orig_height", "orig_width", *GEOM_COLS]
 SUMMARY_ISSUES = 10                 # issues printed in the summary; the report has all
 STALE_TEMP_S = 600                  # a temp file this old was left by a killed run (writes take ms)
+TEST_CHUNK = 1024                   # test images per worker task and per check-cache file
+TEST_CACHE_FILES = 16               # more check-cache files than this are merged into one
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -160,7 +166,8 @@ def _scan(cfg: Config) -> Scan:
     test = list_dir(raw / cfg.data.test_dir, cfg.data.test_dir, "image")
     csvs = {name: (raw / name if (raw / name).is_file() else None)
             for name in ("train_masks.csv", "sample_submission.csv", "metadata.csv")}
-    return Scan(raw, train, masks, test, csvs, train.issues + masks.issues + test.issues)
+    overlap = overlap_issues(train, test, cfg.data.train_dir, cfg.data.test_dir)
+    return Scan(raw, train, masks, test, csvs, train.issues + masks.issues + test.issues + overlap)
 
 
 def _params(cfg: Config) -> dict:
@@ -203,6 +210,8 @@ def _check_cfg(cfg: Config) -> None:
         raise ConfigError(f"prepare.fit='{p.fit}': choose one of {', '.join(FITS)}")
     if p.chunk_size < 1:
         raise ConfigError(f"prepare.chunk_size={p.chunk_size}: must be >= 1")
+    if p.workers == 0:
+        raise ConfigError("prepare.workers=0: use -1 for all cores or a positive count")
 
 
 def artifact_dir(cfg: Config) -> Path:
@@ -261,7 +270,12 @@ def _process_one(job: dict) -> dict:
                              f"{mask.shape[1]}x{mask.shape[0]}")))
     if job["rle"] is not None:
         mine, theirs = rle.encode(mask), " ".join(job["rle"].split())
-        if mine != theirs:
+        why = None if mine == theirs else rle_problem(theirs, mask.size)   # only a mismatch can be malformed
+        if why:
+            # Not an RLE at all, so it cannot contradict the GIF: the GIF stays the truth.
+            rec["issues"].append(Issue("train_masks.csv", "rle_malformed", "warning",
+                                       f"row for '{job['id']}': {why}; the mask GIF is used").to_dict())
+        elif mine != theirs:
             n_csv = sum(int(n) for n in theirs.split()[1::2]) if theirs else 0
             return _finish(root, job, bad(job["rel_mask"], BadFile(
                 "rle_mismatch", f"train_masks.csv RLE ({n_csv} px) disagrees with the GIF "
@@ -288,11 +302,12 @@ def _process_chunk(jobs: list[dict]) -> list[dict]:
     return [_process_one(j) for j in jobs]
 
 
-def _headers_chunk(items: list[tuple[str, str]]) -> list[tuple[str, dict]]:
+def _check_test_chunk(items: list[tuple[str, str]]) -> list[tuple[str, dict]]:
+    """[(id, path)] -> [(id, header dict or {"error": kind, "reason"})]; never raises for a bad file."""
     out = []
     for i, path in items:
         try:
-            out.append((i, jpeg_header(Path(path))))
+            out.append((i, check_test_image(Path(path))))
         except BadFile as e:
             out.append((i, {"error": e.kind, "reason": e.reason}))
     return out
@@ -328,7 +343,7 @@ def _chunks(items: list, size: int, workers: int) -> list[list]:
 @dataclass
 class Result:
     dir: Path
-    stats: dict          # processed / reused / train_ok / left_out / test_ok / problems / cached
+    stats: dict   # processed / reused / train_ok / left_out / test_ok / test_checked / test_reused / problems / cached
 
 
 def run(cfg: Config) -> Path:
@@ -345,7 +360,8 @@ def execute(cfg: Config) -> Result:
     key = cache.stage_key(params, CODE_VERSION, inputs)
     out = cache.stage_dir(cfg.data.cache, STAGE, key)
     if cache.is_complete(out):
-        stats = dict(cache.read_manifest(out)["stats"], processed=0, reused=0, cached=True)
+        stats = dict(cache.read_manifest(out)["stats"], processed=0, reused=0, test_checked=0, test_reused=0,
+                     cached=True)
         print(f"prepare: cached, nothing to do ({stats['train_ok']} train, {stats['test_ok']} test images, "
               f"{stats['problems']} problem(s)) -> {out}")
         _strict(cfg, stats["problems"], out)
@@ -377,11 +393,12 @@ def execute(cfg: Config) -> Result:
     folds = make_folds(train, p.n_folds, p.seed, p.stratify)
     train["fold"] = folds["fold"].values
 
-    test, test_issues = _test_index(cfg, scan, frames.get("sample_submission.csv"), root)
+    checks, test_checked, test_reused = _test_checks(cfg, scan, root)
+    test, test_issues = _test_index(cfg, scan, frames.get("sample_submission.csv"), checks)
     issues += test_issues
 
     counts = {"train_images": len(scan.train.files), "train_masks": len(scan.masks.files),
-              "train_ok": len(train), "train_left_out": _left_out(cfg, issues),
+              "train_ok": len(train), "train_left_out": _left_out(cfg, issues, train["id"]),
               "test_images": len(scan.test.files), "test_ok": len(test),
               "folds": {int(k): int(v) for k, v in train.fold.value_counts().sort_index().items()}}
     out.mkdir(parents=True, exist_ok=True)
@@ -390,14 +407,15 @@ def execute(cfg: Config) -> Result:
     cache.write_text(out / "test_index.csv", test[TEST_COLS].to_csv(index=False))
     report = _write_report(out, key, cfg, scan, issues, counts)
     stats = {"processed": processed, "reused": reused, "train_ok": len(train),
-             "left_out": counts["train_left_out"], "test_ok": len(test), "problems": len(issues),
-             "cached": False}
+             "left_out": counts["train_left_out"], "test_ok": len(test), "test_checked": test_checked,
+             "test_reused": test_reused, "problems": len(issues), "cached": False}
     cache.write_manifest(out, stage=STAGE, key=key, params=params, inputs=inputs,
                          outputs={n: n for n in ("train_index.csv", "folds.csv", "test_index.csv",
                                                  "prepare_report.json")},
                          config=cfg.to_dict(), extra={"code_version": CODE_VERSION, "stats": stats})
     _print_summary(out, report, stats, issues)
-    _sweep_temps([root / "files" / "full", root / Path(jobs[0]["image_out"]).parent, out])
+    _sweep_temps([root / "files" / "full", root / Path(jobs[0]["image_out"]).parent,
+                  root / "files" / "test_checks" / CODE_VERSION, out])
     _strict(cfg, len(issues), out)
     return Result(out, stats)
 
@@ -417,9 +435,28 @@ def _sweep_temps(dirs: list[Path]) -> int:
     return n
 
 
-def _left_out(cfg: Config, issues: list[Issue]) -> int:
-    """Train files left out: one error per bad image, mask or pair."""
-    return sum(i.level == "error" and i.file.split("/")[0] in (cfg.data.train_dir, "train_masks") for i in issues)
+def _pair_stem(file: str, train_dir: str) -> str | None:
+    """The id part of a train image or mask name in a report ("train/<s>.jpg", "train_masks/<s>_mask.gif"),
+    valid or not; None for other files (CSVs, unexpected names)."""
+    folder, _, name = file.partition("/")
+    if folder == train_dir and name.lower().endswith(IMAGE_EXTS):
+        return name.rpartition(".")[0]
+    if folder == "train_masks" and name.lower().endswith(MASK_SUFFIX):
+        return name[: -len(MASK_SUFFIX)]
+    return None
+
+
+def _left_out(cfg: Config, issues: list[Issue], kept_ids) -> int:
+    """Train pairs left out: distinct ids of train images and masks with an error that are not in
+    train_index.csv.
+
+    Every pair that is left out has an error on its image or its mask (bad file, bad pair,
+    missing partner, bad name), and it counts once however many errors it has: a bad id
+    on an image and on its mask is one pair. A dropped duplicate (``.jpeg`` beside a kept
+    ``.jpg``) is not a pair left out; names that are neither images nor masks do not count.
+    """
+    stems = {_pair_stem(i.file, cfg.data.train_dir) for i in issues if i.level == "error"}
+    return len(stems - {None} - set(kept_ids))
 
 
 def _train_jobs(cfg: Config, scan: Scan, masks_csv: pd.DataFrame | None, root: Path) -> tuple[list[dict], list[Issue]]:
@@ -475,32 +512,83 @@ def _run_jobs(jobs: list[dict], root: Path, p) -> tuple[dict[str, dict], int, in
     return records, len(todo), reused
 
 
-def _test_headers(cfg: Config, scan: Scan, root: Path) -> dict[str, dict]:
-    """id -> header dict (or {"error", "reason"}) for every test image; cached per test-dir fingerprint."""
-    files = scan.test.files
-    h = stable_hash({"code": CODE_VERSION, "dir": cfg.data.test_dir,
-                     "files": scan.test.fingerprint()})
-    path = root / "files" / "test_headers" / f"{h}.json"
-    if path.is_file():
-        return cache.read_json(path)
-    items = [(i, scan.test.path(i)) for i in sorted(files)]
+def _test_check_key(test_dir: str, fp: list) -> str:
+    """A test file's identity for the check cache: directory name, file name, size, mtime_ns."""
+    name, size, mtime_ns = fp
+    return f"{test_dir}/{name}:{size}:{mtime_ns}"
+
+
+def _read_test_checks(d: Path) -> tuple[dict[str, dict], list[Path]]:
+    """All cached test checks under ``d`` (key -> result), and the files they came from.
+
+    A file that vanished (a concurrent run merged it) or cannot be parsed is skipped:
+    it is only a cache, so its images are checked again.
+    """
+    known: dict[str, dict] = {}
+    files = []
+    for p in sorted(p for p in d.glob("*.json") if not p.name.startswith(".")):   # not temp files
+        try:
+            known.update(cache.read_json(p))
+            files.append(p)
+        except (OSError, ValueError):
+            continue
+    return known, files
+
+
+def _write_test_checks(d: Path, entries: dict[str, dict]) -> Path:
+    """One cache file for ``entries``, named by the hash of its keys (same entries, same file)."""
+    path = d / f"{stable_hash(sorted(entries), n=16)}.json"
+    cache.write_json(path, entries)
+    return path
+
+
+def _test_checks(cfg: Config, scan: Scan, root: Path) -> tuple[dict[str, dict], int, int]:
+    """id -> check result (``ingest.check_test_image`` dict or {"error", "reason"}) for every test image.
+
+    Returns (results, checked, reused). Each file's result is cached under its own
+    fingerprint in ``files/test_checks/<CODE_VERSION>/``, so adding 10 images to 100,064
+    checks those 10. New results are written one file per finished chunk (a killed run
+    resumes where it stopped); past TEST_CACHE_FILES files they are merged into one.
+    """
+    d = root / "files" / "test_checks" / CODE_VERSION
+    known, files = _read_test_checks(d)
+    fps = {f[0]: f for f in scan.test.fingerprints}
+    keys = {i: _test_check_key(cfg.data.test_dir, fps[name]) for i, name in scan.test.files.items()}
+    results = {i: known[k] for i, k in keys.items() if k in known}
+    todo = [(i, scan.test.path(i)) for i in sorted(keys) if keys[i] not in known]
     p = cfg.prepare
-    headers: dict[str, dict] = {}
-    for res in _parallel(_headers_chunk, _chunks(items, 1024, p.workers), p.workers, len(items), "test headers"):
-        headers.update(res)
-    cache.write_json(path, headers)
-    return headers
+    for res in _parallel(_check_test_chunk, _chunks(todo, TEST_CHUNK, p.workers), p.workers, len(todo),
+                         "test checks"):
+        entries = {keys[i]: r for i, r in res}
+        files.append(_write_test_checks(d, entries))
+        known.update(entries)
+        results.update(res)
+    if len(files) > TEST_CACHE_FILES:
+        merged = _write_test_checks(d, known)   # written before the parts go: nothing is ever missing
+        for f in files:
+            if f != merged:
+                f.unlink(missing_ok=True)
+    return results, len(todo), len(keys) - len(todo)
 
 
-def _test_index(cfg: Config, scan: Scan, sample: pd.DataFrame | None, root: Path) -> tuple[pd.DataFrame, list[Issue]]:
-    """test_index.csv rows in sample_submission.csv order (or sorted file order without it)."""
+def _test_index(cfg: Config, scan: Scan, sample: pd.DataFrame | None,
+                checks: dict[str, dict]) -> tuple[pd.DataFrame, list[Issue]]:
+    """test_index.csv rows in sample_submission.csv order (or sorted file order without it).
+
+    ``checks``: id -> ``_test_checks`` result. A test image that fails its check
+    (unreadable, truncated, corrupt data) is reported as an error with its name and
+    libjpeg's reason and gets no row here, as the header check always did. Predict
+    never sees it, and submit, which needs one row per sample_submission.csv image,
+    refuses to write the CSV and points at prepare_report.json: no submission ever
+    silently holds a made-up mask. Replace the file (or remove it from the sample,
+    for a local set) and rerun prepare: only that file is checked again.
+    """
     p, issues, rel = cfg.prepare, [], cfg.data.test_dir
     files = scan.test.files
     if not files:
         issues.append(Issue(f"{rel}/", "no_test_images", "warning",
                             f"{scan.raw / rel} is missing or holds no test images; test_index.csv is empty"))
         return pd.DataFrame(columns=TEST_COLS), issues
-    headers = _test_headers(cfg, scan, root)
     if sample is None:
         why = "missing" if scan.csvs["sample_submission.csv"] is None else "unusable"
         issues.append(Issue("sample_submission.csv", "no_sample_submission", "warning",
@@ -519,7 +607,7 @@ def _test_index(cfg: Config, scan: Scan, sample: pd.DataFrame | None, root: Path
         order = [i for i in sample_ids if i in files]
     rows = []
     for i in order:
-        hd = headers[i]
+        hd = checks[i]
         if "error" in hd:
             issues.append(Issue(f"{rel}/{files[i]}", hd["error"], "error", hd["reason"]))
             continue
@@ -538,8 +626,8 @@ def _write_report(out: Path, key: str, cfg: Config, scan: Scan, issues: list[Iss
               "test_dir": cfg.data.test_dir, "counts": counts, "problems": len(issues),
               "by_kind": dict(sorted(Counter(i.kind for i in issues).items())),
               "by_level": dict(sorted(Counter(i.level for i in issues).items())),
-              "checks": {"train": "full decode of every image and mask",
-                         "test": "JPEG header (size, mode) + end-of-image marker; no decode",
+              "checks": {"train": "full decode of every image and mask; strict JPEG stream decode",
+                         "test": "JPEG header (size, mode) + strict decode of the whole stream at 1/8 scale",
                          "rle": bool(cfg.prepare.check_rle and scan.csvs["train_masks.csv"])},
               "resize": {"height": cfg.prepare.height, "width": cfg.prepare.width, "fit": cfg.prepare.fit,
                          "image_interpolation": "INTER_AREA",
@@ -553,7 +641,8 @@ def _write_report(out: Path, key: str, cfg: Config, scan: Scan, issues: list[Iss
 def _print_summary(out: Path, report: Path, stats: dict, issues: list[Issue]) -> None:
     kinds = Counter(i.kind for i in issues)
     print(f"prepare: {stats['train_ok']} train pairs ({stats['processed']} processed, {stats['reused']} reused), "
-          f"{stats['left_out']} left out; {stats['test_ok']} test images; {len(issues)} problem(s)"
+          f"{stats['left_out']} left out; {stats['test_ok']} test images ({stats['test_checked']} checked, "
+          f"{stats['test_reused']} reused); {len(issues)} problem(s)"
           + (": " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) if kinds else ""))
     for i in sorted(issues, key=lambda i: (i.level != "error", i.file))[:SUMMARY_ISSUES]:
         print(f"  {i.level:7s} {i.file}: {i.reason}")

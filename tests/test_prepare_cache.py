@@ -164,3 +164,44 @@ def test_kill_9_mid_run_then_rerun_is_identical(tmp_path):
     clean = prepare.execute(_cfg(raw, tmp_path / "clean", **{"prepare.height": 224, "prepare.width": 320}))
     assert clean.stats["processed"] == 48
     assert _snapshot(resumed.dir) == _snapshot(clean.dir)
+
+
+def _add_test_images(raw: Path, tmp_path: Path, n: int) -> list[str]:
+    """Copy n test images of a new car into raw/test and append them to the sample submission."""
+    extra = synth.generate(tmp_path / "extra_test", train_cars=1, test_cars=1, height=H, width=W, seed=77, workers=1)
+    new = sorted(p.name for p in (extra / "test").glob("*.jpg"))[:n]
+    for name in new:
+        shutil.copy(extra / "test" / name, raw / "test")
+    sample = pd.read_csv(raw / "sample_submission.csv")
+    pd.concat([sample, pd.DataFrame({"img": new, "rle_mask": "1 1"})]).to_csv(raw / "sample_submission.csv",
+                                                                             index=False)
+    return new
+
+
+def test_adding_ten_test_images_checks_only_those(raw, tmp_path):
+    first = prepare.execute(_cfg(raw))
+    assert (first.stats["test_checked"], first.stats["test_reused"]) == (16, 0)
+    new = _add_test_images(raw, tmp_path, 10)
+    second = prepare.execute(_cfg(raw))
+    assert second.dir != first.dir
+    assert (second.stats["test_checked"], second.stats["test_reused"]) == (10, 16)
+    assert second.stats["test_ok"] == 26 and second.stats["problems"] == 0
+    assert set(s[:-4] for s in new) <= set(pd.read_csv(second.dir / "test_index.csv").id)
+    # A new size is a new key, but no test file changed: nothing to check.
+    third = prepare.execute(_cfg(raw, **{"prepare.height": 32, "prepare.width": 64}))
+    assert (third.stats["test_checked"], third.stats["test_reused"]) == (0, 26)
+    # A rewritten file has a new fingerprint: only it is checked again.
+    p = raw / "test" / new[0]
+    p.write_bytes(p.read_bytes() + b"\0")
+    fourth = prepare.execute(_cfg(raw))
+    assert (fourth.stats["test_checked"], fourth.stats["test_reused"]) == (1, 25)
+    assert read_manifest(fourth.dir)["stats"]["test_checked"] == 1
+
+
+def test_test_check_cache_files_are_merged(raw, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "TEST_CACHE_FILES", 2)
+    prepare.execute(_cfg(raw))                      # 4 chunks of 4 -> 4 files -> merged into one
+    d = Path(raw.parent / "cache" / "prepare" / "files" / "test_checks" / prepare.CODE_VERSION)
+    assert len([p for p in d.glob("*.json")]) == 1
+    again = prepare.execute(_cfg(raw, **{"prepare.seed": 3}))
+    assert (again.stats["test_checked"], again.stats["test_reused"]) == (0, 16)

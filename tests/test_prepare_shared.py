@@ -81,3 +81,27 @@ def test_half_size_jpeg_decode_of_a_real_car_matches_the_full_decode(shared_data
     assert half.shape == (640, 959, 3) and full.shape == (1280, 1918, 3)
     diff = np.abs(to_model(half, g, 128, 192).astype(int) - to_model(full, g, 128, 192).astype(int))
     assert diff.mean() < 0.2 and np.percentile(diff, 99) <= 2
+
+
+def test_strict_jpeg_check_on_real_photos(shared_data):
+    """Every real carvana512 JPEG and the real 1918x1280 photo pass the strict check (no false
+    alarms on Carvana's encoder), and the full-size photo with 4 KB zeroed mid-stream is caught,
+    though cv2 decodes it."""
+    import cv2
+
+    from pipeline.ingest import BadFile, check_jpeg_data
+    c512, full = shared_data / "carvana512", shared_data / "carvana_fullres"
+    if not (c512 / "train").is_dir():
+        pytest.skip("carvana512 not present")
+    paths = sorted((c512 / "train").glob("*.jpg")) + sorted((c512 / "test").glob("*.jpg"))
+    assert len(paths) >= 2000
+    for p in paths:
+        check_jpeg_data(p.read_bytes())
+    data = (full / "train" / "00087a6bd4dc_04.jpg").read_bytes()
+    check_jpeg_data(data)
+    mid = len(data) // 2
+    bad = data[:mid] + bytes(4096) + data[mid + 4096:]
+    assert cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR).shape == (1280, 1918, 3)
+    with pytest.raises(BadFile, match="Corrupt JPEG data") as e:
+        check_jpeg_data(bad)
+    assert e.value.kind == "corrupt"

@@ -322,3 +322,178 @@ def test_no_usable_pair_is_one_error_with_a_report(raw):
         prepare.execute(_cfg(raw))
     report = read_json(Path(str(e.value).rsplit("see ", 1)[1]))
     assert len(_issue(report, "missing_mask")) == 32
+
+
+# ---------------------------------------------------------------------------- audit: JPEG data, names, counts
+
+def _entropy_span(data: bytes) -> tuple[int, int]:
+    """(start, end) of a baseline JPEG's entropy-coded data: after the SOS header, up to FFD9."""
+    sos = data.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big"), data.rindex(b"\xff\xd9")
+
+
+def _zero_middle(data: bytes, n: int = 64) -> bytes:
+    a, b = _entropy_span(data)
+    mid = (a + b - n) // 2
+    return data[:mid] + bytes(n) + data[mid + n:]
+
+
+def test_corrupt_data_mid_stream_train_jpeg_left_out(raw):
+    i = _one(raw)
+    p = raw / "train" / f"{i}.jpg"
+    p.write_bytes(_zero_middle(p.read_bytes()))
+    # What made it slip through: cv2 decodes it (and fills the damage with grey).
+    assert cv2.imread(str(p)) is not None
+    res, rep = _run(raw)
+    [issue] = rep["issues"]
+    assert (issue["file"], issue["kind"], issue["level"]) == (f"train/{i}.jpg", "corrupt", "error")
+    assert "Corrupt JPEG data" in issue["reason"]              # libjpeg's own message
+    assert _train_ids(res) == _ids(raw) - {i} and res.stats["left_out"] == 1
+
+
+def _garbage_data(data: bytes) -> bytes:
+    """The same header and end marker around random entropy-coded bytes (no markers inside)."""
+    a, b = _entropy_span(data)
+    junk = np.random.default_rng(0).integers(0, 255, b - a, dtype=np.uint8).tobytes().replace(b"\xff", b"\x00")
+    return data[:a] + junk + data[b:]
+
+
+def test_test_jpeg_with_garbage_data_left_out_and_named(raw):
+    i = _one(raw, "test")
+    p = raw / "test" / f"{i}.jpg"
+    p.write_bytes(_garbage_data(p.read_bytes()))
+    assert cv2.imread(str(p)) is not None                      # predict would not notice either
+    res, rep = _run(raw)
+    [issue] = rep["issues"]
+    assert (issue["file"], issue["kind"], issue["level"]) == (f"test/{i}.jpg", "corrupt", "error")
+    assert "libjpeg" in issue["reason"]
+    assert i not in _test_ids(res) and len(_test_ids(res)) == 15
+    assert res.stats["test_checked"] == 16
+
+
+def test_exif_orientation_is_ignored_stored_pixels_kept(raw):
+    i = _one(raw)
+    p = raw / "train" / f"{i}.jpg"
+    stored = Image.open(p).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                           # Orientation: rotate 90 CW to display
+    stored.save(p, format="JPEG", quality=95, exif=exif.tobytes())
+    assert cv2.imread(str(p)).shape == (W, H, 3)               # cv2's default applies the rotation
+    res, rep = _run(raw)
+    assert rep["issues"] == []
+    assert _train_ids(res) == _ids(raw)
+    row = pd.read_csv(res.dir / "train_index.csv").set_index("id").loc[i]
+    assert (row.orig_height, row.orig_width) == (H, W)
+    out = cv2.imread(str(res.dir / row.image))[..., ::-1].astype(int)
+    assert np.abs(out - np.asarray(Image.open(p).convert("RGB")).astype(int)).mean() < 1   # unrotated pixels
+    from pipeline.data import read_image                      # predict reads the same pixels
+    assert read_image(str(p)).shape == (H, W, 3)
+
+
+@pytest.mark.parametrize("sub", ["train", "test"])
+def test_bytes_after_the_end_marker_are_accepted(raw, sub):
+    i = _one(raw, sub)
+    p = raw / sub / f"{i}.jpg"
+    p.write_bytes(p.read_bytes() + b"TRAILER " * 250)         # 2 KB after FFD9
+    res, rep = _run(raw)
+    assert rep["issues"] == []
+    assert i in (_train_ids(res) if sub == "train" else set(_test_ids(res)))
+
+
+@pytest.mark.parametrize("sub", ["train", "test"])
+def test_truncated_jpeg_still_caught(raw, sub):
+    i = _one(raw, sub)
+    p = raw / sub / f"{i}.jpg"
+    p.write_bytes(p.read_bytes()[:-2])                          # every data byte, only FFD9 missing
+    res, rep = _run(raw)
+    [issue] = rep["issues"]
+    assert (issue["file"], issue["kind"]) == (f"{sub}/{i}.jpg", "truncated")
+    assert i not in (_train_ids(res) if sub == "train" else set(_test_ids(res)))
+
+
+@pytest.mark.parametrize("bad_rle,why", [("abc def", "non-negative integers"), ("1 2 3", "odd count")])
+def test_malformed_rle_row_is_reported_and_the_gif_used(raw, bad_rle, why):
+    csv = pd.read_csv(raw / "train_masks.csv")
+    i = _one(raw)
+    csv.loc[csv.img == f"{i}.jpg", "rle_mask"] = bad_rle
+    csv.to_csv(raw / "train_masks.csv", index=False)
+    res, rep = _run(raw)
+    [issue] = rep["issues"]
+    assert (issue["file"], issue["kind"], issue["level"]) == ("train_masks.csv", "rle_malformed", "warning")
+    assert i in issue["reason"] and why in issue["reason"]
+    assert _train_ids(res) == _ids(raw)                         # the pair is kept, with its GIF
+    row = pd.read_csv(res.dir / "train_index.csv").set_index("id").loc[i]
+    gif = np.asarray(Image.open(raw / "train_masks" / f"{i}_mask.gif"))
+    assert np.array_equal(prepare.read_mask(res.dir / row.mask_full), gif)
+
+
+def test_malformed_rle_no_traceback_from_the_cli(raw):
+    csv = pd.read_csv(raw / "train_masks.csv")
+    csv.loc[0, "rle_mask"] = "abc def"
+    csv.to_csv(raw / "train_masks.csv", index=False)
+    out = _cli(raw)
+    assert out.returncode == 0 and "Traceback" not in out.stdout + out.stderr
+    assert "rle_malformed 1" in out.stdout
+
+
+def test_workers_zero_is_a_config_error(raw):
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match=r"prepare.workers=0: use -1 for all cores or a positive count"):
+        prepare.execute(_cfg(raw, **{"prepare.workers": 0}))
+    out = _cli(raw, "prepare.workers=0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "prepare.workers=0" in out.stderr
+
+
+def test_entries_that_are_not_files_are_reported(raw):
+    ids = _ids(raw)
+    (raw / "train" / "abcdefabcdef_01.jpg").mkdir()
+    (raw / "train" / "abcdefabcdef_02.jpg").symlink_to(raw / "nowhere.jpg")
+    (raw / "train_masks" / "abcdefabcdef_03_mask.gif").symlink_to(raw / "nowhere.gif")
+    (raw / "test" / "abcdefabcdef_04.jpg").symlink_to(raw / "nowhere.jpg")
+    res, rep = _run(raw)
+    got = {(x["file"], x["kind"], x["level"]) for x in rep["issues"]}
+    assert got == {("train/abcdefabcdef_01.jpg", "unreadable", "error"),
+                   ("train/abcdefabcdef_02.jpg", "unreadable", "error"),
+                   ("train_masks/abcdefabcdef_03_mask.gif", "unreadable", "error"),
+                   ("test/abcdefabcdef_04.jpg", "unreadable", "error")}
+    reasons = {x["file"]: x["reason"] for x in rep["issues"]}
+    assert "directory" in reasons["train/abcdefabcdef_01.jpg"]
+    assert "broken symbolic link" in reasons["train/abcdefabcdef_02.jpg"]
+    assert _train_ids(res) == ids and len(_test_ids(res)) == 16
+    assert res.stats["left_out"] == 3                            # three unusable train-side entries
+    # The entries are inputs: removing them is a new key whose report is clean again.
+    (raw / "train" / "abcdefabcdef_02.jpg").unlink()
+    (raw / "train_masks" / "abcdefabcdef_03_mask.gif").unlink()
+    (raw / "test" / "abcdefabcdef_04.jpg").unlink()
+    (raw / "train" / "abcdefabcdef_01.jpg").rmdir()
+    res2, rep2 = _run(raw)
+    assert res2.dir != res.dir and rep2["issues"] == []
+
+
+def test_id_in_train_and_test_is_a_leakage_warning(raw):
+    i = _one(raw)
+    shutil.copy(raw / "train" / f"{i}.jpg", raw / "test" / f"{i}.jpg")
+    sample = pd.read_csv(raw / "sample_submission.csv")
+    pd.concat([sample, pd.DataFrame({"img": [f"{i}.jpg"], "rle_mask": ["1 1"]})]).to_csv(
+        raw / "sample_submission.csv", index=False)
+    res, rep = _run(raw)
+    [issue] = rep["issues"]
+    assert (issue["file"], issue["kind"], issue["level"]) == (f"test/{i}.jpg", "train_test_overlap", "warning")
+    assert f"train/{i}.jpg" in issue["reason"]
+    assert i in _train_ids(res) and i in _test_ids(res)         # a warning: nothing is left out
+
+
+def test_left_out_counts_pairs_not_errors(raw):
+    ids = sorted(_ids(raw))
+    # Pair 1: a bad id on both the image and its mask (two errors, one pair).
+    (raw / "train" / f"{ids[0]}.jpg").rename(raw / "train" / "NOTHEX000000_01.jpg")
+    (raw / "train_masks" / f"{ids[0]}_mask.gif").rename(raw / "train_masks" / "NOTHEX000000_01_mask.gif")
+    # Pair 2: an empty image. Pair 3: a mask without its image.
+    (raw / "train" / f"{ids[1]}.jpg").write_bytes(b"")
+    (raw / "train" / f"{ids[2]}.jpg").unlink()
+    # Not a pair left out: a duplicate .jpeg next to a kept .jpg.
+    shutil.copy(raw / "train" / f"{ids[3]}.jpg", raw / "train" / f"{ids[3]}.jpeg")
+    res, rep = _run(raw, check_rle=False)
+    assert rep["by_level"]["error"] == 5
+    assert res.stats["left_out"] == 3 == rep["counts"]["train_left_out"]
+    assert len(_train_ids(res)) == 32 - 3
