@@ -4,10 +4,13 @@
 
 1. Throughput, on a generated set at Kaggle's full 1918x1280 (default 208 train pairs):
    - "limit": the same joblib workers and chunks doing only the unavoidable work for each
-     pair: cv2 JPEG decode, INTER_AREA resize, PNG encode + write of the image; PIL GIF decode,
-     full-size mask PNG, resized mask PNG. No validation, hashing, records or indexes.
-   - "prepare": ``prepare.execute`` from an empty cache (validation, RLE check against
-     train_masks.csv, content-addressed atomic writes, records, folds, indexes, report).
+     pair: cv2 JPEG decode (at half size where ``prepare.jpeg_reduction`` has prepare do
+     so, else the limit would be slower than prepare at small model sizes), INTER_AREA
+     resize, PNG encode + write of the image; PIL GIF decode, full-size mask PNG, resized
+     mask PNG. No validation, hashing, records or indexes.
+   - "prepare": ``prepare.execute`` from an empty cache (validation, including the strict
+     decode of every JPEG stream, RLE check against train_masks.csv, content-addressed
+     atomic writes, records, folds, indexes, report).
    Both read the same files (page cache warm); each is timed twice in alternating order, best
    kept. Target: prepare >= 0.9x the limit in images/s. The CPU seconds of the process tree
    are reported too: on a machine shared with other jobs they compare the work done, where
@@ -41,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _common import wait_peak_rss, write_result  # noqa: E402
-from pipeline import prepare, synth  # noqa: E402
+from pipeline import ingest, prepare, synth  # noqa: E402
 from pipeline.config import load  # noqa: E402
 
 PNG = prepare.PNG
@@ -67,10 +70,19 @@ def make_set(base: Path, out: Path, n: int) -> Path:
     return out
 
 
+def limit_decode(path: str, h: int, w: int, fit: str = "stretch") -> np.ndarray:
+    """Decode a JPEG for an h x w model input as prepare does: at half size when
+    ``prepare.jpeg_reduction`` says so (the header read gives the size it needs)."""
+    with Image.open(path) as im:
+        size = (im.height, im.width)
+    r = prepare.jpeg_reduction(*size, prepare.geometry(*size, h, w, fit))
+    return cv2.imdecode(np.fromfile(path, np.uint8), ingest.JPEG_FLAGS[r])
+
+
 def _limit_chunk(items: list[tuple[str, str, str]], h: int, w: int) -> int:
     cv2.setNumThreads(1)
     for img_path, mask_path, out in items:
-        img = cv2.imread(img_path, cv2.IMREAD_COLOR)
+        img = limit_decode(img_path, h, w)
         cv2.imwrite(f"{out}.png", cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA), PNG)
         m = np.asarray(Image.open(mask_path))
         cv2.imwrite(f"{out}_full.png", m, PNG)
