@@ -1,13 +1,17 @@
 """The whole pipeline on a tiny synthetic set, through the same CLI that `make` calls."""
 import gzip
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
-from pipeline import rle, synth
+from pipeline import probmaps, rle, synth
+from pipeline.validate import read_ids, sizes_from, validate_submission
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,26 +32,52 @@ def _stage(stage: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("e2e")
-    # 4 train cars so that each of 2 folds holds 2 whole cars; 96x64 images.
-    synth.generate(tmp_path / "raw", train_cars=4, test_cars=1, height=64, width=96, seed=1, workers=1)
-    logs = {s: _stage(s, tmp_path) for s in ("prepare", "train", "predict", "submit")}
+    # 4 train cars so that each of 2 folds holds 2 whole cars; 120x80 images, the model sees 96x64,
+    # so the submission is right only if submit maps each prediction back to its image's own size.
+    synth.generate(tmp_path / "raw", train_cars=4, test_cars=1, height=80, width=120, seed=1, workers=1)
+    logs = {s: _stage(s, tmp_path) for s in ("prepare", "train", "predict")}
+    # A one-epoch model's maps can sit on one side of 0.5: threshold at their median instead, so the
+    # masks are about half car and a mask at the wrong size cannot pass for the right one.
+    maps = np.concatenate([probmaps.read_prob(p).ravel() for p in (tmp_path / "cache" / "predict").glob("*/*.png")])
+    logs["submit"] = _stage("submit", tmp_path, f"submit.threshold={np.median(maps) / 255:.6f}")
     return tmp_path, logs
+
+
+def _submission(tmp_path) -> Path:
+    sub_path = tmp_path / "subs" / "submission.csv"
+    return sub_path if sub_path.exists() else tmp_path / "subs" / "submission.csv.gz"
 
 
 def test_submission_matches_sample_and_decodes(e2e):
     tmp_path, _ = e2e
-    sub_path = tmp_path / "subs" / "submission.csv"
-    if not sub_path.exists():
-        sub_path = tmp_path / "subs" / "submission.csv.gz"
+    sub_path = _submission(tmp_path)
     opener = gzip.open if sub_path.suffix == ".gz" else open
     with opener(sub_path, "rt") as f:
         assert f.readline().strip() == "img,rle_mask"
     sub = pd.read_csv(sub_path, keep_default_na=False)
     sample = pd.read_csv(tmp_path / "raw" / "sample_submission.csv")
     assert list(sub.img) == list(sample.img)
-    for r in sub.rle_mask:
-        m = rle.decode(r, (64, 96))
-        assert m.shape == (64, 96)
+    side = json.loads((tmp_path / "subs" / "submission.json").read_text())
+    folds = [m["predictions"] for m in side["models"]]
+    assert len(folds) == 2
+    for img, code in zip(sub.img, sub.rle_mask):
+        with Image.open(tmp_path / "raw" / "test" / img) as im:       # the size each row must describe
+            w, h = im.size
+        assert (h, w) == (80, 120)
+        got = rle.decode(code, (h, w))
+        # Independently: the folds' mean map taken back to the JPEG's size and thresholded.
+        mean = np.mean([probmaps.read_prob(probmaps.prob_path(d, Path(img).stem)).astype(np.float32)
+                        for d in folds], axis=0)
+        want = probmaps.to_original(mean, (h, w)) > side["threshold"] * 255
+        assert 0.05 < want.mean() < 0.95, "a trivial mask cannot tell sizes apart"
+        assert (got == want).mean() > 0.995, f"{img}: the mask is not the prediction at {w}x{h}"
+
+
+def test_submission_passes_the_validator(e2e):
+    tmp_path, _ = e2e
+    rep = validate_submission(_submission(tmp_path), read_ids(tmp_path / "raw" / "sample_submission.csv"),
+                              sizes_from(images_dir=tmp_path / "raw" / "test"))
+    assert rep.ok and rep.problems == [], rep.summary()
 
 
 def test_second_prepare_is_cached(e2e):
