@@ -18,7 +18,7 @@ from .config import PipelineError
 from .prepare import GEOM_COLS
 
 __all__ = ["GEOM_COLS", "prob_path", "done_ids", "to_uint8", "read_prob", "stretch_geometry", "row_geometry",
-           "to_original"]
+           "to_original", "threshold_level"]
 
 
 def prob_path(fold_dir: str | Path, image_id: str) -> Path:
@@ -69,3 +69,16 @@ def to_original(prob: np.ndarray, size: tuple[int, int], geom: dict | None = Non
     p = np.asarray(prob)
     geom = geom or stretch_geometry(*p.shape[:2])
     return prepare.to_original(p, tuple(size), geom)
+
+
+def threshold_level(threshold: float) -> np.float32:
+    """The uint8-scale level of a probability threshold: the mask is ``prob255 > threshold_level(t)``.
+
+    prob255 is a stored map (round(255 p)) or its fold mean, resized (float32, 0..255). One rule
+    for submit (``submit.ensemble_mask``) and the OOF histograms (``train.prob_hist``), so the
+    OOF Dice at t is the Dice submit gets at t, also for pixels exactly at a level: at t = 0.6 a
+    stored 153 is not positive (153 > 153.0 is false). Rounding to 6 decimals first drops
+    float64 noise (0.02 * 255 = 5.1000000000000005), so the level is the one the threshold
+    means whatever arithmetic produced the threshold.
+    """
+    return np.float32(round(float(threshold) * 255.0, 6))

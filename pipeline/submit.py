@@ -60,7 +60,8 @@ def ensemble_mask(fold_dirs: list[str], image_id: str, size: tuple[int, int], th
         acc = p.astype(np.float32) if acc is None else acc + p
     # Resize the uint8-scale mean and compare with the threshold in that scale: one float pass less.
     prob = probmaps.to_original(acc * (1.0 / len(fold_dirs)), size, geom)
-    return prob > np.float32(threshold * 255.0)
+    # threshold_level: the same rule as the OOF histograms that chose the threshold (train.prob_hist).
+    return prob > probmaps.threshold_level(threshold)
 
 
 def encode_chunk(fold_dirs: list[str], ids: list[str], sizes: list[tuple[int, int]], threshold: float,

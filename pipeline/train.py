@@ -10,22 +10,37 @@ Each fold writes under ``<cache>/train/<train_key>/fold<k>/`` (see docs/design.m
   results), the training data key (prepare.train_data_key: train-side files and
   prepare parameters, not the test set) and CODE_VERSION. A changed config trains
   anew under a new key; a fold with a manifest is not trained again.
-- Resume: ``last.pt`` (written atomically after every epoch) holds model,
-  optimizer, scheduler, GradScaler, epoch, best score, every rank's RNG states
-  and the metrics so far. After a kill -9 the same command continues from the
-  last completed epoch and ends with the same metrics as an uninterrupted run:
-  shuffling comes from (seed, epoch) and augmentation from (seed, epoch, image),
-  never from state lost in the kill.
+- Resume: ``last.pt`` (written atomically after every epoch, after metrics.csv
+  and curve.png) holds model, optimizer, scheduler, GradScaler, epoch, best
+  score, every rank's RNG states (Python, NumPy, torch CPU and the rank's own
+  GPU), the number of processes, the precision and the metrics so far. After a
+  kill -9 the same command continues from the last completed epoch and ends
+  with the same metrics as an uninterrupted run: shuffling comes from (seed,
+  epoch) and augmentation from (seed, epoch, image), never from state lost in
+  the kill. Resuming needs the same number of processes (steps per epoch and
+  the schedule depend on it): another count is an error saying how to go on.
+  Another device is fine (a CPU checkpoint's empty GradScaler state leaves a
+  CUDA run's scaler fresh; precision=auto changing with it is logged).
 - Precision: one code path. ``autocast`` is built once from (device, precision):
   bf16 on CPU, fp16 + GradScaler on CUDA (unscaled before clipping), or fp32.
 - Accumulation: ``need_update`` marks the last micro-batch of a group, including
   a final partial group; each loss is divided by its group's actual size.
-- Non-finite losses skip the optimizer step of their group and are counted;
-  ``max_nonfinite`` in a row stop the fold with an error.
+- Non-finite values: a non-finite loss drops its group's update; without a
+  GradScaler (bf16, fp32) so does a non-finite total gradient norm with a
+  finite loss (optimizer.step would write NaN into the weights). Both are
+  counted (``nonfinite``), and ``max_nonfinite`` of them with no update between
+  stop the fold with an error. With fp16 the GradScaler skips inf/NaN
+  gradients itself (routine while its scale calibrates): not counted as
+  non-finite, nor as updates.
 - DDP: under ``torchrun --nproc_per_node N -m pipeline train ...`` (env
   WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (gloo on CPU,
   nccl on CUDA), a DistributedSampler shards the training set, validation and
-  OOF are sharded and reduced, and only rank 0 writes checkpoints and logs.
+  OOF are sharded and reduced, and only rank 0 writes checkpoints, logs and
+  ``oof/hist.npz`` (the ranks' histograms are gathered to it). Every rank writes
+  the OOF PNGs of its own validation shard into the fold's ``oof/`` directory and
+  every rank reads the prepare artifact and ``last.pt``/``best.pt``, so DDP
+  over several nodes needs ``data.cache`` (and the data) on a filesystem that
+  all nodes share; on one node this holds by itself.
 """
 from __future__ import annotations
 
@@ -53,7 +68,7 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from . import cache
+from . import cache, probmaps
 from .config import Config, ConfigError, PipelineError, stable_hash
 from .data import (SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image, read_mask,
                    to_device)
@@ -61,7 +76,7 @@ from .losses import BceDiceLoss, dice_per_image
 from .models import IMAGENET_STATS, build_model, input_stats, model_kwargs
 
 STAGE = "train"
-CODE_VERSION = "train-2"              # bump when results change for the same config
+CODE_VERSION = "train-3"              # bump when results change for the same config (3: OOF threshold rule)
 RUN_ONLY = ("fold", "num_workers", "device")   # never change results, so not in the key
 SCHEDULERS = ("cosine", "onecycle", "none")
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "seconds", "images_per_s",
@@ -227,7 +242,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
 
 
 class NonFiniteGuard:
-    """Counts non-finite losses (agreed across ranks); too many in a row stop the fold."""
+    """Counts dropped updates: non-finite losses and non-finite gradients (agreed across ranks).
+
+    ``limit`` of them with no successful update between (``updated``) stop the fold.
+    """
+
+    WHAT = {"loss": "loss was non-finite", "gradient": "gradients were non-finite (with a finite loss)"}
 
     def __init__(self, limit: int, d: Dist, device: torch.device):
         self.limit, self.d, self.device = max(1, limit), d, device
@@ -236,19 +256,60 @@ class NonFiniteGuard:
         self.where = ""
 
     def ok(self, loss: torch.Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+        """loss: a scalar tensor. False (and counted) when it is not finite on some rank."""
+        return self._check(torch.isfinite(loss.detach()).all(), "loss")
+
+    def grads_ok(self, total_norm: torch.Tensor) -> bool:
+        """total_norm: the scalar gradient norm. False (and counted) when it is not finite."""
+        return self._check(torch.isfinite(total_norm.detach()).all(), "gradient")
+
+    def updated(self) -> None:
+        """An optimizer step was applied: the run of dropped updates is over."""
+        self.in_a_row = 0
+
+    def _check(self, finite: torch.Tensor, what: str) -> bool:
+        finite = finite.to(torch.float32).reshape(1)
         if self.d.active:     # every rank must skip together, or DDP's gradient all-reduce hangs
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if bool(finite.item()):
-            self.in_a_row = 0
             return True
         self.total += 1
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
-            raise PipelineError(f"{self.where}: loss was non-finite for {self.in_a_row} batches in a row "
+            raise PipelineError(f"{self.where}: {self.WHAT[what]} for {self.in_a_row} batches in a row "
                                 f"({self.total} in all); lower train.lr, use train.precision=fp32, "
                                 f"or check the data")
         return False
+
+
+def optimizer_update(model: torch.nn.Module, optimizer, scaler, grad_clip: float, guard: NonFiniteGuard) -> bool:
+    """Clip and apply the accumulated gradients. Returns True when the optimizer stepped.
+
+    With an enabled GradScaler (fp16) the scaler finds inf/NaN gradients itself, skips the
+    step and lowers its scale (routine while the scale calibrates): neither applied nor
+    counted as non-finite. Without one (bf16, fp32) nothing else would catch them: a finite
+    loss can still give inf/NaN gradients, clip_grad_norm_ then returns NaN and
+    optimizer.step() writes NaN into every weight. So the total gradient norm (the one
+    clipping uses; computed even when grad_clip is 0) is checked, and a non-finite one
+    drops the step and is counted by ``guard`` like a non-finite loss. Under DDP the
+    gradients, hence the norm, are the all-reduced ones, the same on every rank.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if scaler.is_enabled():
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)     # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        return scaler.get_scale() >= scale     # a skipped step (inf/NaN found) lowers the scale
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not guard.grads_ok(norm):
+        return False
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    optimizer.step()
+    return True
 
 
 def _kill_point() -> tuple[int, int] | None:
@@ -267,7 +328,8 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
 
     Optimizer updates every ``accum_steps`` micro-batches and after the last one;
     ``max_steps`` > 0 caps the number of updates. Returns {loss (mean over the
-    images whose loss was finite), images, seconds, updates, nonfinite, lr (of the last update)}.
+    images whose loss was finite), images, seconds, updates (steps applied), nonfinite
+    (updates dropped for a non-finite loss or gradient), lr (of the last applied update)}.
     """
     model.train()
     n = len(loader)
@@ -305,14 +367,10 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
                 else:
                     group_bad = True
         if need_update:
-            if not group_bad:
-                if grad_clip > 0:
-                    scaler.unscale_(optimizer)     # clip the true gradients, not the fp16-scaled ones
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                lr = optimizer.param_groups[0]["lr"]     # the rate this update used
-                scaler.step(optimizer)
-                scaler.update()
+            if not group_bad and optimizer_update(model, optimizer, scaler, grad_clip, guard):
+                lr = optimizer.param_groups[0]["lr"]     # the rate this update used (the scheduler steps below)
                 updates += 1
+                guard.updated()
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:   # the schedule advances even over a skipped step
                 with warnings.catch_warnings():   # ...which torch warns about; intended here
@@ -382,19 +440,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """Python, NumPy and torch CPU generator states, plus the CUDA generator of ``device`` only.
+
+    Only this process's GPU: get_rng_state_all() would create a CUDA context on every visible
+    GPU from every DDP rank, and its list could not be restored where fewer GPUs are visible.
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore :func:`rng_state`. Checkpoints before train-3 hold a list (every visible GPU's
+    state): the entry of this process's GPU is used, and none when that GPU was not there."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        cuda = cuda[i] if i < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # ---------------------------------------------------------------------------- out-of-fold
@@ -402,14 +473,32 @@ def set_rng_state(state: dict) -> None:
 OOF_BINS = 200   # original-size Dice histograms resolve thresholds to 1/200
 
 
-def prob_hist(prob: np.ndarray, true: np.ndarray, bins: int = OOF_BINS) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def _levels(bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """threshold_level(j / bins) for j = 0..bins, with a sentinel before (lo) and after (hi)."""
+    levels = np.array([probmaps.threshold_level(j / bins) for j in range(bins + 1)], np.float32)
+    inf = np.array([np.inf], np.float32)
+    return np.concatenate([-inf, levels]), np.concatenate([levels, inf])
+
+
+def prob_hist(prob255: np.ndarray, true: np.ndarray, bins: int = OOF_BINS) -> tuple[np.ndarray, np.ndarray]:
     """Histograms for Dice at every threshold j/bins without keeping the maps.
 
-    prob: (H, W) float in [0, 1]; true: (H, W) {0, 1}. Pixel value b = ceil(prob * bins),
-    so prob > j/bins exactly when b > j. Returns (pos, all): (bins + 1,) int64 counts
-    of b over true pixels and over all pixels.
+    prob255: (H, W) probabilities on the uint8 scale, 0..255 (a stored map, or its
+    ``probmaps.to_original`` resize: exactly what submit thresholds); true: (H, W) {0, 1}.
+    Pixel value b = the number of levels ``probmaps.threshold_level(j / bins)`` below v,
+    so b > j exactly when v > threshold_level(j / bins), submit's own test at t = j/bins.
+    Returns (pos, all): (bins + 1,) int64 counts of b over true pixels and over all pixels.
     """
-    b = np.clip(np.ceil(prob.astype(np.float32) * bins), 0, bins).astype(np.int64).ravel()
+    lo, hi = _levels(bins)
+    v = np.asarray(prob255, np.float32).ravel()
+    # b = searchsorted(levels, v, "left") capped at bins, ~6x faster: levels are ~255 j / bins,
+    # so ceil(v * bins / 255) is within one of b, and one comparison each way corrects it.
+    b = np.ceil(v * np.float32(bins / 255.0))
+    np.clip(b, 0, bins, out=b)
+    b = b.astype(np.int32)
+    b -= lo[b] >= v          # lo[b] = level b - 1: v is not above it
+    b += hi[b] < v           # hi[b] = level b: v is above it
     t = np.asarray(true).ravel() > 0
     return np.bincount(b[t], minlength=bins + 1), np.bincount(b, minlength=bins + 1)
 
@@ -441,19 +530,23 @@ def _geometry(row) -> dict:
 
 
 def _oof_one(q: np.ndarray, mask_small: np.ndarray, row: dict, out_png: Path) -> tuple:
-    """Write one OOF map and score it. q: (h, w) uint8 = round(255 p) at model size."""
-    from .prepare import to_original
+    """Write one OOF map and score it. q: (h, w) uint8 = round(255 p) at model size.
+
+    The original-size map is made exactly as submit makes it from one fold's map (uint8
+    scale float32, ``probmaps.to_original``), so the histograms give submit's Dice.
+    """
     ok, buf = cv2.imencode(".png", q)
     if not ok:
         raise PipelineError(f"PNG encoding failed for {out_png}")
     cache.write_bytes(out_png, buf.tobytes())
-    dice_model = float(hist_dice(*prob_hist(q / 255.0, mask_small), [0.5])[0, 0])
+    qf = q.astype(np.float32)
+    dice_model = float(hist_dice(*prob_hist(qf, mask_small), [0.5])[0, 0])
     full = read_mask(row["mask_full"])
     oh, ow = int(row["orig_height"]), int(row["orig_width"])
     if full.shape != (oh, ow):
         raise PipelineError(f"{row['mask_full']}: mask is {full.shape[1]}x{full.shape[0]} but the index says "
                             f"{ow}x{oh}")
-    pos, all_ = prob_hist(to_original(q.astype(np.float32) / 255.0, (oh, ow), _geometry(row)), full)
+    pos, all_ = prob_hist(probmaps.to_original(qf, (oh, ow), _geometry(row)), full)
     return row["id"], dice_model, pos, all_
 
 
@@ -536,14 +629,43 @@ def _unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def check_resume_world(ckpt: dict, world: int, last_path: Path, out: Path) -> None:
+    """PipelineError unless ``ckpt`` (last.pt) was written by ``world`` processes.
+
+    Steps per epoch, the LR schedule and the sampler's shards depend on the process count,
+    so a resume under another count would not continue the same run. Checkpoints before
+    train-3 have no ``world_size``; their RNG list holds one state per rank.
+    """
+    saved = int(ckpt.get("world_size", len(ckpt.get("rng") or [None])))
+    if saved != world:
+        how = "`make train` (no DDP)" if saved == 1 else f"NPROC={saved} (`make train-ddp NPROC={saved}`)"
+        raise PipelineError(f"{last_path} was trained with {saved} process(es) but this run has {world}; "
+                            f"steps per epoch and the LR schedule depend on it: resume with {how}, "
+                            f"or remove {out} to train this fold anew")
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict | None) -> None:
+    """Load a saved GradScaler state unless it is empty.
+
+    A disabled scaler (bf16/fp32, e.g. a CPU run) saves {}, which an enabled one refuses
+    ("The source state dict is empty"): a fp16 run resumed from it keeps its fresh scale.
+    (A disabled scaler ignores whatever it is given.)
+    """
+    if state:
+        scaler.load_state_dict(state)
+
+
 def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist) -> dict:
     """Train fold ``k`` (or resume it, or report it cached). Returns the fold summary (oof.json)."""
     t = cfg.train
     key = train_key(cfg, prepared)
     out = fold_dir(cfg, k, prepared)
     if cache.is_complete(out):
-        _log(d, f"fold {k}: cached ({out})")
-        return cache.read_json(out / "oof.json")
+        summary = cache.read_json(out / "oof.json")
+        n = summary.get("world_size", d.world)
+        note = f"; trained with {n} process(es), this run has {d.world}" if n != d.world else ""
+        _log(d, f"fold {k}: cached ({out}){note}")
+        return summary
     device = resolve_device(t.device, d)
     precision = resolve_precision(t.precision, device)
     autocast = autocast_factory(device, precision)
@@ -584,7 +706,8 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
 
     stats = input_stats(t.encoder, t.encoder_weights)   # predict normalises as training did
     meta = {"arch": t.arch, "encoder": t.encoder, "model_kwargs": kwargs, "height": h, "width": w,
-            "input_stats": stats, "config": fold_cfg, "train_key": key, "fold": k, "code_version": CODE_VERSION}
+            "input_stats": stats, "config": fold_cfg, "train_key": key, "fold": k, "code_version": CODE_VERSION,
+            "world_size": d.world, "precision": precision, "device_type": device.type}
     start, best, history = 0, -1.0, []
     last_path, best_path = out / "last.pt", out / "best.pt"
     if last_path.is_file():
@@ -592,13 +715,17 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
         if ckpt.get("train_key") != key:
             _log(d, f"fold {k}: {last_path} belongs to another config ({ckpt.get('train_key')}); starting anew")
         else:
+            check_resume_world(ckpt, d.world, last_path, out)
+            if ckpt.get("precision", precision) != precision:   # precision=auto on another device type
+                _log(d, f"fold {k}: {last_path} was trained in {ckpt['precision']} on {ckpt.get('device_type')}, "
+                        f"this run uses {precision} on {device.type}; resuming (the metrics will differ slightly "
+                        f"from an uninterrupted run)")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            rngs = ckpt["rng"]
-            set_rng_state(rngs[d.rank] if len(rngs) == d.world else rngs[0])
+            load_scaler_state(scaler, ckpt["scaler"])
+            set_rng_state(ckpt["rng"][d.rank], device)
             start, best, history = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["history"]
             guard.total = ckpt.get("nonfinite_total", 0)
             _log(d, f"fold {k}: resuming after epoch {start} of {t.epochs} (best val Dice {best:.4f})")
@@ -615,6 +742,12 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
                 f"{steps_per_epoch} updates/epoch of {t.batch_size}x{t.accum_steps}x{d.world} "
                 f"({n_img} images/epoch) -> {out}")
 
+    curve_title = f"fold {k} {t.arch}/{t.encoder} [{key}]"
+    if start >= t.epochs and d.main and history:
+        # Nothing left to train (killed during OOF): the logs again from last.pt's history, in case
+        # an older run was killed between last.pt and them.
+        _write_metrics(out / "metrics.csv", history)
+        _write_curve(out / "curve.png", history, curve_title)
     for epoch in range(start, t.epochs):
         t0 = time.perf_counter()
         guard.where = f"fold {k} epoch {epoch + 1}"
@@ -640,20 +773,21 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
         if row["val_dice"] > best:
             best, row["best"] = row["val_dice"], True
         history.append(row)
-        rngs = _gather(rng_state(), d)
+        rngs = _gather(rng_state(device), d)
         if d.main:
             state = _unwrap(net).state_dict()
             if row["best"]:
                 with cache.atomic_path(best_path) as tmp:
                     torch.save({**meta, "model": state, "epoch": epoch + 1, "best_score": best}, tmp)
-            # last.pt goes after best.pt: a kill between the two repeats this epoch, identically.
+            # last.pt goes last: a kill before it repeats this epoch, identically, and rewrites the
+            # files before it, so metrics.csv and curve.png are never a row short of last.pt.
+            _write_metrics(out / "metrics.csv", history)
+            _write_curve(out / "curve.png", history, curve_title)
             with cache.atomic_path(last_path) as tmp:
                 torch.save({**meta, "model": state, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
                             "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch, "best_score": best,
                             "history": history, "nonfinite_total": guard.total}, tmp)
-            _write_metrics(out / "metrics.csv", history)
-            _write_curve(out / "curve.png", history, f"fold {k} {t.arch}/{t.encoder} [{key}]")
         _barrier(d)
         _log(d, f"fold {k} epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  "
                 f"val loss {row['val_loss']:.4f}  val Dice {row['val_dice']:.4f}{' *' if row['best'] else ''}  "
@@ -678,7 +812,8 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
         dice_orig = hist_dice(pos, all_, [0.5])[:, 0]
         summary = {"fold": k, "images": len(ids), "dice_model": float(np.mean([r[1] for r in results])),
                    "dice_original": float(dice_orig.mean()), "threshold": 0.5, "best_epoch_val_dice": best,
-                   "epochs": t.epochs, "nonfinite": guard.total, "height": h, "width": w}
+                   "epochs": t.epochs, "nonfinite": guard.total, "height": h, "width": w,
+                   "world_size": d.world, "precision": precision}
         cache.write_json(out / "oof.json", summary)
         cache.write_manifest(out, stage=STAGE, key=key, params=train_params(cfg),
                              inputs={"prepare": str(prepared), "fold": k},

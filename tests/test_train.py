@@ -139,8 +139,8 @@ class TinyNet(nn.Module):
 class GradSpy(torch.optim.SGD):
     """SGD that records the gradients it is asked to step with."""
 
-    def __init__(self, params):
-        super().__init__(params, lr=0.0)
+    def __init__(self, params, lr: float = 0.0):
+        super().__init__(params, lr=lr)
         self.seen = []
 
     def step(self, closure=None):
@@ -229,6 +229,82 @@ def test_persistent_nonfinite_stops_the_fold(prepared, tmp_path, monkeypatch):
     assert not cache.is_complete(train.fold_dir(cfg, 0, prepared))
 
 
+class NanGrad(torch.autograd.Function):
+    """Identity forward; NaN gradient backward: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+class NanGradNet(TinyNet):
+    """TinyNet whose chosen forward calls (0-based; -1 = all) give NaN gradients."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad, self.calls = set(bad), 0
+
+    def forward(self, x):
+        y = self.body(x)
+        i, self.calls = self.calls, self.calls + 1
+        return NanGrad.apply(y) if (i in self.bad or -1 in self.bad) else y
+
+
+def _nan_grad_epoch(bad, *, accum=1, grad_clip=0.0, precision="bf16", loss_fn=None, max_nonfinite=10,
+                    n_images=8, scheduler=False):
+    torch.manual_seed(0)
+    model = NanGradNet(bad)
+    opt = GradSpy(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1)) if scheduler else None
+    fp16 = precision == "fp16"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=fp16)
+    guard = train.NonFiniteGuard(max_nonfinite, train.Dist(), torch.device("cpu"))
+    res = train.train_one_epoch(model, _batches(n_images, 2), loss_fn or BceDiceLoss(), opt, sched, scaler,
+                                autocast=train.autocast_factory(torch.device("cpu"), precision),
+                                device=torch.device("cpu"), accum_steps=accum, grad_clip=grad_clip, guard=guard)
+    return model, opt, res, scaler
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_nonfinite_gradient_with_finite_loss_skips_its_step(precision, grad_clip):
+    """No GradScaler (bf16/fp32): NaN gradients from a finite loss must not reach the weights."""
+    model, opt, res, _ = _nan_grad_epoch({1}, grad_clip=grad_clip, precision=precision)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert res["nonfinite"] == 1 and res["updates"] == 3 and len(opt.seen) == 3
+    assert all(torch.isfinite(g).all() for step in opt.seen for g in step)
+    assert math.isfinite(res["loss"])          # the loss itself was finite and is averaged in
+
+
+def test_persistent_nonfinite_gradients_stop_with_a_clear_error():
+    with pytest.raises(PipelineError, match=r"gradients were non-finite \(with a finite loss\) for 3 batches in a row"):
+        _nan_grad_epoch({-1}, max_nonfinite=3)
+
+
+def test_nonfinite_losses_and_gradients_count_together_until_an_update():
+    """Calls 0, 2: NaN loss; 1, 3: NaN gradients; no update between them -> 4 in a row."""
+    with pytest.raises(PipelineError, match="gradients were non-finite .* for 4 batches in a row"):
+        _nan_grad_epoch({1, 3}, loss_fn=NanAt({0, 2}), max_nonfinite=4, n_images=12)
+    model, opt, res, _ = _nan_grad_epoch({1, 3}, loss_fn=NanAt({0, 2}), max_nonfinite=5, n_images=12)
+    assert res["nonfinite"] == 4 and res["updates"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fp16_scaler_skips_nonfinite_gradients_and_they_are_not_updates():
+    """fp16 + GradScaler: the scaler skips the NaN step itself (not counted as non-finite), but the
+    epoch reports only applied updates and the lr of the last applied one."""
+    for clip in (0.0, 1.0):
+        model, opt, res, scaler = _nan_grad_epoch({3}, grad_clip=clip, precision="fp16", scheduler=True)
+        assert res["updates"] == 3 and len(opt.seen) == 3 and res["nonfinite"] == 0
+        assert scaler.get_scale() == 2.0 ** 11                        # the scaler backed off once
+        assert res["lr"] == pytest.approx(0.1 / 3)                    # update 3's rate, not the skipped 4th's
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------- small pieces
 
 def _lrs(name, total=20, per_epoch=5, warmup=1.0, lr=1.0):
@@ -257,18 +333,28 @@ def test_onecycle_peaks_at_lr_after_warmup():
 
 
 def test_hist_dice_matches_thresholded_dice():
+    """prob_hist takes uint8-scale maps; hist_dice at t is Dice of v > threshold_level(t) (submit's rule)."""
+    from pipeline.probmaps import threshold_level
     rng = np.random.default_rng(0)
-    prob = rng.random((3, 20, 30)).astype(np.float32)
-    prob[1] = np.round(prob[1] * 255) / 255          # uint8-quantised maps, as stored
+    prob = (rng.random((3, 20, 30)) * 255).astype(np.float32)
+    prob[1] = np.round(prob[1])                       # uint8-quantised maps, as stored
+    prob[1, :5] = 153                                 # exactly at the 0.6 level: not positive at 0.6
     true = (rng.random((3, 20, 30)) > 0.5).astype(np.uint8)
     true[2] = 0
-    prob[2] = 0.1                                     # both empty above 0.1 -> Dice 1
-    thresholds = [0.3, 0.45, 0.5, 0.65]
+    prob[2] = 25.5                                    # both empty above 0.1 -> Dice 1
+    thresholds = [0.1, 0.3, 0.45, 0.5, 0.6, 0.65]
     hists = [train.prob_hist(p, t) for p, t in zip(prob, true)]
     got = train.hist_dice(np.stack([h[0] for h in hists]), np.stack([h[1] for h in hists]), thresholds)
-    want = np.stack([dice_batch(prob, true, t) for t in thresholds], 1)
+    want = np.stack([dice_batch(prob, true, threshold_level(t)) for t in thresholds], 1)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     assert (got[2] == 1).all()
+    # The fast binning equals searchsorted over the levels, also just around every level.
+    levels = np.array([threshold_level(j / train.OOF_BINS) for j in range(train.OOF_BINS + 1)], np.float32)
+    v = np.concatenate([levels, np.nextafter(levels, np.float32(-1)), np.nextafter(levels, np.float32(300)),
+                        np.linspace(0, 255, 100_001, dtype=np.float32)])
+    v = np.clip(v, 0, 255)
+    want_b = np.bincount(np.searchsorted(levels, v, side="left"), minlength=train.OOF_BINS + 1)
+    np.testing.assert_array_equal(train.prob_hist(v, np.zeros_like(v))[1], want_b)
 
 
 def test_dice_per_image_matches_metrics():
@@ -329,13 +415,15 @@ def test_oof_summary_equals_direct_scoring(prepared, trained):
     assert cache.read_json(train.run_dir(cfg, prepared) / "oof_summary.json") == s
     index = pd.read_csv(prepared / "train_index.csv")
     assert s["images"] == len(index) and s["complete"] and s["folds_missing"] == []
+    from pipeline.probmaps import threshold_level
     scores = {t: [] for t in (0.5, s["best_threshold"])}
     for r in index.itertuples():
         q = cv2.imread(str(train.fold_dir(cfg, r.fold, prepared) / "oof" / f"{r.id}.png"), cv2.IMREAD_UNCHANGED)
-        up = cv2.resize(q.astype(np.float32) / 255, (r.orig_width, r.orig_height), interpolation=cv2.INTER_LINEAR)
+        # As submit thresholds one fold's map: uint8 scale, bilinear to the original size.
+        up = cv2.resize(q.astype(np.float32), (r.orig_width, r.orig_height), interpolation=cv2.INTER_LINEAR)
         full = cv2.imread(str(prepared / r.mask_full), cv2.IMREAD_GRAYSCALE)
         for t in scores:
-            scores[t].append(dice(up > t, full))
+            scores[t].append(dice(up > threshold_level(t), full))
     assert s["dice"] == pytest.approx(np.mean(scores[0.5]), abs=1e-9)
     assert s["dice_at_best"] == pytest.approx(np.mean(scores[s["best_threshold"]]), abs=1e-9)
     assert s["dice_at_best"] >= s["dice"] and 0.3 <= s["best_threshold"] <= 0.7
