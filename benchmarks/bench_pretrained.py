@@ -81,6 +81,7 @@ def evaluate(model, x, y, bs, autocast) -> float:
 
 
 def train_variant(weights: str, xtr, ytr, xva, yva, args, steps: int) -> dict:
+    from pipeline import precision
     from pipeline.models import build_model
     # Same seed -> same decoder/head initialisation and the same batch order for both variants;
     # only the encoder's starting weights differ.
@@ -89,7 +90,7 @@ def train_variant(weights: str, xtr, ytr, xva, yva, args, steps: int) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
-    autocast = args.precision == "bf16"
+    autocast = precision.resolve(args.precision, "cpu") == "bf16"
     evals = sorted({max(1, round(steps * f)) for f in (0.25, 0.5, 0.75, 1.0)})
     curve, losses = [], []
     model.train()
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the dev CPU is shared)")
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="auto: bf16 on CPUs with native bf16, else fp32 (pipeline.precision)")
     ap.add_argument("--norm", choices=("encoder", "pipeline"), default="encoder",
                     help="encoder: mean=std=0.5, what tf_efficientnet_lite0 was trained with; "
                          "pipeline: ImageNet mean/std as pipeline/data.py uses")
@@ -179,13 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     # Calibrate on a throwaway model: the two variants have the same architecture, so the same
     # step time, and a fixed step count keeps the comparison fair. Always run it: the first bf16
     # steps also warm up oneDNN, which would otherwise be billed to the first variant.
+    from pipeline import precision
     from pipeline.models import build_model
     model = build_model("Unet", ENCODER, "none")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for _ in range(6):
         ts = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.resolve(args.precision, "cpu") == "bf16"):
             out = model(xtr[:args.batch_size])
         loss = F.binary_cross_entropy_with_logits(out.float(), ytr[:args.batch_size].float())
         opt.zero_grad()

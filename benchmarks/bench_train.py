@@ -120,14 +120,16 @@ def throughput(args, cfg, prepared: Path) -> dict:
     pre = [batch] * args.steps
     n, blocks = args.steps, (1 if args.quick else 2)
     prec_rounds, prec_steps = (1, 2) if args.quick else (3, max(2, n // 3))
+    # The loader is measured in the precision training uses here (auto: bf16 only on CPUs with native bf16).
+    auto = train.resolve_precision("auto", CPU)
     with cv2_single_thread():
-        rig.steps(pre, 2, "bf16", True)                   # warm-up: kernels, allocator
-        rig.steps(dl, 2, "bf16", True)                    # warm-up: workers started and prefetching
+        rig.steps(pre, 2, auto, True)                   # warm-up: kernels, allocator
+        rig.steps(dl, 2, auto, True)                    # warm-up: workers started and prefetching
         loader_s, preload_s = [], []
         for b in range(blocks):
             sampler.set_epoch(b + 1)
-            loader_s.append(rig.steps(dl, n, "bf16", True))
-            preload_s.append(rig.steps(pre, n, "bf16", True))
+            loader_s.append(rig.steps(dl, n, auto, True))
+            preload_s.append(rig.steps(pre, n, auto, True))
         modes = {"fp32": ("fp32", False), "fp32 + channels_last": ("fp32", True),
                  "bf16": ("bf16", False), "bf16 + channels_last": ("bf16", True)}
         for precision, cl in modes.values():
@@ -139,16 +141,16 @@ def throughput(args, cfg, prepared: Path) -> dict:
             for m, (precision, cl) in modes.items():
                 times[m].append(rig.steps(pre, prec_steps, precision, cl))
         prec = {m: statistics.median(v) for m, v in times.items()}
-        fwd = rig.forward_only(batch, max(2, n // 2), "bf16")
+        fwd = rig.forward_only(batch, max(2, n // 2), auto)
     lo, pr = statistics.median(loader_s), statistics.median(preload_s)
     res = {"size": args.size, "batch_size": t.batch_size, "num_workers": t.num_workers, "augment": t.augment,
            "model": f"{t.arch}/{t.encoder}", "steps_per_block": n, "blocks": blocks,
            "loader_s_per_step": loader_s, "preloaded_s_per_step": preload_s,
-           "loader_steps_per_s": 1 / lo, "preloaded_steps_per_s": 1 / pr, "loader_overhead": lo / pr - 1,
+           "loader_precision": auto, "loader_steps_per_s": 1 / lo, "preloaded_steps_per_s": 1 / pr, "loader_overhead": lo / pr - 1,
            "precision_s_per_step": prec, "precision_rounds": times, "bf16_cl_speedup_vs_fp32": prec["fp32"] / prec["bf16 + channels_last"],
            "train_images_per_s": t.batch_size / lo, "eval_images_per_s": t.batch_size / fwd}
     print(f"\n1. Loader overhead at {args.size}x{args.size}, {t.arch}/{t.encoder}, batch {t.batch_size}, "
-          f"bf16 + channels_last, {t.num_workers} workers, augment={t.augment} (median of {blocks} block(s) "
+          f"{auto} + channels_last, {t.num_workers} workers, augment={t.augment} (median of {blocks} block(s) "
           f"of {n} steps)")
     print(table([["real DataLoader", f"{1 / lo:.3f}", f"{lo:.3f}"], ["preloaded batch", f"{1 / pr:.3f}", f"{pr:.3f}"]],
                 ["source", "steps/s", "s/step"]))

@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import cache, prepare, tta as tta_mod
+from . import cache, prepare, precision as precision_mod, tta as tta_mod
 from .config import Config, ConfigError, PipelineError, stable_hash
 from .data import cv2_single_thread, read_image, to_device
 # The torch-free half of this stage (file layout, reading maps, back to original size) lives in
@@ -51,7 +51,7 @@ from .probmaps import (GEOM_COLS, done_ids, prob_path, read_prob, row_geometry, 
                        to_original, to_uint8)
 
 CODE_VERSION = "predict-2"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # resolved autocast -> dtype
+PRECISIONS = precision_mod.DTYPES   # resolved autocast -> dtype
 TEST_INDEX_COLUMNS = ("img", "id", "path", "orig_height", "orig_width")
 
 
@@ -161,13 +161,12 @@ def device_type(device: str | torch.device) -> str:
 
 
 def resolve_precision(device: str | torch.device, mode: str = "auto") -> str:
-    """The precision predict's forward runs in: 'fp32', 'bf16' or 'fp16'.
-    autocast 'auto' is bf16 on CPU and fp16 on CUDA; 'fp32' disables autocast."""
-    if mode == "auto":
-        return "fp16" if device_type(device) == "cuda" else "bf16"
-    if mode not in PRECISIONS:
-        raise ConfigError(f"predict.autocast='{mode}': choose auto, bf16, fp16 or fp32")
-    return mode
+    """The precision predict's forward runs in: 'fp32', 'bf16' or 'fp16' (see pipeline.precision:
+    auto is fp16 on CUDA, bf16 on a CPU with native bf16, else fp32)."""
+    try:
+        return precision_mod.resolve(mode, device_type(device))
+    except ConfigError as e:
+        raise ConfigError(f"predict.autocast: {e}") from None
 
 
 def autocast_for(device: torch.device, mode: str = "auto"):

@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from . import cache, probmaps
+from . import precision as precision_mod
 from .config import Config, ConfigError, PipelineError, stable_hash
 from .data import (SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image, read_mask,
                    to_device)
@@ -194,9 +195,8 @@ def resolve_device(name: str, d: Dist | None = None) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "bf16"
-    return precision
+    """train.precision on this device -> 'fp32', 'bf16' or 'fp16' (see pipeline.precision)."""
+    return precision_mod.resolve(precision, device.type)
 
 
 def autocast_factory(device: torch.device, precision: str):

@@ -95,8 +95,11 @@ def test_cache_key_depends_on_checkpoint_bytes_and_tta(ckpt, tmp_path):
         predict.fold_cache_dir("c", h, tta.parse("hflip"), "auto")
 
 
-def test_resolve_precision_by_device_type():
+def test_resolve_precision_by_device_type(monkeypatch):
+    monkeypatch.setenv("PIPELINE_CPU_BF16", "1")
     assert predict.resolve_precision("cpu", "auto") == "bf16"
+    monkeypatch.setenv("PIPELINE_CPU_BF16", "0")
+    assert predict.resolve_precision("cpu", "auto") == "fp32"
     assert predict.resolve_precision("cuda", "auto") == "fp16"      # resolved without needing the GPU
     assert predict.resolve_precision("cuda:1", "auto") == "fp16"
     assert predict.resolve_precision(torch.device("cpu"), "fp32") == "fp32"
@@ -106,7 +109,8 @@ def test_resolve_precision_by_device_type():
             predict.resolve_precision("cpu", bad)
 
 
-def test_fp32_and_bf16_maps_get_their_own_dirs(ckpt, test_set, tmp_path):
+def test_fp32_and_bf16_maps_get_their_own_dirs(ckpt, test_set, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CPU_BF16", "1")       # auto = bf16, as on a CPU with native bf16
     index, _ = test_set
     kw = dict(num_workers=0, device="cpu", log=lambda m: None)
     f32 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), autocast="fp32", **kw)

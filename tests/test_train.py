@@ -387,9 +387,13 @@ def test_bce_dice_is_a_mean_over_images():
     torch.testing.assert_close(dice_only, 1 - soft)
 
 
-def test_precision_resolution():
+def test_precision_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("PIPELINE_CPU_BF16", "1")         # a CPU with native bf16
     assert train.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setenv("PIPELINE_CPU_BF16", "0")         # an AVX2-only CPU: bf16 would be emulated
+    assert train.resolve_precision("auto", cpu) == "fp32"
+    assert train.resolve_precision("bf16", cpu) == "bf16"   # an explicit choice is taken as given
     assert train.resolve_precision("auto", cuda) == "fp16"
     assert train.resolve_precision("fp32", cpu) == "fp32"
     with train.autocast_factory(cpu, "bf16")():

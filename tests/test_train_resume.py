@@ -117,8 +117,9 @@ def _stop_at_epoch(monkeypatch, epoch: int):
 
 
 def test_cpu_checkpoint_resumes_with_an_enabled_grad_scaler(tmp_path, monkeypatch, capsys):
-    """last.pt from a bf16 run (disabled GradScaler, state {}) resumed where precision=auto means
+    """last.pt from a CPU run (disabled GradScaler, state {}) resumed where precision=auto means
     fp16 (CUDA): the enabled scaler starts fresh instead of failing on the empty state."""
+    monkeypatch.setenv("PIPELINE_CPU_BF16", "0")     # auto = fp32 on this CPU, whatever the machine
     prepared = make_prepared(tmp_path / "prep")
     cfg = tiny_cfg(tmp_path / "cache", **{"train.epochs": 2})
     with monkeypatch.context() as m:
@@ -127,13 +128,13 @@ def test_cpu_checkpoint_resumes_with_an_enabled_grad_scaler(tmp_path, monkeypatc
             train.run(cfg, prepared_dir=prepared)
     out = train.fold_dir(cfg, 0, prepared)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-    assert last["scaler"] == {} and last["precision"] == "bf16" and last["world_size"] == 1
+    assert last["scaler"] == {} and last["precision"] == "fp32" and last["world_size"] == 1
     monkeypatch.setattr(train, "resolve_precision", lambda precision, device: "fp16")   # as on CUDA
     capsys.readouterr()
     train.run(cfg, prepared_dir=prepared)
     log = capsys.readouterr().out
     assert "resuming after epoch 1 of 2" in log
-    assert "was trained in bf16 on cpu, this run uses fp16 on cpu" in log
+    assert "was trained in fp32 on cpu, this run uses fp16 on cpu" in log
     assert cache.is_complete(out)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert last["precision"] == "fp16" and last["scaler"]["scale"] > 0     # the enabled scaler's own state
