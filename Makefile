@@ -8,6 +8,7 @@ FOLD   ?=
 SHARD  ?=
 SUB    ?=
 MASKS  ?=
+TEST_DIR ?= test
 ARGS   ?=
 NPROC  ?= 2
 BENCH  ?=
@@ -59,7 +60,7 @@ submit: venv
 	$(PY) scripts/submit.py $(STAGE_ARGS)
 
 validate: venv
-	$(PY) scripts/validate.py $(SUB) $(if $(RAW),--sample $(RAW)/sample_submission.csv)
+	$(PY) scripts/validate.py $(SUB) $(if $(RAW),--sample $(RAW)/sample_submission.csv --test-dir $(TEST_DIR))
 
 score: venv
 	$(PY) scripts/score.py $(SUB) $(MASKS)
