@@ -112,3 +112,38 @@ def test_exif_orientation_is_not_applied(photo, tmp_path, reduction):
     if reduction == 1:
         assert np.abs(pred.astype(int) - stored.astype(int)).mean() < 1
 
+
+
+FULLRES = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared/data/carvana_fullres/train/00087a6bd4dc_04.jpg"
+
+
+@pytest.mark.parametrize("reduction", [1, 2])
+@pytest.mark.parametrize("mode, progressive", [("RGB", False), ("RGB", True), ("L", False)])
+def test_decode_jpeg_gives_cv2s_pixels(photo, tmp_path, reduction, mode, progressive):
+    """The fast decoder (simplejpeg) is a drop-in for cv2.imdecode: same pixels, same DCT scaling."""
+    from pipeline.ingest import JPEG_FLAGS, decode_jpeg
+    data = _jpeg(photo, mode, progressive=progressive, subsampling=2)
+    ref = cv2.imdecode(np.frombuffer(data, np.uint8), JPEG_FLAGS[reduction])
+    assert np.array_equal(decode_jpeg(data, reduction, bgr=True), ref)
+    path = tmp_path / "x.jpg"
+    path.write_bytes(data)
+    assert np.array_equal(read_image(str(path), reduction), cv2.cvtColor(ref, cv2.COLOR_BGR2RGB))
+
+
+@pytest.mark.skipif(not FULLRES.is_file(), reason="needs ../shared/data/carvana_fullres")
+@pytest.mark.parametrize("reduction", [1, 2])
+def test_decode_jpeg_on_the_real_photo(reduction):
+    from pipeline.ingest import JPEG_FLAGS, decode_jpeg
+    data = FULLRES.read_bytes()
+    ref = cv2.imdecode(np.frombuffer(data, np.uint8), JPEG_FLAGS[reduction])
+    assert ref.shape[:2] == (-(-1280 // reduction), -(-1918 // reduction))
+    assert np.array_equal(decode_jpeg(data, reduction, bgr=True), ref)
+
+
+def test_cmyk_test_image_decodes_as_cv2_does(photo, tmp_path):
+    """Predict's read_image on a CMYK JPEG: the same pixels cv2 gives (libjpeg-turbo converts CMYK)."""
+    data = _jpeg(photo, "CMYK")
+    path = tmp_path / "cmyk.jpg"
+    path.write_bytes(data)
+    ref = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    assert np.array_equal(read_image(str(path)), cv2.cvtColor(ref, cv2.COLOR_BGR2RGB))
