@@ -29,12 +29,14 @@ Issue kinds (``prepare_report.json``):
     train_test_overlap                the same id in the train and the test folder (warning: leakage)
 
 What is checked, and how cheaply:
-- every JPEG, train and test, gets a strict decode of its whole stream at 1/8 scale
-  (:func:`check_jpeg_data`, ~2 ms for 1918x1280): cv2 and PIL accept damaged
-  entropy-coded data and paint it grey, libjpeg only printing a warning;
-- train images and masks are then decoded completely (prepare needs their pixels):
-  empty/unreadable files, GIFs without their trailer byte, decoder failures, colour
-  modes other than RGB;
+- every JPEG, train and test, gets a strict decode of its whole stream (libjpeg
+  warnings are errors): cv2 and PIL accept damaged entropy-coded data and paint it
+  grey, libjpeg only printing a warning. Test JPEGs are checked at 1/8 scale
+  (:func:`check_jpeg_data`, ~2 ms for 1918x1280);
+  for RGB train JPEGs that strict decode is the full-size one prepare needs anyway
+  (:func:`decode_jpeg`, one pass); other train images and the masks are decoded
+  completely too: empty/unreadable files, GIFs without their trailer byte, decoder
+  failures, colour modes other than RGB;
 - test images get no full decode (predict does that): the header gives size and mode.
 Pixels are the stored ones: EXIF orientation is ignored everywhere (Kaggle's masks
 are aligned with the stored pixels, and the header sizes are the unrotated ones).

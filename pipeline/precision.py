@@ -36,6 +36,13 @@ def cpu_has_fast_bf16() -> bool:
     return forced == "1" if forced in ("0", "1") else _onednn_bf16()
 
 
+def autocast(device_type: str, precision: str):
+    """The autocast context for a resolved precision on 'cpu' / 'cuda': bf16 or fp16 autocast,
+    or a disabled one for fp32 (one context type, so callers need no branch)."""
+    dtype = DTYPES[precision]
+    return torch.autocast(device_type=device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def resolve(precision: str, device_type: str) -> str:
     """'auto' | 'fp32' | 'bf16' | 'fp16' on 'cpu' / 'cuda' -> 'fp32', 'bf16' or 'fp16'."""
     if precision not in CHOICES:

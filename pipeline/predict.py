@@ -10,7 +10,8 @@ threshold reruns only what changed)::
         config.yaml, manifest.json   written once every test image is present
 
 The precision the forward ran in (fp32, or bf16/fp16 autocast: ``predict.autocast``
-resolved for the device type, 'auto' = bf16 on CPU, fp16 on CUDA) is part of the
+resolved for the device type by ``pipeline.precision``: 'auto' = fp16 on CUDA, bf16 on
+a CPU with native bf16, else fp32) is part of the
 key: bf16 and fp16 maps differ by a few levels of 255, so they never share a
 directory, and shards must run with the same precision (a CPU and a GPU machine
 with autocast=auto do not) to fill the same one.
@@ -31,7 +32,6 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +51,6 @@ from .probmaps import (GEOM_COLS, done_ids, prob_path, read_prob, row_geometry, 
                        to_original, to_uint8)
 
 CODE_VERSION = "predict-2"
-PRECISIONS = precision_mod.DTYPES   # resolved autocast -> dtype
 TEST_INDEX_COLUMNS = ("img", "id", "path", "orig_height", "orig_width")
 
 
@@ -88,8 +87,9 @@ def checkpoint_hash(path: str | Path) -> str:
 def tta_key(ttas: list[tta_mod.TTA], precision: str) -> str:
     """Hash of what changes the maps besides the checkpoint: TTA views, precision, code version.
     Batch size, max_forward, workers and sharding do not enter: they leave each map unchanged."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision '{precision}': expected one of {list(PRECISIONS)} (see resolve_precision)")
+    if precision not in precision_mod.DTYPES:
+        raise ValueError(f"precision '{precision}': expected one of {list(precision_mod.DTYPES)} "
+                         "(see resolve_precision)")
     return stable_hash({"tta": tta_mod.names(ttas), "precision": precision, "code": CODE_VERSION}, n=8)
 
 
@@ -171,8 +171,7 @@ def resolve_precision(device: str | torch.device, mode: str = "auto") -> str:
 
 def autocast_for(device: torch.device, mode: str = "auto"):
     """The autocast context for resolve_precision(device, mode) (none for fp32)."""
-    dtype = PRECISIONS[resolve_precision(device, mode)]
-    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+    return precision_mod.autocast(device.type, resolve_precision(device, mode))
 
 
 def _write_png(path: Path, prob_u8: np.ndarray) -> None:
@@ -313,9 +312,10 @@ def parse_folds(spec: str, n_folds: int) -> list[int]:
 def plan(cfg: Config) -> Plan:
     """Resolve the prepare artifact and the trained checkpoints; errors name what is missing."""
     from . import prepare, train
-    test_index = Path(prepare.load(cfg)) / "test_index.csv"
+    prepared = Path(prepare.load(cfg))     # scanned once: fold_dir would rescan the raw folders per fold
+    test_index = prepared / "test_index.csv"
     folds = parse_folds(cfg.predict.folds, cfg.prepare.n_folds)
-    ckpts = [Path(train.fold_dir(cfg, k)) / "best.pt" for k in folds]
+    ckpts = [Path(train.fold_dir(cfg, k, prepared)) / "best.pt" for k in folds]
     missing = [f"fold {k}: {c}" for k, c in zip(folds, ckpts) if not c.is_file()]
     if missing:
         raise PipelineError(f"no trained checkpoint for {'; '.join(missing)} (run `make train`, "

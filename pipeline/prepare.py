@@ -37,7 +37,6 @@ Masks: resized masks and full-size masks are 8-bit PNGs with values {0, 1}, so
 from __future__ import annotations
 
 import hashlib
-
 import sys
 import time
 from collections import Counter

@@ -20,7 +20,8 @@ the sidecar also records ``oof_complete`` and ``oof_folds_missing`` (a threshold
 tuned on some folds only is flagged, and warned about).
 
 The maps are read from predict's directories for ``predict.autocast`` resolved
-for ``predict.device`` (auto: bf16 on CPU, fp16 on CUDA), so submit must be
+for ``predict.device`` (``pipeline.precision``: auto = fp16 on CUDA, bf16 on a CPU
+with native bf16, else fp32), so submit must be
 given the precision the predictions were made in.
 
 Caching: the sidecar records ``submit_key``, a hash of everything the CSV depends
@@ -92,9 +93,9 @@ def missing_report(fold_dir: Path, ids: pd.Series) -> str | None:
         return None
     msg = f"{fold_dir}: {len(missing)} of {len(ids)} test images not predicted, e.g. {missing.iloc[:3].tolist()}"
     # The directory is keyed by checkpoint, TTA and the resolved precision: shards run on a CPU and a
-    # GPU machine with autocast=auto (bf16 vs fp16), or a submit resolving another precision, miss it.
+    # GPU machine with autocast=auto (bf16/fp32 vs fp16), or a submit resolving another precision, miss it.
     msg += (" (predictions are keyed by checkpoint, TTA and precision: every shard and submit must use the same "
-            "predict.autocast and device type, auto = bf16 on CPU, fp16 on CUDA")
+            "predict.autocast and device type (auto = fp16 on CUDA, bf16 or fp32 on CPU by its bf16 support)")
     others = other_precisions(fold_dir, ids)
     msg += f"; this checkpoint also has {'; '.join(others)})" if others else ")"
     markers = sorted((fold_dir / "shards").glob("*of*.json")) if (fold_dir / "shards").is_dir() else []
@@ -184,12 +185,6 @@ def threshold_info(cfg: Config) -> dict:
         return {"threshold": float(data["best_threshold"]), "threshold_source": str(summary),
                 "oof_complete": data.get("complete"), "oof_folds_missing": data.get("folds_missing")}
     return {"threshold": DEFAULT_THRESHOLD, "threshold_source": "default (no oof_summary.json)"}
-
-
-def resolve_threshold(cfg: Config) -> tuple[float, str]:
-    """(threshold, where it came from)."""
-    info = threshold_info(cfg)
-    return info["threshold"], info["threshold_source"]
 
 
 def sidecar_path(out_path: Path) -> Path:

@@ -21,8 +21,9 @@ Each fold writes under ``<cache>/train/<train_key>/fold<k>/`` (see docs/design.m
   the schedule depend on it): another count is an error saying how to go on.
   Another device is fine (a CPU checkpoint's empty GradScaler state leaves a
   CUDA run's scaler fresh; precision=auto changing with it is logged).
-- Precision: one code path. ``autocast`` is built once from (device, precision):
-  bf16 on CPU, fp16 + GradScaler on CUDA (unscaled before clipping), or fp32.
+- Precision: one code path. ``autocast`` is built once from (device, precision),
+  ``pipeline.precision``: fp16 + GradScaler on CUDA (unscaled before clipping),
+  bf16 on a CPU with native bf16, else fp32.
 - Accumulation: ``need_update`` marks the last micro-batch of a group, including
   a final partial group; each loss is divided by its group's actual size.
 - Non-finite values: a non-finite loss drops its group's update; without a
@@ -201,9 +202,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def autocast_factory(device: torch.device, precision: str):
     """A zero-argument factory of autocast contexts (fp32: a disabled one), built once per run."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype or torch.float32,
-                             enabled=dtype is not None)
+    return functools.partial(precision_mod.autocast, device.type, precision)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:

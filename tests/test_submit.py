@@ -112,13 +112,13 @@ def test_threshold_sources(tmp_path, monkeypatch):
     cfg = config.load(None, {"data.cache": str(tmp_path)})
     from pipeline import train
     monkeypatch.setattr(train, "run_dir", lambda c, *a: tmp_path / "run")
-    assert submit.resolve_threshold(cfg) == (0.5, "default (no oof_summary.json)")
+    assert submit.threshold_info(cfg) == {"threshold": 0.5, "threshold_source": "default (no oof_summary.json)"}
     cache.write_json(tmp_path / "run" / "oof_summary.json", {"dice": 0.99, "best_threshold": 0.42})
-    thr, src = submit.resolve_threshold(cfg)
-    assert thr == 0.42 and src.endswith("oof_summary.json")
+    info = submit.threshold_info(cfg)
+    assert info["threshold"] == 0.42 and info["threshold_source"].endswith("oof_summary.json")
     assert submit.threshold_info(cfg)["oof_complete"] is None      # an older summary says nothing
     cfg.submit.threshold = 0.6
-    assert submit.resolve_threshold(cfg)[0] == 0.6
+    assert submit.threshold_info(cfg)["threshold"] == 0.6
 
 
 def run_case(tmp_path, monkeypatch, **overrides):
