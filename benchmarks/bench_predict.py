@@ -18,7 +18,7 @@
      2N / (seconds of the 3N call - seconds of the N call), what 100k images see and
      the one held against the target; and the whole N-image call (N / its seconds,
      fixed cost included), what a short run sees. JPEGs >= 3x the model size are
-     decoded at half size by libjpeg, as prepare does (``prepare.jpeg_reduction``).
+     decoded at half size by libjpeg, as prepare does (``geometry.jpeg_reduction``).
    Target: predict >= 0.85x the bare forward (per image). On a CPU-only machine the
    workers' decoding competes with the model for the same cores, so the ratio there is a
    lower bound. The default model size (128x192) is where decoding weighs most against
@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _common import wait_peak_rss, write_result  # noqa: E402
-from pipeline import predict, synth, tta  # noqa: E402
+from pipeline import precision, predict, synth, tta  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 
 FULLRES = ROOT.parent / "shared" / "data" / "carvana_fullres" / "train" / "00087a6bd4dc_04.jpg"
@@ -91,12 +91,12 @@ def bare_forward(ckpt: Path, size: tuple[int, int], batch: int, n_images: int, d
     """Images/s of predict's forward alone (TTA hflip) on batches already on the device."""
     from pipeline.data import to_device
     from pipeline.models import load_checkpoint
-    dev = predict.resolve_device(device)
+    dev = precision.resolve_device(device)
     model, _ = load_checkpoint(ckpt, dev)
     model = model.to(memory_format=torch.channels_last)
     ttas = tta.parse("hflip")
     x, _ = to_device(torch.randint(0, 255, (batch, *size, 3), dtype=torch.uint8), None, dev)
-    with torch.inference_mode(), predict.autocast_for(dev):
+    with torch.inference_mode(), precision.autocast(dev.type, precision.resolve_precision("auto", dev)):
         tta.predict_proba(model, x, ttas)  # warm-up
         n_batches = max(1, n_images // batch)
         t = time.perf_counter()
@@ -110,14 +110,14 @@ def bare_forward(ckpt: Path, size: tuple[int, int], batch: int, n_images: int, d
 RSS_CHILD = textwrap.dedent("""
     import json, sys, time
     import pandas as pd
-    from pipeline import predict, submit, tta
+    from pipeline import precision, predict, submit, tta
     index = pd.read_csv(sys.argv[1])
     t = time.time()
     predict.predict_fold(index, sys.argv[2], sys.argv[3], tta.parse("hflip"), batch_size=8, num_workers=2,
                          log=lambda m: None)
     t1 = time.time()
     fold = predict.fold_cache_dir(sys.argv[3], predict.checkpoint_hash(sys.argv[2]), tta.parse("hflip"),
-                                  predict.resolve_precision("auto"))
+                                  precision.resolve_precision("auto", "cpu"))
     submit.write_submission(index, [fold], sys.argv[4], 0.5, list(index["img"]), workers=2)
     print(json.dumps({"predict_s": t1 - t, "submit_s": time.time() - t1}))
 """)
@@ -152,7 +152,7 @@ def main() -> int:
     sizes = [int(v) for v in (a.rss_sizes or ("100,400" if a.quick else "200,2000")).split(",")]
     msize = parse_hw(a.model_size)
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": torch.get_num_threads(),
-              "device": str(predict.resolve_device(a.device))}
+              "device": str(precision.resolve_device(a.device))}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # 1. throughput

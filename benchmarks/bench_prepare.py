@@ -4,7 +4,7 @@
 
 1. Throughput, on a generated set at Kaggle's full 1918x1280 (default 208 train pairs):
    - "limit": the same joblib workers and chunks doing only the unavoidable work for each
-     pair: cv2 JPEG decode (at half size where ``prepare.jpeg_reduction`` has prepare do
+     pair: cv2 JPEG decode (at half size where ``geometry.jpeg_reduction`` has prepare do
      so, else the limit would be slower than prepare at small model sizes), INTER_AREA
      resize, PNG encode + write of the image; PIL GIF decode, full-size mask PNG, resized
      mask PNG. No validation, hashing, records or indexes.
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _common import wait_peak_rss, write_result  # noqa: E402
-from pipeline import ingest, prepare, synth  # noqa: E402
+from pipeline import geometry, ingest, parallel, prepare, synth  # noqa: E402
 from pipeline.config import load  # noqa: E402
 
 PNG = prepare.PNG
@@ -73,11 +73,11 @@ def make_set(base: Path, out: Path, n: int) -> Path:
 
 def limit_decode(path: str, h: int, w: int, fit: str = "stretch") -> np.ndarray:
     """Decode a JPEG for an h x w model input as prepare does, minus its checks: the same fast
-    decoder (``ingest.decode_jpeg``), at half size when ``prepare.jpeg_reduction`` says so (the
+    decoder (``ingest.decode_jpeg``), at half size when ``geometry.jpeg_reduction`` says so (the
     header read gives the size it needs), without strict mode."""
     data = np.fromfile(path, np.uint8)
     size = simplejpeg.decode_jpeg_header(data)[:2]
-    r = prepare.jpeg_reduction(*size, prepare.geometry(*size, h, w, fit))
+    r = geometry.jpeg_reduction(*size, geometry.geometry(*size, h, w, fit))
     return ingest.decode_jpeg(data, r, bgr=True)
 
 
@@ -116,7 +116,7 @@ def run_limit(raw: Path, out: Path, workers: int, chunk: int, h: int, w: int) ->
     items = [(str(p), str(raw / "train_masks" / f"{p.stem}_mask.gif"), str(out / p.stem))
              for p in sorted((raw / "train").glob("*.jpg"))]
     # The same chunking prepare uses, so both pay the same joblib overheads.
-    chunks = prepare._chunks(items, chunk, workers)
+    chunks = parallel.chunks(items, chunk, workers)
     cpu, t = _tree_cpu(), time.perf_counter()
     n_jobs = max(1, min(effective_n_jobs(workers), len(chunks)))
     done = sum(Parallel(n_jobs=n_jobs)(delayed(_limit_chunk)(c, h, w) for c in chunks))

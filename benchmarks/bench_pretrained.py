@@ -90,7 +90,7 @@ def train_variant(weights: str, xtr, ytr, xva, yva, args, steps: int) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
-    autocast = precision.resolve(args.precision, "cpu") == "bf16"
+    autocast = precision.resolve_precision(args.precision, "cpu") == "bf16"
     evals = sorted({max(1, round(steps * f)) for f in (0.25, 0.5, 0.75, 1.0)})
     curve, losses = [], []
     model.train()
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     times = []
     for _ in range(6):
         ts = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.resolve(args.precision, "cpu") == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.resolve_precision(args.precision, "cpu") == "bf16"):
             out = model(xtr[:args.batch_size])
         loss = F.binary_cross_entropy_with_logits(out.float(), ytr[:args.batch_size].float())
         opt.zero_grad()

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _common import write_result  # noqa: E402
-from pipeline import predict, rle, submit  # noqa: E402
+from pipeline import geometry, probmaps, rle, submit  # noqa: E402
 
 GOLDEN = ROOT.parent / "shared" / "data" / "carvana_fullres" / "train_masks" / "00087a6bd4dc_04_mask.gif"
 
@@ -109,14 +109,14 @@ def main() -> int:
             d.mkdir()
             # Folds disagree a little, near the edges as real models do (smooth maps, not noise).
             edge = cv2.GaussianBlur(small, (0, 0), 1.0 + 0.5 * f)
-            cv2.imwrite(str(predict.prob_path(d, "img")), predict.to_uint8(edge))
+            cv2.imwrite(str(probmaps.prob_path(d, "img")), probmaps.to_uint8(edge))
             dirs.append(str(d))
-        p0 = predict.read_prob(predict.prob_path(dirs[0], "img"))
-        full = predict.to_original(p0.astype(np.float32), (H, W))
+        p0 = probmaps.read_prob(probmaps.prob_path(dirs[0], "img"))
+        full = geometry.to_original(p0.astype(np.float32), (H, W))
         binary = full > 127.5
         parts = interleaved({
-            "read PNG (1 fold)": lambda: predict.read_prob(predict.prob_path(dirs[0], "img")),
-            "resize to 1918x1280": lambda: predict.to_original(p0.astype(np.float32), (H, W)),
+            "read PNG (1 fold)": lambda: probmaps.read_prob(probmaps.prob_path(dirs[0], "img")),
+            "resize to 1918x1280": lambda: geometry.to_original(p0.astype(np.float32), (H, W)),
             "threshold": lambda: full > 127.5,
             "RLE encode": lambda: rle.encode(binary),
             "total, 1 fold": lambda: rle.encode(submit.ensemble_mask(dirs[:1], "img", (H, W), 0.5)),

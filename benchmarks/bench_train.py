@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_train.py [--quick] [--minutes M] [--skip-real] [--size S]
                                                [--steps N] [--set key=value ...]
 
-All on CPU, with the pipeline's own code: ``train.train_one_epoch`` (the real
+All on CPU, with the pipeline's own code: ``loop.train_one_epoch`` (the real
 step: to_device, autocast, BCE+Dice, backward, clipping, AdamW) on the
 config's model (default Unet/resnet18, batch 8) at S x S (default 256).
 
@@ -44,11 +44,12 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DistributedSampler  # noqa: E402
 
-from pipeline import cache, prepare, train  # noqa: E402
+from pipeline import cache, distributed, loop, prepare, train  # noqa: E402
 from pipeline.config import apply, load  # noqa: E402
 from pipeline.data import SeededSampler, SegDataset, build_transform, cv2_single_thread, load_index  # noqa: E402
 from pipeline.losses import BceDiceLoss  # noqa: E402
 from pipeline.models import build_model, model_kwargs  # noqa: E402
+from pipeline.precision import autocast_factory, resolve_precision  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "carvana512"
 CPU = torch.device("cpu")
@@ -66,7 +67,7 @@ def make_cfg(args, extra: dict | None = None):
 
 
 class Rig:
-    """One model, optimizer and loss, stepped by train.train_one_epoch on any batch source."""
+    """One model, optimizer and loss, stepped by loop.train_one_epoch on any batch source."""
 
     def __init__(self, cfg):
         t = cfg.train
@@ -74,16 +75,16 @@ class Rig:
         self.t = t
         self.model = build_model(t.arch, t.encoder, t.encoder_weights, **model_kwargs(t.encoder_depth,
                                                                                       t.decoder_channels))
-        self.opt = train.build_optimizer(self.model, t.lr, t.weight_decay)
+        self.opt = loop.build_optimizer(self.model, t.lr, t.weight_decay)
         self.loss = BceDiceLoss(t.bce_weight, t.dice_weight)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
-        self.guard = train.NonFiniteGuard(t.max_nonfinite, train.Dist(), CPU)
+        self.guard = loop.NonFiniteGuard(t.max_nonfinite, distributed.Dist(), CPU)
 
     def steps(self, batches, n: int, precision: str, channels_last: bool) -> float:
         """Seconds per optimizer step over n steps of ``batches`` (a DataLoader or a list)."""
         self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        r = train.train_one_epoch(self.model, batches, self.loss, self.opt, None, self.scaler,
-                                  autocast=train.autocast_factory(CPU, precision), device=CPU,
+        r = loop.train_one_epoch(self.model, batches, self.loss, self.opt, None, self.scaler,
+                                  autocast=autocast_factory(CPU, precision), device=CPU,
                                   accum_steps=1, grad_clip=self.t.grad_clip, channels_last=channels_last,
                                   guard=self.guard, max_steps=n)
         return r["seconds"] / r["updates"]
@@ -93,7 +94,7 @@ class Rig:
         from pipeline.data import to_device
         self.model.eval().to(memory_format=torch.channels_last)
         x, _ = to_device(batch[0], None, CPU, True)
-        ac = train.autocast_factory(CPU, precision)
+        ac = autocast_factory(CPU, precision)
         t0 = time.perf_counter()
         for _ in range(n):
             with ac():
@@ -114,14 +115,14 @@ def throughput(args, cfg, prepared: Path) -> dict:
     tr = index[index["fold"] != 0].reset_index(drop=True)
     ds = SegDataset(tr["image"], tr["mask"], build_transform(t.augment))
     sampler = SeededSampler(DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0), seed=0)
-    dl = train._loader(ds, sampler, t.batch_size, t.num_workers, CPU, drop_last=True, seed=0)
+    dl = loop.make_loader(ds, sampler, t.batch_size, t.num_workers, CPU, drop_last=True, seed=0)
     rig = Rig(cfg)
     batch = next(iter(dl))
     pre = [batch] * args.steps
     n, blocks = args.steps, (1 if args.quick else 2)
     prec_rounds, prec_steps = (1, 2) if args.quick else (3, max(2, n // 3))
     # The loader is measured in the precision training uses here (auto: bf16 only on CPUs with native bf16).
-    auto = train.resolve_precision("auto", CPU)
+    auto = resolve_precision("auto", CPU)
     with cv2_single_thread():
         rig.steps(pre, 2, auto, True)                   # warm-up: kernels, allocator
         rig.steps(dl, 2, auto, True)                    # warm-up: workers started and prefetching

@@ -10,11 +10,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+FITS = ("stretch", "pad")                          # prepare.fit (pipeline.geometry)
+SCHEDULERS = ("cosine", "onecycle", "none")        # train.scheduler (pipeline.loop)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")      # train.precision, predict.precision (pipeline.precision)
+# Old key -> its new name: still accepted (YAML and key=value), with a one-line warning.
+DEPRECATED = {"predict.autocast": "predict.precision", "autocast": "predict.precision"}
 
 
 class ConfigError(ValueError):
@@ -96,7 +104,7 @@ class PredictConfig:
     shard: str = ""                  # "i/N" predicts part i of N
     num_workers: int = 2
     device: str = "auto"
-    autocast: str = "auto"           # auto (bf16 CPU / fp16 CUDA) | bf16 | fp16 | fp32
+    precision: str = "auto"          # as train.precision; was predict.autocast (still accepted)
     max_forward: int = 0             # images per forward pass (TTA views included); 0 = a batch's views at once
 
 
@@ -148,6 +156,9 @@ def resolve_key(key: str) -> str:
     keys = _all_keys()
     if key in keys:
         return key
+    if key in DEPRECATED:
+        print(f"config: warning: '{key}' is deprecated, use '{DEPRECATED[key]}'", file=sys.stderr)
+        return DEPRECATED[key]
     matches = [k for k in keys if k.split(".", 1)[1] == key]
     if len(matches) == 1:
         return matches[0]
@@ -239,6 +250,7 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
 
 
 def validate(cfg: Config) -> None:
+    """Every range and choice check of the config, in one place (stages call it, never repeat it)."""
     p = cfg.prepare
     for name in ("height", "width"):
         v = getattr(p, name)
@@ -246,6 +258,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"prepare.{name}={v}: must be a positive multiple of 32 (encoder stride)")
     if p.n_folds < 2:
         raise ConfigError(f"prepare.n_folds={p.n_folds}: need at least 2 folds")
+    check_choice("prepare.fit", p.fit, FITS)
+    if p.chunk_size < 1:
+        raise ConfigError(f"prepare.chunk_size={p.chunk_size}: must be >= 1")
+    if p.workers == 0:
+        raise ConfigError("prepare.workers=0: use -1 for all cores or a positive count")
     t = cfg.train
     if t.fold >= p.n_folds or t.fold < -1:
         raise ConfigError(f"train.fold={t.fold}: -1 (all folds) or one of 0..{p.n_folds - 1}")
@@ -255,16 +272,29 @@ def validate(cfg: Config) -> None:
     if sy.image_height < 32 or sy.image_width < 32:
         raise ConfigError(f"synth.image_height={sy.image_height}, synth.image_width={sy.image_width}: "
                           "need at least 32x32 pixels")
-    for name in ("batch_size", "epochs"):
+    for name in ("batch_size", "epochs", "max_nonfinite"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
-    if cfg.predict.batch_size < 1 or cfg.predict.max_forward < 0:
-        raise ConfigError(f"predict.batch_size={cfg.predict.batch_size} must be >= 1 and "
-                          f"predict.max_forward={cfg.predict.max_forward} >= 0 (0 = no limit)")
     if t.accum_steps < 1:
         raise ConfigError("train.accum_steps must be >= 1")
-    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision='{t.precision}': choose auto, bf16, fp16 or fp32")
+    check_choice("train.scheduler", t.scheduler, SCHEDULERS)
+    check_choice("train.precision", t.precision, PRECISIONS)
+    if cfg.predict.batch_size < 1:
+        raise ConfigError(f"predict.batch_size={cfg.predict.batch_size}: must be >= 1")
+    check_max_forward(cfg.predict.max_forward)
+    check_choice("predict.precision", cfg.predict.precision, PRECISIONS)
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """ConfigError naming ``key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key}='{value}': choose one of {', '.join(choices)}")
+
+
+def check_max_forward(max_forward: int) -> None:
+    """predict.max_forward: images per forward pass, 0 = no limit (predict_fold checks direct calls)."""
+    if max_forward < 0:
+        raise ConfigError(f"predict.max_forward={max_forward}: must be >= 0 (0 = all views of a batch at once)")
 
 
 def stable_hash(obj, n: int = 12) -> str:

@@ -76,7 +76,7 @@ def read_image(path: str, reduction: int = 1) -> np.ndarray:
 
     JPEGs go through ``ingest.decode_jpeg`` (simplejpeg), as in prepare; cv2 decodes the rest.
     reduction=2 decodes a JPEG at half size, ceil(H/2) x ceil(W/2), by libjpeg's DCT
-    scaling (see ``prepare.jpeg_reduction``); other formats ignore it (cv2 would resize
+    scaling (see ``geometry.jpeg_reduction``); other formats ignore it (cv2 would resize
     them after decoding, which prepare does not do).
     """
     if path.endswith(".npy"):
@@ -97,8 +97,9 @@ def read_image(path: str, reduction: int = 1) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def read_mask(path: str) -> np.ndarray:
-    """(H, W) uint8 in {0, 1} from a PNG (or .npy)."""
+def read_mask(path: str | Path) -> np.ndarray:
+    """(H, W) uint8 in {0, 1} from a mask PNG written by prepare (or a .npy)."""
+    path = str(path)
     if path.endswith(".npy"):
         return np.load(path)
     m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)

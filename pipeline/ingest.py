@@ -46,7 +46,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -55,7 +55,7 @@ import pandas as pd
 import simplejpeg
 from PIL import Image
 
-from .config import stable_hash
+from .config import Config, PipelineError, stable_hash
 
 ID_RE = re.compile(r"^[0-9a-f]{12}_\d{2}$")
 IMAGE_EXTS = (".jpg", ".jpeg")          # preferred first: on duplicate ids the .jpg wins
@@ -308,7 +308,7 @@ def decode_image(path: Path, reduction=None) -> tuple[np.ndarray, list[tuple[str
     (H, W) is the image's own size (from its header). RGB JPEGs are checked and decoded in one
     strict pass by :func:`decode_jpeg` (predict decodes test JPEGs with it too), at 1/r size when
     ``reduction(H, W)`` returns r = 2 (h, w = ceil(H/r), ceil(W/r); see
-    ``prepare.jpeg_reduction``); grayscale, RGBA, CMYK (and non-JPEG files named .jpg)
+    ``geometry.jpeg_reduction``); grayscale, RGBA, CMYK (and non-JPEG files named .jpg)
     go through PIL's conversion to RGB at full size, which handles Adobe CMYK.
     EXIF orientation is ignored by both (the stored pixels).
     Raises BadFile for unreadable, corrupt or truncated files.
@@ -390,3 +390,32 @@ def check_test_image(path: Path) -> dict:
         except Exception as e:
             raise BadFile("corrupt", f"decoder failed ({type(e).__name__}: {e})") from None
     return info
+
+
+# ---------------------------------------------------------------------------- the raw layout
+
+@dataclass
+class Scan:
+    """The raw layout by name only (no file is opened)."""
+    raw: Path
+    train: Listing
+    masks: Listing
+    test: Listing
+    csvs: dict[str, Path | None]
+    issues: list[Issue] = field(default_factory=list)
+
+
+def scan(cfg: Config) -> Scan:
+    """The raw layout under ``data.raw`` by name and stat only; PipelineError when there is none."""
+    raw = Path(cfg.data.raw)
+    if not raw.is_dir():
+        raise PipelineError(f"data.raw={raw}: no such directory (run `make demo-data` or pass RAW=<kaggle dir>)")
+    train = list_dir(raw / cfg.data.train_dir, cfg.data.train_dir, "image")
+    if not train.fingerprints:
+        raise PipelineError(f"{raw / cfg.data.train_dir}: no train images (data.raw / data.train_dir)")
+    masks = list_dir(raw / "train_masks", "train_masks", "mask")
+    test = list_dir(raw / cfg.data.test_dir, cfg.data.test_dir, "image")
+    csvs = {name: (raw / name if (raw / name).is_file() else None)
+            for name in ("train_masks.csv", "sample_submission.csv", "metadata.csv")}
+    overlap = overlap_issues(train, test, cfg.data.train_dir, cfg.data.test_dir)
+    return Scan(raw, train, masks, test, csvs, train.issues + masks.issues + test.issues + overlap)

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import cache
+from . import cache, prepare
 from .config import Config, PipelineError
-from .train import hist_dice, run_dir
-
-THRESHOLDS = np.round(np.arange(0.30, 0.7001, 0.01), 2)
+from .probmaps import DEFAULT_THRESHOLD, THRESHOLDS, hist_dice
+from .train import run_dir
 
 
 def fold_numbers(prepared: Path) -> list[int]:
@@ -37,7 +36,7 @@ def summarize(fold_dirs: dict[int, Path], thresholds=THRESHOLDS) -> dict:
     per_fold, ids, pos, all_ = {}, [], [], []
     for k, d in sorted(done.items()):
         h = np.load(d / "oof" / "hist.npz")
-        fd = hist_dice(h["pos"], h["all"], [0.5])[:, 0]
+        fd = hist_dice(h["pos"], h["all"], [DEFAULT_THRESHOLD])[:, 0]
         info = cache.read_json(d / "oof.json")
         per_fold[str(k)] = {"images": int(len(fd)), "dice": float(fd.mean()),
                             "dice_model": float(info["dice_model"])}
@@ -47,7 +46,7 @@ def summarize(fold_dirs: dict[int, Path], thresholds=THRESHOLDS) -> dict:
     if len(set(ids)) != len(ids):
         raise PipelineError("an image appears in more than one fold's OOF predictions (folds.csv changed?)")
     grid = hist_dice(np.concatenate(pos), np.concatenate(all_), np.asarray(thresholds)).mean(0)
-    at_half = float(hist_dice(np.concatenate(pos), np.concatenate(all_), [0.5]).mean())
+    at_half = float(hist_dice(np.concatenate(pos), np.concatenate(all_), [DEFAULT_THRESHOLD]).mean())
     best = int(np.argmax(grid))
     return {"dice": at_half, "best_threshold": float(thresholds[best]), "dice_at_best": float(grid[best]),
             "images": len(ids), "folds": per_fold, "folds_missing": missing, "complete": not missing,
@@ -55,11 +54,7 @@ def summarize(fold_dirs: dict[int, Path], thresholds=THRESHOLDS) -> dict:
 
 
 def run(cfg: Config, prepared_dir: str | Path | None = None) -> dict:
-    if prepared_dir is None:
-        from . import prepare
-        prepared = Path(prepare.load(cfg))
-    else:
-        prepared = Path(prepared_dir)
+    prepared = prepare.locate(cfg, prepared_dir)
     root = run_dir(cfg, prepared)
     folds = fold_numbers(prepared)
     summary = summarize({k: root / f"fold{k}" for k in folds})

@@ -9,12 +9,12 @@ threshold reruns only what changed)::
         shards/<i>of<N>.json a shard finished (submit names the missing ones)
         config.yaml, manifest.json   written once every test image is present
 
-The precision the forward ran in (fp32, or bf16/fp16 autocast: ``predict.autocast``
+The precision the forward ran in (fp32, or bf16/fp16 autocast: ``predict.precision``
 resolved for the device type by ``pipeline.precision``: 'auto' = fp16 on CUDA, bf16 on
 a CPU with native bf16, else fp32) is part of the
 key: bf16 and fp16 maps differ by a few levels of 255, so they never share a
 directory, and shards must run with the same precision (a CPU and a GPU machine
-with autocast=auto do not) to fill the same one.
+with precision=auto do not) to fill the same one.
 
 Every ``<id>.png`` is written atomically, and images whose file exists are
 skipped, so an interrupted run resumes where it stopped and shards running on
@@ -22,13 +22,13 @@ different machines (``predict.shard=i/N``) fill the same directory without
 coordination. Nothing holds more than a few batches in memory.
 
 The fold ensemble (mean over folds) and the way back to each image's original
-size (:func:`to_original`) are applied by the submit stage.
+size (``geometry.to_original``) are applied by the submit stage; the maps' file layout
+is ``pipeline.probmaps``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -42,13 +42,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import cache, prepare, precision as precision_mod, tta as tta_mod
-from .config import Config, ConfigError, PipelineError, stable_hash
+from . import cache, prepare, tta as tta_mod
+from .config import Config, ConfigError, PipelineError, check_max_forward, stable_hash
 from .data import cv2_single_thread, read_image, to_device
-# The torch-free half of this stage (file layout, reading maps, back to original size) lives in
-# probmaps so that submit's worker processes need not import torch; re-exported here.
-from .probmaps import (GEOM_COLS, done_ids, prob_path, read_prob, row_geometry, stretch_geometry,  # noqa: F401
-                       to_original, to_uint8)
+from .geometry import jpeg_reduction, row_geometry, to_model
+from .precision import DTYPES, autocast, resolve_device, resolve_precision
+from .probmaps import done_ids, prob_path
 
 CODE_VERSION = "predict-2"
 TEST_INDEX_COLUMNS = ("img", "id", "path", "orig_height", "orig_width")
@@ -87,14 +86,14 @@ def checkpoint_hash(path: str | Path) -> str:
 def tta_key(ttas: list[tta_mod.TTA], precision: str) -> str:
     """Hash of what changes the maps besides the checkpoint: TTA views, precision, code version.
     Batch size, max_forward, workers and sharding do not enter: they leave each map unchanged."""
-    if precision not in precision_mod.DTYPES:
-        raise ValueError(f"precision '{precision}': expected one of {list(precision_mod.DTYPES)} "
-                         "(see resolve_precision)")
+    if precision not in DTYPES:
+        raise ValueError(f"precision '{precision}': expected one of {list(DTYPES)} "
+                         "(see precision.resolve_precision)")
     return stable_hash({"tta": tta_mod.names(ttas), "precision": precision, "code": CODE_VERSION}, n=8)
 
 
 def fold_cache_dir(cache_root: str | Path, ckpt_hash: str, ttas: list[tta_mod.TTA], precision: str) -> Path:
-    """precision: resolved, as from :func:`resolve_precision` ('fp32', 'bf16' or 'fp16')."""
+    """precision: resolved, as from ``precision.resolve_precision`` ('fp32', 'bf16' or 'fp16')."""
     return cache.stage_dir(cache_root, "predict", f"{ckpt_hash}-{tta_key(ttas, precision)}")
 
 
@@ -116,7 +115,7 @@ def read_test_index(path: str | Path) -> pd.DataFrame:
 class TestImages(Dataset):
     """Test JPEGs decoded and placed in the model input in DataLoader workers.
 
-    Uses ``prepare.to_model`` with each image's geometry (resize, and padding for
+    Uses ``geometry.to_model`` with each image's geometry (resize, and padding for
     fit=pad), so the model sees test pixels made exactly as its training pixels.
     Returns ((h, w, 3) uint8 RGB tensor, row position).
     """
@@ -129,7 +128,7 @@ class TestImages(Dataset):
 
     def __getitem__(self, i):
         img = read_image(self.paths[i], self.reductions[i])   # JPEG decode scale, as prepare decodes
-        out = prepare.to_model(img, self.geoms[i], *self.size)
+        out = to_model(img, self.geoms[i], *self.size)
         return torch.from_numpy(np.ascontiguousarray(out)), i
 
 
@@ -137,41 +136,6 @@ def _worker_init(_):
     # Each loader worker decodes one image at a time: extra threads would only fight the model's.
     # No cv2.setNumThreads here: in a forked worker it can deadlock (see cv2_single_thread).
     torch.set_num_threads(1)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"predict.device={name}: CUDA is not available here")
-    return torch.device(name)
-
-
-def device_type(device: str | torch.device) -> str:
-    """'cpu' or 'cuda' (...) for a device or a predict.device string, without needing the device:
-    submit resolves the predictions' directory on a machine that may not have the GPU predict used."""
-    if isinstance(device, torch.device):
-        return device.type
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return torch.device(device).type
-    except RuntimeError:
-        raise ConfigError(f"predict.device='{device}': not a device (auto, cpu, cuda, cuda:1, ...)") from None
-
-
-def resolve_precision(device: str | torch.device, mode: str = "auto") -> str:
-    """The precision predict's forward runs in: 'fp32', 'bf16' or 'fp16' (see pipeline.precision:
-    auto is fp16 on CUDA, bf16 on a CPU with native bf16, else fp32)."""
-    try:
-        return precision_mod.resolve(mode, device_type(device))
-    except ConfigError as e:
-        raise ConfigError(f"predict.autocast: {e}") from None
-
-
-def autocast_for(device: torch.device, mode: str = "auto"):
-    """The autocast context for resolve_precision(device, mode) (none for fp32)."""
-    return precision_mod.autocast(device.type, resolve_precision(device, mode))
 
 
 def _write_png(path: Path, prob_u8: np.ndarray) -> None:
@@ -199,90 +163,119 @@ class FoldResult:
 @cv2_single_thread()
 def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | Path, ttas: list[tta_mod.TTA], *,
                  shard: tuple[int, int] = (0, 1), batch_size: int = 8, num_workers: int = 2,
-                 device: str = "auto", autocast: str = "auto", max_forward: int = 0, ckpt_hash: str | None = None,
+                 device: str = "auto", precision: str = "auto", max_forward: int = 0, ckpt_hash: str | None = None,
                  config: dict | None = None, log=print, progress: bool = True) -> FoldResult:
     """Predict this shard's test images with one checkpoint; skip those already on disk.
 
     index: test index rows (columns id, path). Writes ``<fold_dir>/<id>.png`` (uint8, model size).
+    precision: the predict.precision setting (auto, fp32, bf16, fp16), resolved for ``device``.
     max_forward: at most this many images (TTA views included) per model call; 0 = a batch's
     views of one scale at once (batch_size * views). Peak memory follows it; the maps do not.
     config: the resolved config, written as ``config.yaml`` beside the maps with the manifest
     (default: this call's own arguments).
     """
-    from .models import IMAGENET_STATS, load_checkpoint
     t0 = time.time()
-    if max_forward < 0:
-        raise ConfigError(f"predict.max_forward={max_forward}: must be >= 0 (0 = all views of a batch at once)")
+    check_max_forward(max_forward)
     ckpt_path = Path(ckpt_path)
     ckpt_hash = ckpt_hash or checkpoint_hash(ckpt_path)
-    dev = resolve_device(device)
-    precision = resolve_precision(dev, autocast)
-    fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, precision)
+    dev = resolve_device(device, "predict.device")
+    resolved = resolve_precision(precision, dev, "predict.precision")
+    fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, resolved)
     fold_dir.mkdir(parents=True, exist_ok=True)
     rows = index.iloc[shard_positions(len(index), shard)]
-    have = done_ids(fold_dir)
-    todo = rows[~rows["id"].isin(have)]
+    todo = rows[~rows["id"].isin(done_ids(fold_dir))]
     if len(todo) or not (fold_dir / "meta.json").is_file():  # a finished shard needs no model
-        model, meta = load_checkpoint(ckpt_path, dev)
-        size = (int(meta["height"]), int(meta["width"]))
-        # Checkpoints written before input_stats was recorded were all trained on ImageNet statistics.
-        stats = meta.get("input_stats", IMAGENET_STATS)
-        write_meta(fold_dir, {"checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256_16": ckpt_hash,
-                              "arch": meta.get("arch"), "encoder": meta.get("encoder"), "height": size[0],
-                              "width": size[1], "tta": tta_mod.names(ttas), "precision": precision,
-                              "autocast": autocast, "device_type": dev.type, "code": CODE_VERSION})
+        model, size, stats = _open_checkpoint(ckpt_path, ckpt_hash, dev, fold_dir, ttas, resolved, precision)
     if len(todo):
-        model = model.to(memory_format=torch.channels_last)
-        geoms = [row_geometry(r, *size) for r in todo.to_dict("records")]
-        # The placement must fit the checkpoint's input and fill it along one axis at least
-        # (prepare's stretch and pad both do): anything else means another prepare size.
-        bad = [(i, g) for i, g in zip(todo["id"], geoms)
-               if g["pad_top"] + g["scaled_height"] > size[0] or g["pad_left"] + g["scaled_width"] > size[1]
-               or (g["scaled_height"] != size[0] and g["scaled_width"] != size[1])]
-        if bad:
-            raise PipelineError(f"test index geometry {bad[0][1]} of {bad[0][0]} does not fit the checkpoint's "
-                                f"{size[0]}x{size[1]} input: prepare and train used different sizes")
-        reductions = [prepare.jpeg_reduction(int(r["orig_height"]), int(r["orig_width"]), g)
-                      for r, g in zip(todo.to_dict("records"), geoms)]
-        loader = DataLoader(TestImages(todo["path"].tolist(), geoms, size, reductions), batch_size=batch_size,
-                            shuffle=False, num_workers=num_workers, pin_memory=dev.type == "cuda",
-                            worker_init_fn=_worker_init, prefetch_factor=4 if num_workers else None)
-        ids = todo["id"].tolist()
-        # PNG encoding + atomic writes run in threads (cv2 releases the GIL) while the model computes;
-        # at most `max_pending` images wait, so memory does not grow with the number of images.
-        pending: deque = deque()
-        max_pending = 4 * batch_size
-        with ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode(), autocast_for(dev, autocast):
-            for images, pos in tqdm(loader, desc=f"predict {fold_dir.name}", unit="batch", disable=not progress,
-                                    mininterval=5.0):
-                x, _ = to_device(images, None, dev, stats=stats)
-                prob = tta_mod.predict_proba(model, x, ttas, max_forward)[:, 0]
-                prob_u8 = (prob * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
-                for k, p in zip(pos.tolist(), prob_u8):
-                    pending.append(pool.submit(_write_png, prob_path(fold_dir, ids[k]), p))
-                while len(pending) > max_pending:
-                    pending.popleft().result()
-            while pending:
-                pending.popleft().result()
+        geoms = _placements(todo, size)
+        _predict_images(model, todo, geoms, size, stats, fold_dir, ttas, dev, resolved,
+                        batch_size=batch_size, num_workers=num_workers, max_forward=max_forward, progress=progress)
     cache.write_json(fold_dir / "shards" / f"{shard[0]}of{shard[1]}.json",
                      {"shard": f"{shard[0]}/{shard[1]}", "images": len(rows), "finished_at": time.time()})
     if done_ids(fold_dir).issuperset(index["id"]):
         if config is None:  # called directly (tests, benchmarks): record what this call was given
             config = {"predict": {"tta": ",".join(tta_mod.names(ttas)), "batch_size": batch_size,
                                   "shard": f"{shard[0]}/{shard[1]}", "num_workers": num_workers, "device": device,
-                                  "autocast": autocast, "max_forward": max_forward}}
-        # Rewritten by every run that finds this index complete (the directory outlives one test set):
-        # the config is that run's; shards may differ in settings outside the key (batch size,
-        # workers, max_forward), which leave the maps unchanged.
-        cache.write_manifest(fold_dir, stage="predict", key=fold_dir.name,
-                             params={"tta": tta_mod.names(ttas), "checkpoint_sha256_16": ckpt_hash,
-                                     "precision": precision},
-                             inputs={"checkpoint": str(ckpt_path.resolve())},
-                             outputs={"images": int(len(index))}, config=config)
+                                  "precision": precision, "max_forward": max_forward}}
+        _write_manifest(fold_dir, index, ckpt_path, ckpt_hash, ttas, resolved, config)
     res = FoldResult(fold_dir, len(todo), len(rows) - len(todo), time.time() - t0)
     log(f"predict: {ckpt_path} -> {fold_dir}: {res.predicted} predicted, {res.skipped} cached "
         f"(shard {shard[0]}/{shard[1]}), {res.seconds:.1f}s")
     return res
+
+
+def _open_checkpoint(ckpt_path: Path, ckpt_hash: str, dev: torch.device, fold_dir: Path, ttas: list[tta_mod.TTA],
+                     resolved: str, setting: str) -> tuple[torch.nn.Module, tuple[int, int], tuple]:
+    """The model (eval mode, on ``dev``), its input size and input statistics; writes meta.json
+    once per directory. ``setting``: the precision as configured, recorded beside the resolved one."""
+    from .models import IMAGENET_STATS, load_checkpoint
+    model, meta = load_checkpoint(ckpt_path, dev)
+    size = (int(meta["height"]), int(meta["width"]))
+    # Checkpoints written before input_stats was recorded were all trained on ImageNet statistics.
+    stats = meta.get("input_stats", IMAGENET_STATS)
+    # "autocast" is the setting's name in meta.json since predict-1 (the config key is now predict.precision).
+    write_meta(fold_dir, {"checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256_16": ckpt_hash,
+                          "arch": meta.get("arch"), "encoder": meta.get("encoder"), "height": size[0],
+                          "width": size[1], "tta": tta_mod.names(ttas), "precision": resolved,
+                          "autocast": setting, "device_type": dev.type, "code": CODE_VERSION})
+    return model, size, stats
+
+
+def _placements(todo: pd.DataFrame, size: tuple[int, int]) -> list[dict]:
+    """Each row's geometry, checked against the checkpoint's input size.
+
+    The placement must fit the checkpoint's input and fill it along one axis at least
+    (prepare's stretch and pad both do): anything else means another prepare size.
+    """
+    geoms = [row_geometry(r, *size) for r in todo.to_dict("records")]
+    bad = [(i, g) for i, g in zip(todo["id"], geoms)
+           if g["pad_top"] + g["scaled_height"] > size[0] or g["pad_left"] + g["scaled_width"] > size[1]
+           or (g["scaled_height"] != size[0] and g["scaled_width"] != size[1])]
+    if bad:
+        raise PipelineError(f"test index geometry {bad[0][1]} of {bad[0][0]} does not fit the checkpoint's "
+                            f"{size[0]}x{size[1]} input: prepare and train used different sizes")
+    return geoms
+
+
+def _predict_images(model, todo: pd.DataFrame, geoms: list[dict], size: tuple[int, int], stats: tuple,
+                    fold_dir: Path, ttas: list[tta_mod.TTA], dev: torch.device, resolved: str, *,
+                    batch_size: int, num_workers: int, max_forward: int, progress: bool) -> None:
+    """Decode, predict (TTA mean of sigmoids) and write ``<id>.png`` for every row of ``todo``."""
+    model = model.to(memory_format=torch.channels_last)
+    reductions = [jpeg_reduction(int(r["orig_height"]), int(r["orig_width"]), g)
+                  for r, g in zip(todo.to_dict("records"), geoms)]
+    loader = DataLoader(TestImages(todo["path"].tolist(), geoms, size, reductions), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, pin_memory=dev.type == "cuda",
+                        worker_init_fn=_worker_init, prefetch_factor=4 if num_workers else None)
+    ids = todo["id"].tolist()
+    # PNG encoding + atomic writes run in threads (cv2 releases the GIL) while the model computes;
+    # at most `max_pending` images wait, so memory does not grow with the number of images.
+    pending: deque = deque()
+    max_pending = 4 * batch_size
+    with ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode(), autocast(dev.type, resolved):
+        for images, pos in tqdm(loader, desc=f"predict {fold_dir.name}", unit="batch", disable=not progress,
+                                mininterval=5.0):
+            x, _ = to_device(images, None, dev, stats=stats)
+            prob = tta_mod.predict_proba(model, x, ttas, max_forward)[:, 0]
+            prob_u8 = (prob * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+            for k, p in zip(pos.tolist(), prob_u8):
+                pending.append(pool.submit(_write_png, prob_path(fold_dir, ids[k]), p))
+            while len(pending) > max_pending:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+
+
+def _write_manifest(fold_dir: Path, index: pd.DataFrame, ckpt_path: Path, ckpt_hash: str,
+                    ttas: list[tta_mod.TTA], resolved: str, config: dict) -> None:
+    # Rewritten by every run that finds this index complete (the directory outlives one test set):
+    # the config is that run's; shards may differ in settings outside the key (batch size,
+    # workers, max_forward), which leave the maps unchanged.
+    cache.write_manifest(fold_dir, stage="predict", key=fold_dir.name,
+                         params={"tta": tta_mod.names(ttas), "checkpoint_sha256_16": ckpt_hash,
+                                 "precision": resolved},
+                         inputs={"checkpoint": str(ckpt_path.resolve())},
+                         outputs={"images": int(len(index))}, config=config)
 
 
 # ----------------------------------------------------------------------------- stage wiring
@@ -311,8 +304,8 @@ def parse_folds(spec: str, n_folds: int) -> list[int]:
 
 def plan(cfg: Config) -> Plan:
     """Resolve the prepare artifact and the trained checkpoints; errors name what is missing."""
-    from . import prepare, train
-    prepared = Path(prepare.load(cfg))     # scanned once: fold_dir would rescan the raw folders per fold
+    from . import train
+    prepared = prepare.locate(cfg)     # scanned once: fold_dir would rescan the raw folders per fold
     test_index = prepared / "test_index.csv"
     folds = parse_folds(cfg.predict.folds, cfg.prepare.n_folds)
     ckpts = [Path(train.fold_dir(cfg, k, prepared)) / "best.pt" for k in folds]
@@ -331,7 +324,7 @@ def run(cfg: Config) -> list[FoldResult]:
     for k, ckpt in zip(p.folds, p.checkpoints):
         out.append(predict_fold(index, ckpt, cfg.data.cache, p.ttas, shard=shard,
                                 batch_size=cfg.predict.batch_size, num_workers=cfg.predict.num_workers,
-                                device=cfg.predict.device, autocast=cfg.predict.autocast,
+                                device=cfg.predict.device, precision=cfg.predict.precision,
                                 max_forward=cfg.predict.max_forward, config=cfg.to_dict()))
     print(json.dumps({"predict": [str(r.fold_dir) for r in out], "shard": f"{shard[0]}/{shard[1]}",
                       "tta": tta_mod.names(p.ttas)}))

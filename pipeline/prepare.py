@@ -23,12 +23,11 @@ Caching (the DVC idea, in-process):
   so a run killed at any point (kill -9) leaves only complete files under final
   names, and the rerun finishes the same artifacts as an uninterrupted run.
 
-Geometry (``prepare.fit``): ``stretch`` resizes every image to height x width
-(aspect not kept, e.g. 1280x1918 -> 640x960 keeps it within 0.2%); ``pad`` scales
-to fit inside and centre-pads with zeros (1280x1918 -> 1280x1920 pads one column
-each side, no resampling). The mapping of each image is recorded in the index
-columns ``scaled_height, scaled_width, pad_top, pad_left``; ``to_model`` applies
-it and ``to_original`` inverts it (crop the padding, resize back).
+Geometry (``prepare.fit``, ``pipeline.geometry``): each image's placement in the model
+input is recorded in the index columns ``scaled_height, scaled_width, pad_top,
+pad_left``; ``geometry.to_model`` applies it here and in predict, and
+``geometry.to_original`` inverts it in train (OOF) and submit. The test-image checks
+and ``test_index.csv`` rows are made by ``pipeline.testset``.
 
 Masks: resized masks and full-size masks are 8-bit PNGs with values {0, 1}, so
 ``cv2.imread(p, cv2.IMREAD_GRAYSCALE)`` returns the labels directly (a bilevel
@@ -37,7 +36,6 @@ Masks: resized masks and full-size masks are 8-bit PNGs with values {0, 1}, so
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -46,128 +44,27 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from joblib import Parallel, delayed, effective_n_jobs
-from tqdm import tqdm
 
-from . import cache, rle
-from .config import Config, ConfigError, PipelineError, stable_hash
+from . import cache, ingest, rle
+from .config import Config, PipelineError, stable_hash, validate
 from .folds import make_folds
-from .ingest import (IMAGE_EXTS, MASK_SUFFIX, BadFile, Issue, Listing, check_test_image, decode_image,
-                     decode_mask, list_dir, overlap_issues, read_csv)
+from .geometry import GEOM_COLS, geometry, jpeg_reduction, resize_mask, to_model
+from .ingest import IMAGE_EXTS, MASK_SUFFIX, BadFile, Issue, Scan, decode_image, decode_mask, read_csv
+from .parallel import chunks, run_chunks
+from .testset import TEST_COLS, test_checks, test_index
 from .validate import rle_problem
 
 STAGE = "prepare"
 CODE_VERSION = "prepare-3"          # bump when outputs change for the same inputs
 RUN_ONLY = ("workers", "strict", "chunk_size")   # knobs that never change the artifacts
-FITS = ("stretch", "pad")
 PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]           # level 1: ~fastest, larger levels gain <5% here
-GEOM_COLS = ["scaled_height", "scaled_width", "pad_top", "pad_left"]
 TRAIN_COLS = ["id", "car_id", "view", "image", "mask", "mask_full", "orig_height", "orig_width",
               "mask_area", *GEOM_COLS, "fold"]
-TEST_COLS = ["img", "id", "path", "orig_height", "orig_width", *GEOM_COLS]
 SUMMARY_ISSUES = 10                 # issues printed in the summary; the report has all
 STALE_TEMP_S = 600                  # a temp file this old was left by a killed run (writes take ms)
-TEST_CHUNK = 1024                   # test images per worker task and per check-cache file
-TEST_CACHE_FILES = 16               # more check-cache files than this are merged into one
-
-
-# ---------------------------------------------------------------------------- geometry
-
-def geometry(orig_h: int, orig_w: int, height: int, width: int, fit: str) -> dict:
-    """Where an orig_h x orig_w image lands in the height x width model input.
-
-    Returns {scaled_height, scaled_width, pad_top, pad_left}: the image is resized
-    to scaled_height x scaled_width and placed at (pad_top, pad_left); the rest is 0.
-    """
-    if fit == "stretch":
-        return {"scaled_height": height, "scaled_width": width, "pad_top": 0, "pad_left": 0}
-    if fit != "pad":
-        raise ConfigError(f"prepare.fit='{fit}': choose one of {', '.join(FITS)}")
-    s = min(height / orig_h, width / orig_w)
-    sh, sw = min(height, round(orig_h * s)), min(width, round(orig_w * s))
-    return {"scaled_height": sh, "scaled_width": sw, "pad_top": (height - sh) // 2, "pad_left": (width - sw) // 2}
-
-
-def jpeg_reduction(orig_h: int, orig_w: int, geom: dict) -> int:
-    """1 or 2: the scale at which to decode an orig_h x orig_w JPEG bound for ``geom``.
-
-    libjpeg can decode at half size by scaling in the DCT domain (``IMREAD_REDUCED_COLOR_2``):
-    about 4x less decode CPU and a 4x smaller INTER_AREA input (1918x1280: 21.6 -> 4.7 ms
-    per image with the resize to 128x192), which matters where decoding competes with the
-    model for a few CPU cores. It is used only when the image is at least 3x the model
-    size per side, so INTER_AREA still downscales >= 1.5x after it (at 128x192 the result
-    differs from the full decode by 0.06 grey levels on average). Prepare and predict both
-    decode through this rule, so training and test pixels are made the same way.
-    """
-    sh, sw = int(geom["scaled_height"]), int(geom["scaled_width"])
-    return 2 if orig_h >= 3 * sh and orig_w >= 3 * sw else 1
-
-
-def to_model(arr: np.ndarray, geom: dict, height: int, width: int,
-             interpolation: int = cv2.INTER_AREA) -> np.ndarray:
-    """(h, w[, C]) original -> (height, width[, C]) model input, per ``geometry``."""
-    sh, sw, top, left = (int(geom[k]) for k in GEOM_COLS)
-    out = arr if arr.shape[:2] == (sh, sw) else cv2.resize(arr, (sw, sh), interpolation=interpolation)
-    if (sh, sw) != (height, width):
-        out = cv2.copyMakeBorder(out, top, height - sh - top, left, width - sw - left, cv2.BORDER_CONSTANT, value=0)
-    return out
-
-
-def to_original(prob: np.ndarray, orig_hw: tuple[int, int], geom: dict) -> np.ndarray:
-    """(height, width) model-size map -> (orig_h, orig_w) float32: crop the padding, resize back.
-
-    Exact inverse of ``to_model``'s placement; the resize back is bilinear.
-    """
-    sh, sw, top, left = (int(geom[k]) for k in GEOM_COLS)
-    crop = np.asarray(prob[top:top + sh, left:left + sw], dtype=np.float32)
-    h, w = orig_hw
-    return crop if crop.shape == (h, w) else cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
-
-
-def resize_mask(mask: np.ndarray, geom: dict, height: int, width: int) -> np.ndarray:
-    """(h, w) {0,1} -> (height, width) {0,1}: area-average the 0/255 mask, threshold at half.
-
-    Area averaging then thresholding keeps a smooth, binary boundary (nearest
-    neighbour would alias it).
-    """
-    return (to_model(mask * np.uint8(255), geom, height, width) >= 128).astype(np.uint8)
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """A mask PNG written by prepare -> (H, W) uint8 {0, 1}."""
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise PipelineError(f"{path}: cannot read mask PNG")
-    return m
 
 
 # ---------------------------------------------------------------------------- scanning & key
-
-@dataclass
-class Scan:
-    """The raw layout by name only (no file is opened)."""
-    raw: Path
-    train: Listing
-    masks: Listing
-    test: Listing
-    csvs: dict[str, Path | None]
-    issues: list[Issue] = field(default_factory=list)
-
-
-def _scan(cfg: Config) -> Scan:
-    raw = Path(cfg.data.raw)
-    if not raw.is_dir():
-        raise PipelineError(f"data.raw={raw}: no such directory (run `make demo-data` or pass RAW=<kaggle dir>)")
-    train = list_dir(raw / cfg.data.train_dir, cfg.data.train_dir, "image")
-    if not train.fingerprints:
-        raise PipelineError(f"{raw / cfg.data.train_dir}: no train images (data.raw / data.train_dir)")
-    masks = list_dir(raw / "train_masks", "train_masks", "mask")
-    test = list_dir(raw / cfg.data.test_dir, cfg.data.test_dir, "image")
-    csvs = {name: (raw / name if (raw / name).is_file() else None)
-            for name in ("train_masks.csv", "sample_submission.csv", "metadata.csv")}
-    overlap = overlap_issues(train, test, cfg.data.train_dir, cfg.data.test_dir)
-    return Scan(raw, train, masks, test, csvs, train.issues + masks.issues + test.issues + overlap)
-
 
 def _params(cfg: Config) -> dict:
     p = {k: v for k, v in asdict(cfg.prepare).items() if k not in RUN_ONLY}
@@ -203,20 +100,10 @@ def train_data_key(prepared_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_cfg(cfg: Config) -> None:
-    p = cfg.prepare
-    if p.fit not in FITS:
-        raise ConfigError(f"prepare.fit='{p.fit}': choose one of {', '.join(FITS)}")
-    if p.chunk_size < 1:
-        raise ConfigError(f"prepare.chunk_size={p.chunk_size}: must be >= 1")
-    if p.workers == 0:
-        raise ConfigError("prepare.workers=0: use -1 for all cores or a positive count")
-
-
 def artifact_dir(cfg: Config) -> Path:
     """``<cache>/prepare/<key>`` for this config and the raw files as they are now (stat only)."""
-    _check_cfg(cfg)
-    scan = _scan(cfg)
+    validate(cfg)
+    scan = ingest.scan(cfg)
     return cache.stage_dir(cfg.data.cache, STAGE, cache.stage_key(_params(cfg), CODE_VERSION, _inputs(scan)))
 
 
@@ -226,6 +113,11 @@ def load(cfg: Config) -> Path:
     if not cache.is_complete(d):
         raise PipelineError(f"no prepared data for this config and raw data at {d}: run `make prepare` first")
     return d
+
+
+def locate(cfg: Config, prepared_dir: str | Path | None = None) -> Path:
+    """The artifact the later stages read: ``prepared_dir`` when given (tests), else :func:`load`."""
+    return Path(prepared_dir) if prepared_dir is not None else Path(load(cfg))
 
 
 # ---------------------------------------------------------------------------- per-image work
@@ -301,42 +193,6 @@ def _process_chunk(jobs: list[dict]) -> list[dict]:
     return [_process_one(j) for j in jobs]
 
 
-def _check_test_chunk(items: list[tuple[str, str]]) -> list[tuple[str, dict]]:
-    """[(id, path)] -> [(id, header dict or {"error": kind, "reason"})]; never raises for a bad file."""
-    out = []
-    for i, path in items:
-        try:
-            out.append((i, check_test_image(Path(path))))
-        except BadFile as e:
-            out.append((i, {"error": e.kind, "reason": e.reason}))
-    return out
-
-
-def _parallel(fn, chunks: list, workers: int, total: int, desc: str):
-    """Yield fn(chunk) results as they finish (any order), with a progress bar counting items.
-
-    Results stream back (joblib generator), and joblib dispatches only 2 chunks per
-    worker ahead, so memory stays bounded whatever the number of images.
-    """
-    n_jobs = max(1, min(effective_n_jobs(workers), len(chunks)))
-    bar = tqdm(total=total, desc=desc, unit="img", disable=None, leave=False, file=sys.stderr)
-    try:
-        for res in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(delayed(fn)(c) for c in chunks):
-            bar.update(len(res))
-            yield res
-    finally:
-        bar.close()
-
-
-def _chunks(items: list, size: int, workers: int) -> list[list]:
-    """Split into chunks of at most ``size``, small enough that every worker gets ~4 (balance)."""
-    if not items:
-        return []
-    n_jobs = max(1, effective_n_jobs(workers))
-    size = max(1, min(size, -(-len(items) // (4 * n_jobs))))
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
 # ---------------------------------------------------------------------------- the stage
 
 @dataclass
@@ -352,9 +208,9 @@ def run(cfg: Config) -> Path:
 
 def execute(cfg: Config) -> Result:
     """``run`` that also returns what it did (tests and benchmarks assert on ``stats``)."""
-    _check_cfg(cfg)
+    validate(cfg)
     p = cfg.prepare
-    scan = _scan(cfg)
+    scan = ingest.scan(cfg)
     params, inputs = _params(cfg), _inputs(scan)
     key = cache.stage_key(params, CODE_VERSION, inputs)
     out = cache.stage_dir(cfg.data.cache, STAGE, key)
@@ -392,8 +248,8 @@ def execute(cfg: Config) -> Result:
     folds = make_folds(train, p.n_folds, p.seed, p.stratify)
     train["fold"] = folds["fold"].values
 
-    checks, test_checked, test_reused = _test_checks(cfg, scan, root)
-    test, test_issues = _test_index(cfg, scan, frames.get("sample_submission.csv"), checks)
+    checks, test_checked, test_reused = test_checks(cfg, scan, root)
+    test, test_issues = test_index(cfg, scan, frames.get("sample_submission.csv"), checks)
     issues += test_issues
 
     counts = {"train_images": len(scan.train.files), "train_masks": len(scan.masks.files),
@@ -506,117 +362,9 @@ def _run_jobs(jobs: list[dict], root: Path, p) -> tuple[dict[str, dict], int, in
         else:
             todo.append(j)
     reused = len(records)
-    for res in _parallel(_process_chunk, _chunks(todo, p.chunk_size, p.workers), p.workers, len(todo), "prepare"):
+    for res in run_chunks(_process_chunk, chunks(todo, p.chunk_size, p.workers), p.workers, len(todo), "prepare"):
         records.update((r["id"], r) for r in res)
     return records, len(todo), reused
-
-
-def _test_check_key(test_dir: str, fp: list) -> str:
-    """A test file's identity for the check cache: directory name, file name, size, mtime_ns."""
-    name, size, mtime_ns = fp
-    return f"{test_dir}/{name}:{size}:{mtime_ns}"
-
-
-def _read_test_checks(d: Path) -> tuple[dict[str, dict], list[Path]]:
-    """All cached test checks under ``d`` (key -> result), and the files they came from.
-
-    A file that vanished (a concurrent run merged it) or cannot be parsed is skipped:
-    it is only a cache, so its images are checked again.
-    """
-    known: dict[str, dict] = {}
-    files = []
-    for p in sorted(p for p in d.glob("*.json") if not p.name.startswith(".")):   # not temp files
-        try:
-            known.update(cache.read_json(p))
-            files.append(p)
-        except (OSError, ValueError):
-            continue
-    return known, files
-
-
-def _write_test_checks(d: Path, entries: dict[str, dict]) -> Path:
-    """One cache file for ``entries``, named by the hash of its keys (same entries, same file)."""
-    path = d / f"{stable_hash(sorted(entries), n=16)}.json"
-    cache.write_json(path, entries)
-    return path
-
-
-def _test_checks(cfg: Config, scan: Scan, root: Path) -> tuple[dict[str, dict], int, int]:
-    """id -> check result (``ingest.check_test_image`` dict or {"error", "reason"}) for every test image.
-
-    Returns (results, checked, reused). Each file's result is cached under its own
-    fingerprint in ``files/test_checks/<CODE_VERSION>/``, so adding 10 images to 100,064
-    checks those 10. New results are written one file per finished chunk (a killed run
-    resumes where it stopped); past TEST_CACHE_FILES files they are merged into one.
-    """
-    d = root / "files" / "test_checks" / CODE_VERSION
-    known, files = _read_test_checks(d)
-    fps = {f[0]: f for f in scan.test.fingerprints}
-    keys = {i: _test_check_key(cfg.data.test_dir, fps[name]) for i, name in scan.test.files.items()}
-    results = {i: known[k] for i, k in keys.items() if k in known}
-    todo = [(i, scan.test.path(i)) for i in sorted(keys) if keys[i] not in known]
-    p = cfg.prepare
-    for res in _parallel(_check_test_chunk, _chunks(todo, TEST_CHUNK, p.workers), p.workers, len(todo),
-                         "test checks"):
-        entries = {keys[i]: r for i, r in res}
-        files.append(_write_test_checks(d, entries))
-        known.update(entries)
-        results.update(res)
-    if len(files) > TEST_CACHE_FILES:
-        merged = _write_test_checks(d, known)   # written before the parts go: nothing is ever missing
-        for f in files:
-            if f != merged:
-                f.unlink(missing_ok=True)
-    return results, len(todo), len(keys) - len(todo)
-
-
-def _test_index(cfg: Config, scan: Scan, sample: pd.DataFrame | None,
-                checks: dict[str, dict]) -> tuple[pd.DataFrame, list[Issue]]:
-    """test_index.csv rows in sample_submission.csv order (or sorted file order without it).
-
-    ``checks``: id -> ``_test_checks`` result. A test image that fails its check
-    (unreadable, truncated, corrupt data) is reported as an error with its name and
-    libjpeg's reason and gets no row here, as the header check always did. Predict
-    never sees it, and submit, which needs one row per sample_submission.csv image,
-    refuses to write the CSV and points at prepare_report.json: no submission ever
-    silently holds a made-up mask. Replace the file (or remove it from the sample,
-    for a local set) and rerun prepare: only that file is checked again.
-    """
-    p, issues, rel = cfg.prepare, [], cfg.data.test_dir
-    files = scan.test.files
-    if not files:
-        issues.append(Issue(f"{rel}/", "no_test_images", "warning",
-                            f"{scan.raw / rel} is missing or holds no test images; test_index.csv is empty"))
-        return pd.DataFrame(columns=TEST_COLS), issues
-    if sample is None:
-        why = "missing" if scan.csvs["sample_submission.csv"] is None else "unusable"
-        issues.append(Issue("sample_submission.csv", "no_sample_submission", "warning",
-                            f"sample_submission.csv {why}: test images listed in sorted file order"))
-        order = sorted(files)
-    else:
-        sample_ids = sample["img"].str.rsplit(".", n=1).str[0].tolist()
-        listed = set(sample_ids)
-        for img, i in zip(sample["img"], sample_ids):
-            if i not in files:
-                issues.append(Issue("sample_submission.csv", "sample_without_image", "error",
-                                    f"row '{img}' has no image in {rel}/"))
-        for i in sorted(set(files) - listed):
-            issues.append(Issue(f"{rel}/{files[i]}", "not_in_sample", "warning",
-                                "test image not listed in sample_submission.csv; left out"))
-        order = [i for i in sample_ids if i in files]
-    rows = []
-    for i in order:
-        hd = checks[i]
-        if "error" in hd:
-            issues.append(Issue(f"{rel}/{files[i]}", hd["error"], "error", hd["reason"]))
-            continue
-        if hd["mode"] != "RGB" or hd["format"] != "JPEG":
-            issues.append(Issue(f"{rel}/{files[i]}", "color_converted", "warning",
-                                f"{hd['format']} {hd['mode']} test image: predict must convert it to RGB"))
-        rows.append({"img": files[i], "id": i, "path": scan.test.path(i),
-                     "orig_height": hd["height"], "orig_width": hd["width"],
-                     **geometry(hd["height"], hd["width"], p.height, p.width, p.fit)})
-    return pd.DataFrame(rows, columns=TEST_COLS), issues
 
 
 def _write_report(out: Path, key: str, cfg: Config, scan: Scan, issues: list[Issue], counts: dict) -> Path:

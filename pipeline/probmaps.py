@@ -1,24 +1,23 @@
-"""Probability maps on disk: the torch-free half of the predict stage.
+"""Probability maps and the threshold rule: NumPy and cv2 only (no torch, no stage).
 
-``<fold dir>/<id>.png`` holds uint8 = round(255 p) at model size. Submit's worker
-processes read them, take the fold mean and map it back to each image's own size
-with :func:`to_original`; keeping this module free of torch keeps those workers
-small (no torch import per worker).
+``<fold dir>/<id>.png`` holds uint8 = round(255 p) at model size (predict's maps,
+train's OOF maps). Submit's worker processes read them, take the fold mean, map it
+back to each image's own size (``geometry.to_original``) and threshold it with
+:func:`threshold_level`; train's OOF histograms (:func:`prob_hist`) count pixels by
+the same rule, and oof's threshold search reads them back (:func:`hist_dice`), so
+the OOF Dice at t is the Dice submit gets at t. Free of torch so those workers stay
+small.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from . import prepare
 from .config import PipelineError
-from .prepare import GEOM_COLS
-
-__all__ = ["GEOM_COLS", "prob_path", "done_ids", "to_uint8", "read_prob", "stretch_geometry", "row_geometry",
-           "to_original", "threshold_level"]
 
 
 def prob_path(fold_dir: str | Path, image_id: str) -> Path:
@@ -47,38 +46,73 @@ def read_prob(path: str | Path) -> np.ndarray:
     return p
 
 
-def stretch_geometry(height: int, width: int) -> dict:
-    """prepare's geometry record for fit=stretch (the whole image resized to height x width)."""
-    return {"scaled_height": height, "scaled_width": width, "pad_top": 0, "pad_left": 0}
+DEFAULT_THRESHOLD = 0.5        # submit's threshold without an OOF summary; OOF Dice is reported at it
+THRESHOLDS = np.round(np.arange(0.30, 0.7001, 0.01), 2)   # the OOF threshold search grid (oof stage)
 
 
-def row_geometry(row, height: int, width: int) -> dict:
-    """The test index row's geometry (prepare's GEOM_COLS), or stretch when the index has none."""
-    if all(k in row and row[k] == row[k] for k in GEOM_COLS):  # present and not NaN
-        return {k: int(row[k]) for k in GEOM_COLS}
-    return stretch_geometry(height, width)
-
-
-def to_original(prob: np.ndarray, size: tuple[int, int], geom: dict | None = None) -> np.ndarray:
-    """Model-size probabilities (h, w) -> (H, W) = the test image's own size.
-
-    Inverts prepare's placement exactly (``prepare.to_original``: crop the
-    padding of fit=pad, then bilinear resize); geom None means fit=stretch.
-    Returns float32 in the input's scale (uint8 maps come back as 0..255 floats).
-    """
-    p = np.asarray(prob)
-    geom = geom or stretch_geometry(*p.shape[:2])
-    return prepare.to_original(p, tuple(size), geom)
+def binarize(prob255: np.ndarray, threshold: float) -> np.ndarray:
+    """(H, W) bool mask: ``prob255 > threshold_level(threshold)`` (see :func:`threshold_level`)."""
+    return prob255 > threshold_level(threshold)
 
 
 def threshold_level(threshold: float) -> np.float32:
     """The uint8-scale level of a probability threshold: the mask is ``prob255 > threshold_level(t)``.
 
     prob255 is a stored map (round(255 p)) or its fold mean, resized (float32, 0..255). One rule
-    for submit (``submit.ensemble_mask``) and the OOF histograms (``train.prob_hist``), so the
+    for submit (``submit.ensemble_mask``) and the OOF histograms (:func:`prob_hist`), so the
     OOF Dice at t is the Dice submit gets at t, also for pixels exactly at a level: at t = 0.6 a
     stored 153 is not positive (153 > 153.0 is false). Rounding to 6 decimals first drops
     float64 noise (0.02 * 255 = 5.1000000000000005), so the level is the one the threshold
     means whatever arithmetic produced the threshold.
     """
     return np.float32(round(float(threshold) * 255.0, 6))
+
+
+OOF_BINS = 200   # original-size Dice histograms resolve thresholds to 1/200
+
+
+@functools.lru_cache(maxsize=4)
+def _levels(bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """threshold_level(j / bins) for j = 0..bins, with a sentinel before (lo) and after (hi)."""
+    levels = np.array([threshold_level(j / bins) for j in range(bins + 1)], np.float32)
+    inf = np.array([np.inf], np.float32)
+    return np.concatenate([-inf, levels]), np.concatenate([levels, inf])
+
+
+def prob_hist(prob255: np.ndarray, true: np.ndarray, bins: int = OOF_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """Histograms for Dice at every threshold j/bins without keeping the maps.
+
+    prob255: (H, W) probabilities on the uint8 scale, 0..255 (a stored map, or its
+    ``geometry.to_original`` resize: exactly what submit thresholds); true: (H, W) {0, 1}.
+    Pixel value b = the number of levels ``threshold_level(j / bins)`` below v,
+    so b > j exactly when v > threshold_level(j / bins), submit's own test at t = j/bins.
+    Returns (pos, all): (bins + 1,) int64 counts of b over true pixels and over all pixels.
+    """
+    lo, hi = _levels(bins)
+    v = np.asarray(prob255, np.float32).ravel()
+    # b = searchsorted(levels, v, "left") capped at bins, ~6x faster: levels are ~255 j / bins,
+    # so ceil(v * bins / 255) is within one of b, and one comparison each way corrects it.
+    b = np.ceil(v * np.float32(bins / 255.0))
+    np.clip(b, 0, bins, out=b)
+    b = b.astype(np.int32)
+    b -= lo[b] >= v          # lo[b] = level b - 1: v is not above it
+    b += hi[b] < v           # hi[b] = level b: v is above it
+    t = np.asarray(true).ravel() > 0
+    return np.bincount(b[t], minlength=bins + 1), np.bincount(b, minlength=bins + 1)
+
+
+def hist_dice(pos: np.ndarray, all_: np.ndarray, thresholds) -> np.ndarray:
+    """Per-image Dice at each threshold from :func:`prob_hist` counts.
+
+    pos, all_: (N, bins + 1); thresholds: (T,) in [0, 1). Returns (N, T); both-empty -> 1.
+    """
+    pos, all_ = np.atleast_2d(pos).astype(np.int64), np.atleast_2d(all_).astype(np.int64)
+    bins = pos.shape[1] - 1
+    j = np.floor(np.asarray(thresholds, dtype=np.float64) * bins + 1e-9).astype(np.int64)
+    # Suffix sums: count of b > j is the sum over bins j+1..bins.
+    pos_gt = np.concatenate([np.cumsum(pos[:, ::-1], 1)[:, ::-1], np.zeros((len(pos), 1), np.int64)], 1)
+    all_gt = np.concatenate([np.cumsum(all_[:, ::-1], 1)[:, ::-1], np.zeros((len(all_), 1), np.int64)], 1)
+    tp, pred, true = pos_gt[:, j + 1], all_gt[:, j + 1], pos.sum(1, keepdims=True)
+    denom = pred + true
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))

@@ -2,8 +2,8 @@
 
 For every test image, in ``sample_submission.csv`` order: read its uint8
 probability map from each fold's predict directory, take the mean, resize it
-to the image's own size (:func:`pipeline.probmaps.to_original`), threshold
-(``prob > threshold``) and run-length encode it. joblib workers handle chunks
+to the image's own size (``geometry.to_original``), threshold it
+(``probmaps.binarize``: the rule the OOF threshold was chosen by) and run-length encode it. joblib workers handle chunks
 of images; ``Parallel(return_as="generator")`` hands the chunks back in order
 with only a few in flight, so the CSV is streamed and memory stays flat for
 100k images.
@@ -19,7 +19,7 @@ train run's ``oof_summary.json`` when it exists, else 0.5. From the OOF summary,
 the sidecar also records ``oof_complete`` and ``oof_folds_missing`` (a threshold
 tuned on some folds only is flagged, and warned about).
 
-The maps are read from predict's directories for ``predict.autocast`` resolved
+The maps are read from predict's directories for ``predict.precision`` resolved
 for ``predict.device`` (``pipeline.precision``: auto = fp16 on CUDA, bf16 on a CPU
 with native bf16, else fp32), so submit must be
 given the precision the predictions were made in.
@@ -42,11 +42,11 @@ from joblib import Parallel, delayed
 
 from . import cache, probmaps, rle
 from .config import Config, PipelineError, stable_hash
+from .geometry import GEOM_COLS, to_original
+from .probmaps import DEFAULT_THRESHOLD
 from .validate import read_ids, sizes_from, validate_submission
 
 CODE_VERSION = "submit-1"   # bump when the CSV changes for the same inputs
-
-DEFAULT_THRESHOLD = 0.5
 
 
 def ensemble_mask(fold_dirs: list[str], image_id: str, size: tuple[int, int], threshold: float,
@@ -60,9 +60,9 @@ def ensemble_mask(fold_dirs: list[str], image_id: str, size: tuple[int, int], th
         p = probmaps.read_prob(probmaps.prob_path(d, image_id))
         acc = p.astype(np.float32) if acc is None else acc + p
     # Resize the uint8-scale mean and compare with the threshold in that scale: one float pass less.
-    prob = probmaps.to_original(acc * (1.0 / len(fold_dirs)), size, geom)
-    # threshold_level: the same rule as the OOF histograms that chose the threshold (train.prob_hist).
-    return prob > probmaps.threshold_level(threshold)
+    prob = to_original(acc * (1.0 / len(fold_dirs)), size, geom)
+    # The same rule as the OOF histograms that chose the threshold (probmaps.prob_hist).
+    return probmaps.binarize(prob, threshold)
 
 
 def encode_chunk(fold_dirs: list[str], ids: list[str], sizes: list[tuple[int, int]], threshold: float,
@@ -93,9 +93,9 @@ def missing_report(fold_dir: Path, ids: pd.Series) -> str | None:
         return None
     msg = f"{fold_dir}: {len(missing)} of {len(ids)} test images not predicted, e.g. {missing.iloc[:3].tolist()}"
     # The directory is keyed by checkpoint, TTA and the resolved precision: shards run on a CPU and a
-    # GPU machine with autocast=auto (bf16/fp32 vs fp16), or a submit resolving another precision, miss it.
+    # GPU machine with precision=auto (bf16/fp32 vs fp16), or a submit resolving another precision, miss it.
     msg += (" (predictions are keyed by checkpoint, TTA and precision: every shard and submit must use the same "
-            "predict.autocast and device type (auto = fp16 on CUDA, bf16 or fp32 on CPU by its bf16 support)")
+            "predict.precision and device type (auto = fp16 on CUDA, bf16 or fp32 on CPU by its bf16 support)")
     others = other_precisions(fold_dir, ids)
     msg += f"; this checkpoint also has {'; '.join(others)})" if others else ")"
     markers = sorted((fold_dir / "shards").glob("*of*.json")) if (fold_dir / "shards").is_dir() else []
@@ -133,14 +133,14 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
     problems = [m for m in (missing_report(Path(d), index["id"]) for d in fold_dirs) if m]
     if problems:
         raise PipelineError("; ".join(problems))
-    has_geom = all(c in index.columns for c in probmaps.GEOM_COLS)
+    has_geom = all(c in index.columns for c in GEOM_COLS)
     step = max(1, images_per_task)
 
     def chunk_args(a: int) -> tuple:
         # Built lazily per chunk: only the few chunks in flight exist at any time.
         part = index.iloc[a:a + step]
         sizes = list(zip(part["orig_height"].astype(int), part["orig_width"].astype(int)))
-        geoms = ([{c: int(r[c]) for c in probmaps.GEOM_COLS} for r in part[probmaps.GEOM_COLS].to_dict("records")]
+        geoms = ([{c: int(r[c]) for c in GEOM_COLS} for r in part[GEOM_COLS].to_dict("records")]
                  if has_geom else [None] * len(part))
         return part["id"].tolist(), sizes, geoms
 
@@ -197,6 +197,7 @@ def sidecar_path(out_path: Path) -> Path:
 
 def run(cfg: Config) -> Path:
     from . import predict  # imports torch: only here, never in the workers
+    from .precision import resolve_precision
     p = predict.plan(cfg)
     index = predict.read_test_index(p.test_index)
     sample = Path(cfg.data.raw) / "sample_submission.csv"
@@ -207,9 +208,9 @@ def run(cfg: Config) -> Path:
         print(f"submit: warning: threshold {threshold} from an incomplete OOF summary "
               f"(folds missing {thr.get('oof_folds_missing')}): {source}")
     hashes = [predict.checkpoint_hash(c) for c in p.checkpoints]
-    # Where predict wrote these checkpoints' maps: resolved as predict resolves it (autocast 'auto'
-    # by device type), without needing that device here.
-    precision = predict.resolve_precision(cfg.predict.device, cfg.predict.autocast)
+    # Where predict wrote these checkpoints' maps: resolved as predict resolves it ('auto' by
+    # device type), without needing that device here.
+    precision = resolve_precision(cfg.predict.precision, cfg.predict.device, "predict.precision")
     fold_dirs = [predict.fold_cache_dir(cfg.data.cache, h, p.ttas, precision) for h in hashes]
     out = Path(cfg.data.submissions) / (cfg.submit.name + (".csv.gz" if cfg.submit.gzip else ".csv"))
     key = stable_hash({"checkpoints": hashes, "tta": [t.name for t in p.ttas], "precision": precision,

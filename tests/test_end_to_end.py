@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import probmaps, rle, synth
+from pipeline import geometry, probmaps, rle, synth
 from pipeline.validate import read_ids, sizes_from, validate_submission
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_submission_matches_sample_and_decodes(e2e):
         # Independently: the folds' mean map taken back to the JPEG's size and thresholded.
         mean = np.mean([probmaps.read_prob(probmaps.prob_path(d, Path(img).stem)).astype(np.float32)
                         for d in folds], axis=0)
-        want = probmaps.to_original(mean, (h, w)) > side["threshold"] * 255
+        want = geometry.to_original(mean, (h, w)) > side["threshold"] * 255
         assert 0.05 < want.mean() < 0.95, "a trivial mask cannot tell sizes apart"
         assert (got == want).mean() > 0.995, f"{img}: the mask is not the prediction at {w}x{h}"
 

@@ -8,10 +8,10 @@ from pipeline.config import ConfigError
 @pytest.mark.parametrize("native, cpu_auto", [("1", "bf16"), ("0", "fp32")])
 def test_auto_follows_the_cpu(monkeypatch, native, cpu_auto):
     monkeypatch.setenv(precision.CPU_BF16_ENV, native)
-    assert precision.resolve("auto", "cpu") == cpu_auto
-    assert precision.resolve("auto", "cuda") == "fp16"
+    assert precision.resolve_precision("auto", "cpu") == cpu_auto
+    assert precision.resolve_precision("auto", "cuda") == "fp16"
     for given in ("fp32", "bf16", "fp16"):
-        assert precision.resolve(given, "cpu") == given
+        assert precision.resolve_precision(given, "cpu") == given
 
 
 def test_without_override_the_answer_is_onednns(monkeypatch):
@@ -22,4 +22,4 @@ def test_without_override_the_answer_is_onednns(monkeypatch):
 
 def test_unknown_precision_is_named():
     with pytest.raises(ConfigError, match="'half'.*auto, fp32, bf16, fp16"):
-        precision.resolve("half", "cpu")
+        precision.resolve_precision("half", "cpu")

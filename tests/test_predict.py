@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import predict, submit, tta
+from pipeline import geometry, predict, probmaps, submit, tta
 from pipeline.config import ConfigError
 from pipeline.models import build_model
+from pipeline.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 64, 96  # model input size (divisible by 32)
@@ -66,16 +67,16 @@ def test_parse_shard_and_positions():
 def test_to_original_known_answers():
     prob = np.zeros((4, 6), np.float32)
     prob[:, :3] = 1.0                                    # left half car
-    out = predict.to_original(prob, (8, 12))            # other sizes than Kaggle's work
+    out = geometry.to_original(prob, (8, 12))            # other sizes than Kaggle's work
     assert out.shape == (8, 12) and out.dtype == np.float32
     assert (out[:, :5] == 1).all() and (out[:, 7:] == 0).all()
-    np.testing.assert_array_equal(predict.to_original(prob, (4, 6)), prob)  # same size: unchanged
+    np.testing.assert_array_equal(geometry.to_original(prob, (4, 6)), prob)  # same size: unchanged
     # fit=pad: 2 rows of padding above and below are cropped exactly before resizing back.
     padded = np.zeros((8, 6), np.float32)
     padded[2:6] = prob
     geom = {"scaled_height": 4, "scaled_width": 6, "pad_top": 2, "pad_left": 0}
-    np.testing.assert_array_equal(predict.to_original(padded, (4, 6), geom), prob)
-    big = predict.to_original(np.full((H, W), 0.7, np.float32), (1280, 1918))
+    np.testing.assert_array_equal(geometry.to_original(padded, (4, 6), geom), prob)
+    big = geometry.to_original(np.full((H, W), 0.7, np.float32), (1280, 1918))
     assert big.shape == (1280, 1918) and np.allclose(big, 0.7)
 
 
@@ -97,24 +98,24 @@ def test_cache_key_depends_on_checkpoint_bytes_and_tta(ckpt, tmp_path):
 
 def test_resolve_precision_by_device_type(monkeypatch):
     monkeypatch.setenv("PIPELINE_CPU_BF16", "1")
-    assert predict.resolve_precision("cpu", "auto") == "bf16"
+    assert resolve_precision("auto", "cpu", "predict.precision") == "bf16"
     monkeypatch.setenv("PIPELINE_CPU_BF16", "0")
-    assert predict.resolve_precision("cpu", "auto") == "fp32"
-    assert predict.resolve_precision("cuda", "auto") == "fp16"      # resolved without needing the GPU
-    assert predict.resolve_precision("cuda:1", "auto") == "fp16"
-    assert predict.resolve_precision(torch.device("cpu"), "fp32") == "fp32"
-    assert predict.resolve_precision("cpu", "fp16") == "fp16"
+    assert resolve_precision("auto", "cpu", "predict.precision") == "fp32"
+    assert resolve_precision("auto", "cuda", "predict.precision") == "fp16"      # resolved without needing the GPU
+    assert resolve_precision("auto", "cuda:1", "predict.precision") == "fp16"
+    assert resolve_precision("fp32", torch.device("cpu"), "predict.precision") == "fp32"
+    assert resolve_precision("fp16", "cpu", "predict.precision") == "fp16"
     for bad in ("half", "float32", ""):
-        with pytest.raises(ConfigError, match="predict.autocast"):
-            predict.resolve_precision("cpu", bad)
+        with pytest.raises(ConfigError, match="predict.precision"):
+            resolve_precision(bad, "cpu", "predict.precision")
 
 
 def test_fp32_and_bf16_maps_get_their_own_dirs(ckpt, test_set, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_CPU_BF16", "1")       # auto = bf16, as on a CPU with native bf16
     index, _ = test_set
     kw = dict(num_workers=0, device="cpu", log=lambda m: None)
-    f32 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), autocast="fp32", **kw)
-    b16 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), autocast="auto", **kw)
+    f32 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), precision="fp32", **kw)
+    b16 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), precision="auto", **kw)
     assert f32.fold_dir != b16.fold_dir and b16.predicted == 2          # bf16 did not reuse the fp32 maps
     assert predict.fold_cache_dir(tmp_path, predict.checkpoint_hash(ckpt), tta.parse("hflip"), "bf16") == b16.fold_dir
     meta = json.loads((b16.fold_dir / "meta.json").read_text())
@@ -129,7 +130,7 @@ def test_predict_fold_writes_every_image_then_caches(ckpt, test_set, tmp_path):
     res = predict.predict_fold(index, ckpt, tmp_path, ttas, batch_size=4, num_workers=2, log=lambda m: None)
     assert (res.predicted, res.skipped) == (10, 0)
     for i in index["id"]:
-        p = predict.read_prob(predict.prob_path(res.fold_dir, i))
+        p = probmaps.read_prob(probmaps.prob_path(res.fold_dir, i))
         assert p.shape == (H, W) and p.dtype == np.uint8
     assert (res.fold_dir / "manifest.json").is_file() and (res.fold_dir / "meta.json").is_file()
     again = predict.predict_fold(index, ckpt, tmp_path, ttas, batch_size=4, num_workers=0, log=lambda m: None)
@@ -150,14 +151,14 @@ def test_hflip_tta_is_mean_of_views(ckpt, test_set, tmp_path, stats):
         state = torch.load(ckpt, weights_only=False)
         ckpt = tmp_path / "stats.pt"
         torch.save({**state, "input_stats": stats}, ckpt)
-    res = predict.predict_fold(row, ckpt, tmp_path, tta.parse("hflip"), num_workers=0, autocast="fp32",
+    res = predict.predict_fold(row, ckpt, tmp_path, tta.parse("hflip"), num_workers=0, precision="fp32",
                                log=lambda m: None)
-    got = predict.read_prob(predict.prob_path(res.fold_dir, row["id"].iloc[0])).astype(np.float32) / 255
+    got = probmaps.read_prob(probmaps.prob_path(res.fold_dir, row["id"].iloc[0])).astype(np.float32) / 255
     from pipeline.data import read_image, to_device
     from pipeline.models import IMAGENET_STATS, load_checkpoint
-    from pipeline.prepare import to_model
+    from pipeline.geometry import to_model
     model, _ = load_checkpoint(ckpt)
-    img = to_model(read_image(row["path"].iloc[0]), predict.stretch_geometry(H, W), H, W)
+    img = to_model(read_image(row["path"].iloc[0]), geometry.stretch_geometry(H, W), H, W)
     x, _ = to_device(torch.from_numpy(img)[None], None, torch.device("cpu"), stats=stats or IMAGENET_STATS)
     with torch.no_grad():
         want = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1))[0, 0].numpy() / 2
@@ -169,7 +170,7 @@ def test_shards_merged_equal_one_run(ckpt, test_set, tmp_path):
     ids = list(pd.read_csv(sample)["img"])
     ttas = tta.parse("hflip")
     # Batches differ between the runs (4,4,2 vs 4 | 3 | 3): per-image results must not depend on them.
-    kw = dict(batch_size=4, num_workers=0, autocast="fp32", log=lambda m: None)
+    kw = dict(batch_size=4, num_workers=0, precision="fp32", log=lambda m: None)
     one = predict.predict_fold(index, ckpt, tmp_path / "one", ttas, **kw).fold_dir
     for i in range(3):
         parts = predict.predict_fold(index, ckpt, tmp_path / "sharded", ttas, shard=(i, 3), **kw)
@@ -178,8 +179,8 @@ def test_shards_merged_equal_one_run(ckpt, test_set, tmp_path):
                 submit.write_submission(index, [parts.fold_dir], tmp_path / "x.csv", 0.5, ids, workers=1)
     sharded = parts.fold_dir
     for i in index["id"]:
-        np.testing.assert_array_equal(predict.read_prob(predict.prob_path(one, i)),
-                                      predict.read_prob(predict.prob_path(sharded, i)))
+        np.testing.assert_array_equal(probmaps.read_prob(probmaps.prob_path(one, i)),
+                                      probmaps.read_prob(probmaps.prob_path(sharded, i)))
     a = submit.write_submission(index, [one], tmp_path / "one.csv", 0.5, ids, workers=1)
     b = submit.write_submission(index, [sharded], tmp_path / "merged.csv", 0.5, ids, workers=1, images_per_task=3)
     assert a["rows"] == b["rows"] == 10
@@ -197,7 +198,7 @@ CHILD = textwrap.dedent("""
     predict._write_png = slow
     index = pd.read_csv(sys.argv[1])
     predict.predict_fold(index, sys.argv[2], sys.argv[3], tta.parse("hflip"), batch_size=1, num_workers=0,
-                         autocast="fp32")
+                         precision="fp32")
 """)
 
 
@@ -210,23 +211,23 @@ def test_resume_after_kill(ckpt, test_set, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(index_csv), str(ckpt), str(tmp_path / "cache")],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while len(predict.done_ids(fold_dir)) < 3 and time.time() < deadline and proc.poll() is None:
+    while len(probmaps.done_ids(fold_dir)) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = predict.done_ids(fold_dir)
+    done = probmaps.done_ids(fold_dir)
     assert 3 <= len(done) < 10, f"child finished {len(done)} before the kill"
     for i in done:  # nothing half-written under a final name
-        assert predict.read_prob(predict.prob_path(fold_dir, i)).shape == (H, W)
+        assert probmaps.read_prob(probmaps.prob_path(fold_dir, i)).shape == (H, W)
     res = predict.predict_fold(index, ckpt, tmp_path / "cache", ttas, batch_size=1, num_workers=0,
-                               autocast="fp32", log=lambda m: None)
+                               precision="fp32", log=lambda m: None)
     assert res.skipped == len(done) and res.predicted == 10 - len(done)
-    assert predict.done_ids(fold_dir) == set(index["id"])
-    ref = predict.predict_fold(index, ckpt, tmp_path / "ref", ttas, batch_size=1, num_workers=0, autocast="fp32",
+    assert probmaps.done_ids(fold_dir) == set(index["id"])
+    ref = predict.predict_fold(index, ckpt, tmp_path / "ref", ttas, batch_size=1, num_workers=0, precision="fp32",
                                log=lambda m: None)
     for i in index["id"]:
-        np.testing.assert_array_equal(predict.read_prob(predict.prob_path(fold_dir, i)),
-                                      predict.read_prob(predict.prob_path(ref.fold_dir, i)))
+        np.testing.assert_array_equal(probmaps.read_prob(probmaps.prob_path(fold_dir, i)),
+                                      probmaps.read_prob(probmaps.prob_path(ref.fold_dir, i)))
 
 
 def test_index_from_another_prepare_size_is_refused(ckpt, test_set, tmp_path):
@@ -252,7 +253,7 @@ def _spy_model_calls(monkeypatch):
 def test_max_forward_bounds_images_per_call_same_maps(ckpt, test_set, tmp_path, monkeypatch):
     index, _ = test_set
     calls = _spy_model_calls(monkeypatch)
-    kw = dict(batch_size=4, num_workers=0, autocast="fp32", log=lambda m: None)
+    kw = dict(batch_size=4, num_workers=0, precision="fp32", log=lambda m: None)
     ttas = tta.parse("hflip,vflip")                                  # 3 views: 12 images per batch of 4
     whole = predict.predict_fold(index, ckpt, tmp_path / "a", ttas, **kw)
     assert max(calls) == 12
@@ -261,8 +262,8 @@ def test_max_forward_bounds_images_per_call_same_maps(ckpt, test_set, tmp_path, 
     assert max(calls) <= 3 and sum(calls) == 30                      # 10 images x 3 views, none twice
     assert capped.fold_dir.name == whole.fold_dir.name               # same maps, so the same cache key
     for i in index["id"]:
-        a = predict.read_prob(predict.prob_path(whole.fold_dir, i)).astype(int)
-        b = predict.read_prob(predict.prob_path(capped.fold_dir, i)).astype(int)
+        a = probmaps.read_prob(probmaps.prob_path(whole.fold_dir, i)).astype(int)
+        b = probmaps.read_prob(probmaps.prob_path(capped.fold_dir, i)).astype(int)
         assert np.abs(a - b).max() <= 1                              # fp32 sums in another order
     with pytest.raises(ConfigError, match="max_forward=-2"):
         predict.predict_fold(index, ckpt, tmp_path / "c", ttas, max_forward=-2, **kw)
@@ -272,7 +273,7 @@ def test_manifest_writes_config_beside_the_maps(ckpt, test_set, tmp_path):
     import yaml
     index, _ = test_set
     cfg = {"predict": {"tta": "hflip", "batch_size": 5, "max_forward": 0}, "data": {"cache": str(tmp_path)}}
-    kw = dict(num_workers=0, autocast="fp32", log=lambda m: None)
+    kw = dict(num_workers=0, precision="fp32", log=lambda m: None)
     part = predict.predict_fold(index, ckpt, tmp_path, tta.parse("hflip"), shard=(0, 2), config=cfg, **kw)
     assert not (part.fold_dir / "config.yaml").exists()              # half the images: unfinished
     done = predict.predict_fold(index, ckpt, tmp_path, tta.parse("hflip"), shard=(1, 2), config=cfg, **kw)
@@ -281,7 +282,7 @@ def test_manifest_writes_config_beside_the_maps(ckpt, test_set, tmp_path):
     # Called without a config (tests, benchmarks): the call's own predict settings are recorded.
     alone = predict.predict_fold(index.iloc[:1], ckpt, tmp_path / "x", tta.parse("hflip"), batch_size=3, **kw)
     got = yaml.safe_load((alone.fold_dir / "config.yaml").read_text())["predict"]
-    assert (got["tta"], got["batch_size"], got["autocast"], got["max_forward"]) == ("none,hflip", 3, "fp32", 0)
+    assert (got["tta"], got["batch_size"], got["precision"], got["max_forward"]) == ("none,hflip", 3, "fp32", 0)
 
 
 def test_scale_tta_through_predict_fold(ckpt, test_set, tmp_path, monkeypatch):
@@ -290,20 +291,20 @@ def test_scale_tta_through_predict_fold(ckpt, test_set, tmp_path, monkeypatch):
     index, _ = test_set
     calls = _spy_model_calls(monkeypatch)
     ttas = tta.parse("hflip,scale0.75")
-    kw = dict(batch_size=5, num_workers=0, autocast="fp32", log=lambda m: None)
+    kw = dict(batch_size=5, num_workers=0, precision="fp32", log=lambda m: None)
     res = predict.predict_fold(index, ckpt, tmp_path, ttas, **kw)
     assert res.predicted == 10 and sorted(calls) == [5, 5, 10, 10]  # per batch: 2 flips together, 1 scaled
     plain = predict.predict_fold(index, ckpt, tmp_path, tta.parse("hflip"), **kw)
     assert plain.fold_dir != res.fold_dir
     from pipeline.data import read_image, to_device
     from pipeline.models import IMAGENET_STATS, load_checkpoint
-    from pipeline.prepare import to_model
+    from pipeline.geometry import to_model
     model, _ = load_checkpoint(ckpt)
     for k, i in enumerate(index["id"]):
-        got = predict.read_prob(predict.prob_path(res.fold_dir, i))
+        got = probmaps.read_prob(probmaps.prob_path(res.fold_dir, i))
         assert got.shape == (H, W) and got.dtype == np.uint8 and 0 < got.mean() < 255
         if k < 2:  # the stored map is the 3-view mean, against the model called by hand
-            img = to_model(read_image(index["path"].iloc[k]), predict.stretch_geometry(H, W), H, W)
+            img = to_model(read_image(index["path"].iloc[k]), geometry.stretch_geometry(H, W), H, W)
             x, _ = to_device(torch.from_numpy(img)[None], None, torch.device("cpu"), stats=IMAGENET_STATS)
             with torch.no_grad():
                 small = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)

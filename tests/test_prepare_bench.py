@@ -1,5 +1,5 @@
 """benchmarks/bench_prepare.py's raw limit decodes each JPEG at the scale prepare uses
-(``prepare.jpeg_reduction``), so the prepare/limit ratio is fair at small model sizes."""
+(``geometry.jpeg_reduction``), so the prepare/limit ratio is fair at small model sizes."""
 import sys
 from pathlib import Path
 

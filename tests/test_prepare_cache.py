@@ -12,8 +12,9 @@ import cv2
 import pandas as pd
 import pytest
 
-from pipeline import prepare, synth
+from pipeline import prepare, synth, testset
 from pipeline.cache import is_complete, read_manifest
+from pipeline.data import read_mask
 from pipeline.config import PipelineError, load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_new_size_is_a_new_key_and_old_is_kept(raw):
     assert b.dir != a.dir and b.stats["processed"] == 32
     idx = pd.read_csv(b.dir / "train_index.csv")
     assert cv2.imread(str(b.dir / idx.image[0])).shape == (32, 64, 3)
-    assert prepare.read_mask(b.dir / idx["mask"][0]).shape == (32, 64)
+    assert read_mask(b.dir / idx["mask"][0]).shape == (32, 64)
     # Full-size masks do not depend on the size: shared by both keys.
     assert list(idx.mask_full) == list(pd.read_csv(a.dir / "train_index.csv").mask_full)
     assert is_complete(a.dir)
@@ -199,7 +200,7 @@ def test_adding_ten_test_images_checks_only_those(raw, tmp_path):
 
 
 def test_test_check_cache_files_are_merged(raw, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "TEST_CACHE_FILES", 2)
+    monkeypatch.setattr(testset, "TEST_CACHE_FILES", 2)
     prepare.execute(_cfg(raw))                      # 4 chunks of 4 -> 4 files -> merged into one
     d = Path(raw.parent / "cache" / "prepare" / "files" / "test_checks" / prepare.CODE_VERSION)
     assert len([p for p in d.glob("*.json")]) == 1

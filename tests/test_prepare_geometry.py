@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.prepare import geometry, resize_mask, to_model, to_original
+from pipeline.geometry import geometry, resize_mask, to_model, to_original
 
 
 def test_pad_kaggle_size_to_1920_is_one_column_each_side():
@@ -59,7 +59,7 @@ def test_mask_round_trip_keeps_shape_and_is_close(fit):
     ((512, 512), "pad", 2),        # pad scales 1918 -> 512 and 1280 -> 342: 3.7x both ways
 ])
 def test_jpeg_reduction_known_answers(size, fit, want):
-    from pipeline.prepare import jpeg_reduction
+    from pipeline.geometry import jpeg_reduction
     g = geometry(1280, 1918, *size, fit)
     assert jpeg_reduction(1280, 1918, g) == want
 
@@ -71,7 +71,7 @@ def test_prepare_and_predict_decode_a_jpeg_alike(tmp_path):
 
     from pipeline.data import read_image
     from pipeline.ingest import decode_image
-    from pipeline.prepare import jpeg_reduction
+    from pipeline.geometry import jpeg_reduction
     rng = np.random.default_rng(0)
     img = cv2.GaussianBlur(rng.integers(0, 256, (257, 383, 3), dtype=np.uint8), (0, 0), 3)
     path = tmp_path / "car.jpg"

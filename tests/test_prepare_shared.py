@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipeline import prepare, rle
 from pipeline.cache import read_json
+from pipeline.data import read_mask
 from pipeline.config import load
 
 GOLDEN = "879735 20 881650 26 883315 92 883564 30 885208"   # Kaggle train_masks.csv, 00087a6bd4dc_04
@@ -56,11 +57,11 @@ def test_prepare_real_files(real_raw, tmp_path):
     assert len(idx) == 33
     row = idx.loc["00087a6bd4dc_04"]
     assert (row.orig_height, row.orig_width) == (1280, 1918)
-    full = prepare.read_mask(res.dir / row.mask_full)
+    full = read_mask(res.dir / row.mask_full)
     gif = np.asarray(Image.open(real_raw / "train_masks" / "00087a6bd4dc_04_mask.gif"))
     assert np.array_equal(full, gif)
     assert rle.encode(full).startswith(GOLDEN)
-    assert prepare.read_mask(res.dir / row["mask"]).shape == (256, 384)
+    assert read_mask(res.dir / row["mask"]).shape == (256, 384)
     assert (idx.loc[idx.index != "00087a6bd4dc_04", "orig_height"] == 512).all()
     test = pd.read_csv(res.dir / "test_index.csv")
     assert list(test.img) == list(pd.read_csv(real_raw / "sample_submission.csv").img)
@@ -73,7 +74,7 @@ def test_half_size_jpeg_decode_of_a_real_car_matches_the_full_decode(shared_data
     import numpy as np
 
     from pipeline.data import read_image
-    from pipeline.prepare import geometry, jpeg_reduction, to_model
+    from pipeline.geometry import geometry, jpeg_reduction, to_model
     path = str(shared_data / "carvana_fullres" / "train" / "00087a6bd4dc_04.jpg")
     g = geometry(1280, 1918, 128, 192, "stretch")
     assert jpeg_reduction(1280, 1918, g) == 2

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipeline import prepare, synth
 from pipeline.cache import read_json
+from pipeline.data import read_mask
 from pipeline.config import PipelineError, load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,9 +176,9 @@ def test_mask_0_255_accepted_as_0_1(raw):
     res, rep = _run(raw)                           # RLE check still agrees: values mapped to {0,1}
     assert rep["issues"] == []
     row = pd.read_csv(res.dir / "train_index.csv").set_index("id").loc[i]
-    full = prepare.read_mask(res.dir / row.mask_full)
+    full = read_mask(res.dir / row.mask_full)
     assert np.array_equal(full, m)
-    assert set(np.unique(prepare.read_mask(res.dir / row["mask"]))) <= {0, 1}
+    assert set(np.unique(read_mask(res.dir / row["mask"]))) <= {0, 1}
 
 
 @pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG")])
@@ -424,7 +425,7 @@ def test_malformed_rle_row_is_reported_and_the_gif_used(raw, bad_rle, why):
     assert _train_ids(res) == _ids(raw)                         # the pair is kept, with its GIF
     row = pd.read_csv(res.dir / "train_index.csv").set_index("id").loc[i]
     gif = np.asarray(Image.open(raw / "train_masks" / f"{i}_mask.gif"))
-    assert np.array_equal(prepare.read_mask(res.dir / row.mask_full), gif)
+    assert np.array_equal(read_mask(res.dir / row.mask_full), gif)
 
 
 def test_malformed_rle_no_traceback_from_the_cli(raw):

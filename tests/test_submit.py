@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import cache, config, predict, rle, submit, tta
+from pipeline import cache, config, predict, probmaps, rle, submit, tta
 from pipeline.config import PipelineError
 
 MODEL = (4, 6)  # model-size probability maps
@@ -21,7 +21,7 @@ def make_case(tmp_path, maps_by_fold, sizes):
         d = tmp_path / f"fold{f}"
         d.mkdir()
         for i, m in zip(ids, maps):
-            cv2.imwrite(str(predict.prob_path(d, i)), m)
+            cv2.imwrite(str(probmaps.prob_path(d, i)), m)
         dirs.append(d)
     index = pd.DataFrame({"img": [i + ".jpg" for i in ids], "id": ids, "path": "x",
                           "orig_height": [s[0] for s in sizes], "orig_width": [s[1] for s in sizes],
@@ -88,10 +88,10 @@ def test_refuses_when_validation_fails(tmp_path, monkeypatch):
 
 def test_missing_predictions_named(tmp_path):
     index, dirs, ids = make_case(tmp_path, [[const(255)] * 3], [(8, 12)] * 3)
-    predict.prob_path(dirs[0], index.id[1]).unlink()
+    probmaps.prob_path(dirs[0], index.id[1]).unlink()
     with pytest.raises(PipelineError, match=r"1 of 3 test images not predicted, e\.g\. \['c1_02'\]") as e:
         submit.write_submission(index, dirs, tmp_path / "s.csv", 0.5, ids, workers=1)
-    assert "must use the same predict.autocast and device type" in str(e.value)
+    assert "must use the same predict.precision and device type" in str(e.value)
 
 
 def test_missing_maps_name_the_same_checkpoint_in_another_precision(tmp_path):

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from _train_helpers import make_prepared, tiny_cfg
-from pipeline import cache, models, train
+from pipeline import cache, checkpoint, distributed, loop, models, probmaps, train
 from pipeline.config import ConfigError, PipelineError
 from pipeline.losses import BceDiceLoss
 from pipeline.metrics import dice_batch
+from pipeline.precision import autocast_factory, resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_fold_writes_every_artifact(prepared, trained):
                  "oof/hist.npz"):
         assert (out / name).is_file(), name
     m = pd.read_csv(out / "metrics.csv")
-    assert list(m.columns) == train.METRIC_COLUMNS
+    assert list(m.columns) == checkpoint.METRIC_COLUMNS
     assert m["epoch"].tolist() == [1, 2]
     assert np.isfinite(m[["lr", "train_loss", "val_loss", "val_dice", "seconds", "images_per_s"]].to_numpy()).all()
     # The cosine schedule has decayed by the last epoch.
@@ -70,7 +71,7 @@ def test_oof_maps_match_the_checkpoint(prepared, trained):
     model, meta = load_checkpoint(out / "best.pt")
     img = read_image(str(prepared / "images" / "car000_01.png"))
     x, _ = to_device(torch.from_numpy(img)[None], None, torch.device("cpu"))
-    with torch.no_grad(), train.autocast_factory(torch.device("cpu"), "bf16")():
+    with torch.no_grad(), autocast_factory(torch.device("cpu"), "bf16")():
         p = torch.sigmoid(model(x).float())[0, 0].numpy()
     import cv2
     q = cv2.imread(str(out / "oof" / "car000_01.png"), cv2.IMREAD_UNCHANGED)
@@ -161,9 +162,9 @@ def _grads(batches, accum: int, seed: int = 0, loss_fn=None, max_nonfinite: int 
     model = TinyNet().to(memory_format=torch.channels_last)
     opt = GradSpy(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    guard = train.NonFiniteGuard(max_nonfinite, train.Dist(), torch.device("cpu"))
-    res = train.train_one_epoch(model, batches, loss_fn or BceDiceLoss(1.0, 1.0), opt, None, scaler,
-                                autocast=train.autocast_factory(torch.device("cpu"), "fp32"),
+    guard = loop.NonFiniteGuard(max_nonfinite, distributed.Dist(), torch.device("cpu"))
+    res = loop.train_one_epoch(model, batches, loss_fn or BceDiceLoss(1.0, 1.0), opt, None, scaler,
+                                autocast=autocast_factory(torch.device("cpu"), "fp32"),
                                 device=torch.device("cpu"), accum_steps=accum, grad_clip=0.0, guard=guard)
     return opt.seen, res
 
@@ -262,9 +263,9 @@ def _nan_grad_epoch(bad, *, accum=1, grad_clip=0.0, precision="bf16", loss_fn=No
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1)) if scheduler else None
     fp16 = precision == "fp16"
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=fp16)
-    guard = train.NonFiniteGuard(max_nonfinite, train.Dist(), torch.device("cpu"))
-    res = train.train_one_epoch(model, _batches(n_images, 2), loss_fn or BceDiceLoss(), opt, sched, scaler,
-                                autocast=train.autocast_factory(torch.device("cpu"), precision),
+    guard = loop.NonFiniteGuard(max_nonfinite, distributed.Dist(), torch.device("cpu"))
+    res = loop.train_one_epoch(model, _batches(n_images, 2), loss_fn or BceDiceLoss(), opt, sched, scaler,
+                                autocast=autocast_factory(torch.device("cpu"), precision),
                                 device=torch.device("cpu"), accum_steps=accum, grad_clip=grad_clip, guard=guard)
     return model, opt, res, scaler
 
@@ -310,7 +311,7 @@ def test_fp16_scaler_skips_nonfinite_gradients_and_they_are_not_updates():
 def _lrs(name, total=20, per_epoch=5, warmup=1.0, lr=1.0):
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=lr)
-    s = train.build_scheduler(opt, name, total, per_epoch, warmup, 0.01)
+    s = loop.build_scheduler(opt, name, total, per_epoch, warmup, 0.01)
     out = []
     for _ in range(total):
         out.append(opt.param_groups[0]["lr"])
@@ -343,18 +344,18 @@ def test_hist_dice_matches_thresholded_dice():
     true[2] = 0
     prob[2] = 25.5                                    # both empty above 0.1 -> Dice 1
     thresholds = [0.1, 0.3, 0.45, 0.5, 0.6, 0.65]
-    hists = [train.prob_hist(p, t) for p, t in zip(prob, true)]
-    got = train.hist_dice(np.stack([h[0] for h in hists]), np.stack([h[1] for h in hists]), thresholds)
+    hists = [probmaps.prob_hist(p, t) for p, t in zip(prob, true)]
+    got = probmaps.hist_dice(np.stack([h[0] for h in hists]), np.stack([h[1] for h in hists]), thresholds)
     want = np.stack([dice_batch(prob, true, threshold_level(t)) for t in thresholds], 1)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     assert (got[2] == 1).all()
     # The fast binning equals searchsorted over the levels, also just around every level.
-    levels = np.array([threshold_level(j / train.OOF_BINS) for j in range(train.OOF_BINS + 1)], np.float32)
+    levels = np.array([threshold_level(j / probmaps.OOF_BINS) for j in range(probmaps.OOF_BINS + 1)], np.float32)
     v = np.concatenate([levels, np.nextafter(levels, np.float32(-1)), np.nextafter(levels, np.float32(300)),
                         np.linspace(0, 255, 100_001, dtype=np.float32)])
     v = np.clip(v, 0, 255)
-    want_b = np.bincount(np.searchsorted(levels, v, side="left"), minlength=train.OOF_BINS + 1)
-    np.testing.assert_array_equal(train.prob_hist(v, np.zeros_like(v))[1], want_b)
+    want_b = np.bincount(np.searchsorted(levels, v, side="left"), minlength=probmaps.OOF_BINS + 1)
+    np.testing.assert_array_equal(probmaps.prob_hist(v, np.zeros_like(v))[1], want_b)
 
 
 def test_dice_per_image_matches_metrics():
@@ -390,20 +391,20 @@ def test_bce_dice_is_a_mean_over_images():
 def test_precision_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("PIPELINE_CPU_BF16", "1")         # a CPU with native bf16
-    assert train.resolve_precision("auto", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == "bf16"
     monkeypatch.setenv("PIPELINE_CPU_BF16", "0")         # an AVX2-only CPU: bf16 would be emulated
-    assert train.resolve_precision("auto", cpu) == "fp32"
-    assert train.resolve_precision("bf16", cpu) == "bf16"   # an explicit choice is taken as given
-    assert train.resolve_precision("auto", cuda) == "fp16"
-    assert train.resolve_precision("fp32", cpu) == "fp32"
-    with train.autocast_factory(cpu, "bf16")():
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"   # an explicit choice is taken as given
+    assert resolve_precision("auto", cuda) == "fp16"
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with autocast_factory(cpu, "bf16")():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with train.autocast_factory(cpu, "fp32")():
+    with autocast_factory(cpu, "fp32")():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
 def test_shard_sampler_covers_each_index_once():
-    parts = [list(train.ShardSampler(10, r, 3)) for r in range(3)]
+    parts = [list(distributed.ShardSampler(10, r, 3)) for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(10))
 
 
@@ -437,7 +438,7 @@ def test_oof_summary_equals_direct_scoring(prepared, trained):
 def test_oof_summary_known_answer(tmp_path):
     """Two folds of hand-made histograms; fold 1 unfinished is reported missing."""
     from pipeline import oof
-    bins = train.OOF_BINS
+    bins = probmaps.OOF_BINS
     f0 = tmp_path / "fold0"
     (f0 / "oof").mkdir(parents=True)
     # Image a: 10 true pixels at p=0.9, 10 false pixels at p=0.4 -> Dice 1 for t >= 0.4, 2*10/30 below.
@@ -471,15 +472,15 @@ def test_fp16_grad_scaler_unscales_before_clipping():
     model = TinyNet()
     opt = GradSpy(model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-    guard = train.NonFiniteGuard(10, train.Dist(), torch.device("cpu"))
-    kw = dict(autocast=train.autocast_factory(torch.device("cpu"), "fp16"), device=torch.device("cpu"),
+    guard = loop.NonFiniteGuard(10, distributed.Dist(), torch.device("cpu"))
+    kw = dict(autocast=autocast_factory(torch.device("cpu"), "fp16"), device=torch.device("cpu"),
               accum_steps=1, guard=guard)
-    train.train_one_epoch(model, batches, BceDiceLoss(), opt, None, scaler, grad_clip=0.0, **kw)
+    loop.train_one_epoch(model, batches, BceDiceLoss(), opt, None, scaler, grad_clip=0.0, **kw)
     for a, b in zip(opt.seen[0], ref[0]):
         torch.testing.assert_close(a, b, rtol=0.05, atol=2e-3)
     ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref[0]]))
     clip = float(ref_norm) / 4
     opt.seen.clear()
-    train.train_one_epoch(model, batches, BceDiceLoss(), opt, None, scaler, grad_clip=clip, **kw)
+    loop.train_one_epoch(model, batches, BceDiceLoss(), opt, None, scaler, grad_clip=clip, **kw)
     got = torch.linalg.vector_norm(torch.stack([g.norm() for g in opt.seen[0]]))
     assert float(got) == pytest.approx(clip, rel=0.02)

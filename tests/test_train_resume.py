@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from _train_helpers import make_prepared, tiny_cfg
-from pipeline import cache, train
+from pipeline import cache, checkpoint, loop, train
 from pipeline.config import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
     overrides = {**OVERRIDES, "train.num_workers": 2}
     script = SCRIPT.format(tests=str(REPO / "tests"), repo=str(REPO), cache=str(tmp_path / "run"),
                            overrides=overrides, prepared=str(prepared), extra=STOCHASTIC)
-    env = {**os.environ, train.KILL_ENV: "1:1"}
+    env = {**os.environ, loop.KILL_ENV: "1:1"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     cfg = tiny_cfg(tmp_path / "run", **overrides)
@@ -140,9 +140,9 @@ def test_cpu_checkpoint_resumes_with_an_enabled_grad_scaler(tmp_path, monkeypatc
     assert last["precision"] == "fp16" and last["scaler"]["scale"] > 0     # the enabled scaler's own state
     # The helper: an empty state is skipped, a real one loaded.
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
-    train.load_scaler_state(scaler, {})
+    checkpoint.load_scaler_state(scaler, {})
     assert scaler.get_scale() == 8.0
-    train.load_scaler_state(scaler, last["scaler"])
+    checkpoint.load_scaler_state(scaler, last["scaler"])
     assert scaler.get_scale() == last["scaler"]["scale"]
 
 
@@ -163,8 +163,8 @@ def test_resume_under_another_world_size_is_an_error(tmp_path, capsys):
         train.run(cfg, prepared_dir=prepared)
     with pytest.raises(PipelineError, match=r"trained with 1 process\(es\) but this run has 2; .*resume with "
                                             r"`make train` \(no DDP\)"):
-        train.check_resume_world({"world_size": 1}, 2, out / "last.pt", out)
-    train.check_resume_world({"world_size": 2}, 2, out / "last.pt", out)
+        checkpoint.check_resume_world({"world_size": 1}, 2, out / "last.pt", out)
+    checkpoint.check_resume_world({"world_size": 2}, 2, out / "last.pt", out)
     # A finished fold from another process count stays cached, with a note.
     (out / "last.pt").unlink()
     cache.write_json(out / "oof.json", {"fold": 0, "world_size": 2})
@@ -187,23 +187,23 @@ def test_rng_state_touches_only_this_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state",
                         lambda device="cuda": calls.append(("get", device)) or torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(("set", int(s[0]), device)))
-    cpu_state = train.rng_state(torch.device("cpu"))
+    cpu_state = checkpoint.rng_state(torch.device("cpu"))
     assert "cuda" not in cpu_state and calls == []            # a CPU run leaves the GPUs alone
     gpu1 = torch.device("cuda", 1)
-    state = train.rng_state(gpu1)
+    state = checkpoint.rng_state(gpu1)
     assert calls == [("get", gpu1)]
     want = (random.random(), np.random.random(), torch.rand(1))
-    train.set_rng_state(state, gpu1)
+    checkpoint.set_rng_state(state, gpu1)
     assert calls[-1] == ("set", 7, gpu1)
     assert (random.random(), np.random.random(), torch.rand(1)) == want
     # Before train-3: every visible GPU's state; this GPU's entry is the one.
     old = [torch.tensor([v], dtype=torch.uint8) for v in (10, 11, 12)]
-    train.set_rng_state({**state, "cuda": old}, gpu1)
+    checkpoint.set_rng_state({**state, "cuda": old}, gpu1)
     assert calls[-1] == ("set", 11, gpu1)
     n = len(calls)
-    train.set_rng_state({**state, "cuda": old[:1]}, gpu1)     # that GPU was not there: left as seeded
-    train.set_rng_state(cpu_state, gpu1)                      # a CPU checkpoint: nothing to restore
-    train.set_rng_state(state, torch.device("cpu"))           # a GPU checkpoint on a CPU
+    checkpoint.set_rng_state({**state, "cuda": old[:1]}, gpu1)     # that GPU was not there: left as seeded
+    checkpoint.set_rng_state(cpu_state, gpu1)                      # a CPU checkpoint: nothing to restore
+    checkpoint.set_rng_state(state, torch.device("cpu"))           # a GPU checkpoint on a CPU
     assert len(calls) == n
 
 

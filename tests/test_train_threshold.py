@@ -1,7 +1,7 @@
 """OOF Dice and submit agree at every threshold, also for pixels exactly at a threshold level.
 
-train.prob_hist (OOF histograms, which pick the threshold) and submit.ensemble_mask (which applies
-it) share one rule: the uint8-scale map, resized to the original size by probmaps.to_original,
+probmaps.prob_hist (OOF histograms, which pick the threshold) and submit.ensemble_mask (which applies
+it) share one rule: the uint8-scale map, resized to the original size by geometry.to_original,
 is positive where it is > probmaps.threshold_level(t).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import probmaps, submit, train
+from pipeline import geometry, loop, probmaps, submit
 from pipeline.metrics import dice
 
 MODEL_HW = (32, 48)
@@ -37,16 +37,16 @@ def test_oof_hist_dice_equals_submit_dice(tmp_path, name):
     rng = np.random.default_rng(3)
     q = _map(rng)
     # The true mask covers the exact-level blocks in part, so counting them wrongly changes Dice.
-    up = probmaps.to_original(q.astype(np.float32), ORIG_HW, geom)
+    up = geometry.to_original(q.astype(np.float32), ORIG_HW, geom)
     assert (up == 153).sum() > 100 and (up == 102).sum() > 100     # exact levels survive the resize
     true = ((up >= 140) ^ (rng.random(ORIG_HW) < 0.1)).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "full.png"), true)
     row = {"id": "car_01", "mask_full": str(tmp_path / "full.png"), "orig_height": ORIG_HW[0],
            "orig_width": ORIG_HW[1], **geom}
     fold = tmp_path / "oof"
-    _, _, pos, all_ = train._oof_one(q, (q > 127).astype(np.uint8), row, fold / "car_01.png")
+    _, _, pos, all_ = loop.oof_one(q, (q > 127).astype(np.uint8), row, fold / "car_01.png")
     thresholds = [0.4, 0.5, 0.6]
-    got = train.hist_dice(pos, all_, thresholds)[0]
+    got = probmaps.hist_dice(pos, all_, thresholds)[0]
     for t, g in zip(thresholds, got):
         mask = submit.ensemble_mask([str(fold)], "car_01", ORIG_HW, t, geom if name == "pad" else None)
         assert g == dice(mask, true), t
