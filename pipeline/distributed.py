@@ -93,7 +93,8 @@ def wrap(model: torch.nn.Module, device: torch.device, d: Dist) -> torch.nn.Modu
     """The model in DistributedDataParallel under DDP, else the model itself."""
     if not d.active:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

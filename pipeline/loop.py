@@ -219,15 +219,9 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
                 else:
                     group_bad = True
         if need_update:
-            if not group_bad and optimizer_update(model, optimizer, scaler, grad_clip, guard):
-                lr = optimizer.param_groups[0]["lr"]     # the rate this update used (the scheduler steps below)
-                updates += 1
-                guard.updated()
-            optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:   # the schedule advances even over a skipped step
-                with warnings.catch_warnings():   # ...which torch warns about; intended here
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-                    scheduler.step()
+            used = _end_group(model, optimizer, scheduler, scaler, grad_clip, guard, apply=not group_bad)
+            if used is not None:
+                lr, updates = used, updates + 1
             group_bad = False
         bar.update(1)
         if progress and (i % 5 == 4 or i + 1 == n):
@@ -239,6 +233,23 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
         torch.cuda.synchronize(device)
     return {"loss": loss_sum / seen if seen else float("nan"), "images": images, "scored": seen, "lr": lr,
             "seconds": time.perf_counter() - t0, "updates": updates, "nonfinite": guard.total - nonfinite0}
+
+
+def _end_group(model: torch.nn.Module, optimizer, scheduler, scaler, grad_clip: float, guard: NonFiniteGuard,
+               apply: bool) -> float | None:
+    """Close an accumulation group: its update unless ``apply`` is False (a non-finite loss),
+    then the schedule's step. Returns the learning rate the update used, or None when no
+    update was applied."""
+    lr = None
+    if apply and optimizer_update(model, optimizer, scaler, grad_clip, guard):
+        lr = optimizer.param_groups[0]["lr"]     # the rate this update used (the scheduler steps below)
+        guard.updated()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:   # the schedule advances even over a skipped step
+        with warnings.catch_warnings():   # ...which torch warns about; intended here
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            scheduler.step()
+    return lr
 
 
 @torch.no_grad()

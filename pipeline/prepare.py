@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -215,12 +215,7 @@ def execute(cfg: Config) -> Result:
     key = cache.stage_key(params, CODE_VERSION, inputs)
     out = cache.stage_dir(cfg.data.cache, STAGE, key)
     if cache.is_complete(out):
-        stats = dict(cache.read_manifest(out)["stats"], processed=0, reused=0, test_checked=0, test_reused=0,
-                     cached=True)
-        print(f"prepare: cached, nothing to do ({stats['train_ok']} train, {stats['test_ok']} test images, "
-              f"{stats['problems']} problem(s)) -> {out}")
-        _strict(cfg, stats["problems"], out)
-        return Result(out, stats)
+        return _cached(cfg, out)
 
     root = cache.stage_dir(cfg.data.cache, STAGE, "")
     issues = list(scan.issues)
@@ -240,15 +235,11 @@ def execute(cfg: Config) -> Result:
         report = _write_report(out, key, cfg, scan, issues, {"train_ok": 0})
         raise PipelineError(f"no usable train image/mask pair in {scan.raw}; see {report}")
 
-    train = pd.DataFrame([{"id": r["id"], "car_id": r["id"][:12], "view": int(r["id"][13:]),
-                           "image": f"../{r['image']}", "mask": f"../{r['mask']}",
-                           "mask_full": f"../{r['mask_full']}", "orig_height": r["orig_height"],
-                           "orig_width": r["orig_width"], "mask_area": round(r["mask_area"], 6),
-                           **{k: r[k] for k in GEOM_COLS}} for r in ok])
+    train = _train_frame(ok)
     folds = make_folds(train, p.n_folds, p.seed, p.stratify)
     train["fold"] = folds["fold"].values
 
-    checks, test_checked, test_reused = test_checks(cfg, scan, root)
+    checks, test_checked, test_reused = test_checks(cfg, scan, root, CODE_VERSION)
     test, test_issues = test_index(cfg, scan, frames.get("sample_submission.csv"), checks)
     issues += test_issues
 
@@ -273,6 +264,24 @@ def execute(cfg: Config) -> Result:
                   root / "files" / "test_checks" / CODE_VERSION, out])
     _strict(cfg, len(issues), out)
     return Result(out, stats)
+
+
+def _cached(cfg: Config, out: Path) -> Result:
+    stats = dict(cache.read_manifest(out)["stats"], processed=0, reused=0, test_checked=0, test_reused=0,
+                 cached=True)
+    print(f"prepare: cached, nothing to do ({stats['train_ok']} train, {stats['test_ok']} test images, "
+          f"{stats['problems']} problem(s)) -> {out}")
+    _strict(cfg, stats["problems"], out)
+    return Result(out, stats)
+
+
+def _train_frame(ok: list[dict]) -> pd.DataFrame:
+    """train_index.csv rows (without folds) from the records of the usable pairs, paths relative to the artifact."""
+    return pd.DataFrame([{"id": r["id"], "car_id": r["id"][:12], "view": int(r["id"][13:]),
+                          "image": f"../{r['image']}", "mask": f"../{r['mask']}",
+                          "mask_full": f"../{r['mask_full']}", "orig_height": r["orig_height"],
+                          "orig_width": r["orig_width"], "mask_area": round(r["mask_area"], 6),
+                          **{k: r[k] for k in GEOM_COLS}} for r in ok])
 
 
 def _sweep_temps(dirs: list[Path]) -> int:

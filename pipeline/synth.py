@@ -85,6 +85,7 @@ def _rounded_rect(x0: float, y0: float, x1: float, y1: float, r: float, n: int =
     return np.asarray(pts)
 
 
+# Over 60 lines: one drawing (body, wheels, background) that reads top to bottom.
 def render(p: dict, view: int, height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Draw view ``view`` (1..16) of car ``p``.
 

@@ -61,15 +61,15 @@ def _write_test_checks(d: Path, entries: dict[str, dict]) -> Path:
     return path
 
 
-def test_checks(cfg: Config, scan: Scan, root: Path) -> tuple[dict[str, dict], int, int]:
+def test_checks(cfg: Config, scan: Scan, root: Path, code: str) -> tuple[dict[str, dict], int, int]:
     """id -> check result (``ingest.check_test_image`` dict or {"error", "reason"}) for every test image.
 
     Returns (results, checked, reused). Each file's result is cached under its own
-    fingerprint in ``files/test_checks/<CODE_VERSION>/``, so adding 10 images to 100,064
-    checks those 10. New results are written one file per finished chunk (a killed run
+    fingerprint in ``files/test_checks/<code>/`` (``code``: prepare's CODE_VERSION), so adding
+    10 images to 100,064 checks those 10. New results are written one file per finished chunk (a killed run
     resumes where it stopped); past TEST_CACHE_FILES files they are merged into one.
     """
-    d = root / "files" / "test_checks" / CODE_VERSION
+    d = root / "files" / "test_checks" / code
     known, files = _read_test_checks(d)
     fps = {f[0]: f for f in scan.test.fingerprints}
     keys = {i: _test_check_key(cfg.data.test_dir, fps[name]) for i, name in scan.test.files.items()}

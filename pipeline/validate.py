@@ -192,6 +192,7 @@ def out_of_order(positions: list[int]) -> list[int]:
     return [j for j in range(len(positions)) if j not in keep]
 
 
+# Over 60 lines: one streaming pass over the CSV; the per-row checks share its state.
 def validate_submission(path: str | Path, sample_ids: list[str], size_of: SizeOf,
                         max_problems: int = 20) -> Report:
     """Check a submission file against the sample's ids (in order) and each image's (H, W).

@@ -1,0 +1,55 @@
+"""The module map of docs/design.md holds: stages import building blocks, never the reverse.
+
+Imports are read from the source (ast), module-level and inside functions alike.
+"""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "pipeline"
+
+# docs/design.md, "Module map". A stage may import building blocks and other stages;
+# a building block imports building blocks only.
+STAGES = {"prepare", "testset", "train", "oof", "predict", "submit", "synth"}
+BLOCKS = {"config", "cache", "ingest", "parallel", "geometry", "probmaps", "precision", "data", "models",
+          "pretrained", "losses", "loop", "distributed", "checkpoint", "tta", "rle", "metrics", "folds",
+          "validate", "score"}
+ENTRY = {"__init__", "__main__", "cli"}     # parse arguments, then import a stage by name
+
+
+def _imports(path: Path) -> set[str]:
+    """pipeline modules that ``path`` imports (relative or absolute)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level == 1 and not mod:           # from . import a, b
+                out.update(a.name for a in node.names)
+            elif node.level == 1:                     # from .a import x
+                out.add(mod.split(".")[0])
+            elif mod == "pipeline":
+                out.update(a.name for a in node.names)
+            elif mod.startswith("pipeline."):
+                out.add(mod.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline."))
+    return out
+
+
+def test_every_module_is_on_the_map():
+    assert {p.stem for p in PKG.glob("*.py")} == STAGES | BLOCKS | ENTRY
+
+
+def test_building_blocks_never_import_stages():
+    bad = {m: sorted(_imports(PKG / f"{m}.py") & (STAGES | ENTRY)) for m in sorted(BLOCKS)}
+    assert {m: s for m, s in bad.items() if s} == {}
+
+
+def test_torch_free_modules_stay_torch_free():
+    """submit's workers import submit, probmaps and geometry: no torch, no prepare stage."""
+    code = ("import sys; import pipeline.submit, pipeline.probmaps, pipeline.geometry; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m in "
+            "('pipeline.prepare', 'pipeline.predict', 'pipeline.train', 'joblib.parallel_x')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PKG.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
