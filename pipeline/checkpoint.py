@@ -30,8 +30,10 @@ from . import cache
 from .config import PipelineError
 
 LAST, BEST = "last.pt", "best.pt"
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "seconds", "images_per_s",
-                  "nonfinite", "best"]
+# val_dice: the raw weights; val_dice_ema: their EMA (empty without train.ema); size: the epoch's
+# training size (train.progressive).
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "val_dice_ema", "size", "seconds",
+                  "images_per_s", "nonfinite", "best"]
 
 
 @dataclass
@@ -46,8 +48,9 @@ class Progress:
 # ---------------------------------------------------------------------------- last.pt
 
 def load_last(out: Path, key: str, model, optimizer, scheduler, scaler, *, device: torch.device,
-              precision: str, rank: int, world: int, epochs: int, log, what: str) -> Progress:
+              precision: str, rank: int, world: int, epochs: int, log, what: str, ema=None) -> Progress:
     """Restore ``out/last.pt`` into the given objects when it belongs to ``key``; returns the progress.
+    ``ema``: a timm ModelEmaV3 whose weights last.pt holds under ``ema`` (train.ema is in the key).
 
     No last.pt, or one of another config (logged): a fresh :class:`Progress`, nothing restored.
     ``what`` prefixes the log lines ("fold 0").
@@ -69,6 +72,8 @@ def load_last(out: Path, key: str, model, optimizer, scheduler, scaler, *, devic
     if scheduler is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
     load_scaler_state(scaler, ckpt["scaler"])
+    if ema is not None:
+        ema.module.load_state_dict(ckpt["ema"])
     set_rng_state(ckpt["rng"][rank], device)
     p = Progress(ckpt["epoch"] + 1, ckpt["best_score"], ckpt["history"], ckpt.get("nonfinite_total", 0))
     log(f"{what}: resuming after epoch {p.start} of {epochs} "
@@ -77,23 +82,26 @@ def load_last(out: Path, key: str, model, optimizer, scheduler, scaler, *, devic
 
 
 def save_epoch(out: Path, meta: dict, state: dict, optimizer, scheduler, scaler, rngs: list[dict],
-               epoch: int, progress: Progress, title: str) -> None:
+               epoch: int, progress: Progress, title: str, ema_state: dict | None = None,
+               best_is_ema: bool = False) -> None:
     """After epoch ``epoch`` (0-based; rank 0 only): best.pt when this epoch is the best, then
     metrics.csv and curve.png, then last.pt. ``state``: the bare model's state_dict;
-    ``rngs``: every rank's :func:`rng_state`.
+    ``rngs``: every rank's :func:`rng_state`; ``ema_state``: the EMA weights (train.ema), kept
+    in last.pt, and in best.pt (``weights: ema``) when ``best_is_ema`` (they scored higher).
 
     last.pt goes last: a kill before it repeats this epoch, identically, and rewrites the
     files before it, so metrics.csv and curve.png are never a row short of last.pt.
     """
     if progress.history[-1]["best"]:
         with cache.atomic_path(out / BEST) as tmp:
-            torch.save({**meta, "model": state, "epoch": epoch + 1, "best_score": progress.best}, tmp)
+            torch.save({**meta, "model": ema_state if best_is_ema else state, "weights": "ema" if best_is_ema else "raw",
+                        "epoch": epoch + 1, "best_score": progress.best}, tmp)
     write_logs(out, progress.history, title)
     with cache.atomic_path(out / LAST) as tmp:
         torch.save({**meta, "model": state, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch, "best_score": progress.best,
-                    "history": progress.history, "nonfinite_total": progress.nonfinite}, tmp)
+                    "history": progress.history, "nonfinite_total": progress.nonfinite, "ema": ema_state}, tmp)
 
 
 def rewrite_logs(out: Path, progress: Progress, epochs: int, title: str) -> None:
@@ -185,7 +193,7 @@ def write_metrics(path: Path, history: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
     w.writeheader()
     for row in history:
-        w.writerow({k: row[k] for k in METRIC_COLUMNS})
+        w.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})   # older runs' rows lack the newer columns
     cache.write_text(path, buf.getvalue())
 
 
@@ -198,7 +206,11 @@ def write_curve(path: Path, history: list[dict], title: str) -> None:
     a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     a.plot(ep, [h["val_loss"] for h in history], "o-", label="val")
     a.set_xlabel("epoch"), a.set_ylabel("BCE + Dice loss"), a.legend()
-    b.plot(ep, [h["val_dice"] for h in history], "o-", color="C2")
+    b.plot(ep, [h["val_dice"] for h in history], "o-", color="C2", label="raw")
+    ema = [h.get("val_dice_ema", float("nan")) for h in history]
+    if not all(v != v for v in ema):    # any EMA score (NaN != NaN)
+        b.plot(ep, ema, "s--", color="C3", label="EMA")
+        b.legend()
     b.set_xlabel("epoch"), b.set_ylabel("val Dice (p > 0.5)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

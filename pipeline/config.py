@@ -20,6 +20,7 @@ import yaml
 
 FITS = ("stretch", "pad")                          # prepare.fit (pipeline.geometry)
 SCHEDULERS = ("cosine", "onecycle", "none")        # train.scheduler (pipeline.loop)
+FINAL_LOSSES = ("", "lovasz")                 # train.loss_final: "" = BCE + Dice to the end
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")      # train.precision, predict.precision (pipeline.precision)
 # Old key -> its new name: still accepted (YAML and key=value), with a one-line warning.
 DEPRECATED = {"predict.autocast": "predict.precision", "autocast": "predict.precision"}
@@ -94,6 +95,14 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda
     seed: int = 42
     max_train_steps: int = 0         # >0 caps optimizer steps per epoch (smoke runs)
+    # Added after train-3; at these defaults they leave the train key (and so old runs) unchanged.
+    ema: bool = False                # also keep an EMA of the weights (timm ModelEmaV3), scored each epoch
+    ema_decay: float = 0.999         # EMA decay cap (warmed up from 0: short runs still average)
+    progressive: str = ""            # "256:2,384:1": first epochs at these sizes (resized on the fly)
+    loss_final: str = ""             # "" | "lovasz": loss of the last loss_final_epochs epochs
+    loss_final_epochs: int = 1
+    boundary_weight: float = 0.0     # BCE weight 1 + this within 3 px of the mask edge
+    compile: bool = False            # torch.compile the training model (speed only, not in the key)
 
 
 @dataclass
@@ -279,10 +288,45 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.accum_steps must be >= 1")
     check_choice("train.scheduler", t.scheduler, SCHEDULERS)
     check_choice("train.precision", t.precision, PRECISIONS)
+    check_choice("train.loss_final", t.loss_final, FINAL_LOSSES)
+    if t.loss_final_epochs < 1 or (t.loss_final and t.loss_final_epochs >= t.epochs):
+        raise ConfigError(f"train.loss_final_epochs={t.loss_final_epochs}: must be >= 1 and, with a final loss, "
+                          f"below train.epochs={t.epochs} (the final loss fine-tunes a BCE + Dice model)")
+    if not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={t.ema_decay}: must lie in (0, 1)")
+    if t.boundary_weight < 0:
+        raise ConfigError(f"train.boundary_weight={t.boundary_weight}: must be >= 0")
+    parse_progressive(t.progressive, t.epochs, (p.height, p.width))
     if cfg.predict.batch_size < 1:
         raise ConfigError(f"predict.batch_size={cfg.predict.batch_size}: must be >= 1")
     check_max_forward(cfg.predict.max_forward)
     check_choice("predict.precision", cfg.predict.precision, PRECISIONS)
+
+
+def parse_progressive(spec: str, epochs: int, full_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """``train.progressive`` -> the (H, W) of each epoch's training batches.
+
+    spec: comma list of ``SIZE:EPOCHS`` where SIZE is ``S`` (square) or ``HxW``, each side a
+    multiple of 32, e.g. ``"256:2,384:1"``; the epochs after the listed ones train at
+    ``full_hw`` (the prepared size; validation is always there). "" -> every epoch at full_hw.
+    """
+    sizes: list[tuple[int, int]] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            size, n = part.split(":")
+            h, w = (int(v) for v in size.lower().split("x")) if "x" in size.lower() else (int(size), int(size))
+            n = int(n)
+        except ValueError:
+            raise ConfigError(f"train.progressive='{spec}': expected SIZE:EPOCHS items like 256:2 or "
+                              f"320x480:1, got '{part}'") from None
+        if h % 32 or w % 32 or h < 32 or w < 32 or n < 1:
+            raise ConfigError(f"train.progressive='{spec}': '{part}' needs sides that are multiples of 32 "
+                              f"and at least 1 epoch")
+        sizes += [(h, w)] * n
+    if sizes and len(sizes) >= epochs:
+        raise ConfigError(f"train.progressive='{spec}' covers {len(sizes)} epochs but train.epochs={epochs}: "
+                          f"leave at least the last epoch at the prepared size")
+    return sizes + [tuple(full_hw)] * (epochs - len(sizes))
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -98,11 +98,14 @@ def wrap(model: torch.nn.Module, device: torch.device, d: Dist) -> torch.nn.Modu
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under torch.compile's wrapper and/or DistributedDataParallel."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def is_ddp(model: torch.nn.Module) -> bool:
-    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    """DDP, possibly inside torch.compile's wrapper (which forwards no_sync to it)."""
+    return isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel)
 
 
 class ShardSampler(Sampler):

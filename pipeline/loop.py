@@ -31,13 +31,14 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import cache
 from .config import SCHEDULERS, ConfigError, PipelineError
 from .data import read_mask, to_device
-from .distributed import Dist, all_finite, is_ddp
+from .distributed import Dist, all_finite, is_ddp, unwrap
 from .geometry import row_geometry, to_original
 from .losses import dice_per_image
 from .models import IMAGENET_STATS
@@ -172,14 +173,28 @@ def make_loader(ds, sampler, batch_size: int, num_workers: int, device: torch.de
                       generator=torch.Generator().manual_seed(seed))
 
 
+def resize_batch(x: torch.Tensor, y: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, 3, H, W) normalised float, y: (N, 1, H, W) {0, 1} -> the same at ``hw``.
+
+    Images: antialiased bilinear (what INTER_AREA does when shrinking); masks: area mean
+    thresholded at 0.5, so the edge lands where the image's edge does (as prepare resizes).
+    """
+    x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
+    y = (F.interpolate(y, size=hw, mode="area") >= 0.5).to(y.dtype)
+    return x.contiguous(memory_format=torch.channels_last), y
+
+
 def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, scheduler, scaler, *,
                     autocast, device: torch.device, accum_steps: int = 1, grad_clip: float = 0.0,
                     channels_last: bool = True, guard: NonFiniteGuard, max_steps: int = 0,
-                    epoch: int = 0, progress: bool = False, desc: str = "", stats: tuple = IMAGENET_STATS) -> dict:
+                    epoch: int = 0, progress: bool = False, desc: str = "", stats: tuple = IMAGENET_STATS,
+                    size: tuple[int, int] | None = None, ema=None, ema_step: int = 0) -> dict:
     """One pass over ``loader`` (batches of (images (N,H,W,3) uint8, masks (N,H,W) uint8, ...)).
 
     Optimizer updates every ``accum_steps`` micro-batches and after the last one;
-    ``max_steps`` > 0 caps the number of updates. Returns {loss (mean over the
+    ``max_steps`` > 0 caps the number of updates. ``size``: train at this (H, W) instead
+    (progressive resizing, :func:`resize_batch`). ``ema``: a timm ModelEmaV3 of the bare model,
+    updated after every applied update with ``ema_step`` + the updates so far as its step. Returns {loss (mean over the
     images whose loss was finite), images, seconds, updates (steps applied), nonfinite
     (updates dropped for a non-finite loss or gradient), lr (of the last applied update)}.
     """
@@ -206,6 +221,8 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
         images += batch[0].shape[0]
         if not group_bad:   # a group with a non-finite loss is dropped whole: no more work on it
             x, y = to_device(batch[0], batch[1], device, channels_last, stats)
+            if size is not None and tuple(x.shape[-2:]) != tuple(size):
+                x, y = resize_batch(x, y, size)
             # Micro-batches before the update only accumulate locally; DDP all-reduces on the last.
             sync = model.no_sync() if ddp and not need_update else contextlib.nullcontext()
             with sync:
@@ -222,6 +239,8 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
             used = _end_group(model, optimizer, scheduler, scaler, grad_clip, guard, apply=not group_bad)
             if used is not None:
                 lr, updates = used, updates + 1
+                if ema is not None:
+                    ema.update(unwrap(model), step=ema_step + updates)
             group_bad = False
         bar.update(1)
         if progress and (i % 5 == 4 or i + 1 == n):

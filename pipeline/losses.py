@@ -1,4 +1,9 @@
-"""BCE + soft Dice for binary segmentation (smp.losses), and a torch per-image Dice metric.
+"""Training losses for binary segmentation (smp.losses), and a torch per-image Dice metric.
+
+- :class:`BceDiceLoss`: BCE + soft Dice, the default; ``boundary_weight`` > 0 up-weights the
+  BCE of pixels near the mask edge (Carvana's errors are almost all there).
+- :class:`LovaszLoss`: the Lovasz hinge per image (smp), a direct surrogate of IoU/Dice for a
+  final phase of training (``train.loss_final=lovasz``).
 
 The soft Dice is computed per image and averaged over the batch (Carvana is
 scored by mean per-image Dice). Per-image terms also make the loss of a batch
@@ -9,20 +14,36 @@ presented to smp's multilabel DiceLoss as one sample with N channels.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+BOUNDARY_PX = 3          # half-width of the edge band that boundary_weight up-weights
+
+
+def edge_band(target: torch.Tensor, px: int = BOUNDARY_PX) -> torch.Tensor:
+    """(N, 1, H, W) {0, 1} -> (N, 1, H, W) float {0, 1}: pixels within ``px`` of the mask edge
+    (dilation minus erosion with a (2 px + 1) square), on both sides of it."""
+    k = 2 * px + 1
+    dilated = F.max_pool2d(target, k, stride=1, padding=px)
+    eroded = -F.max_pool2d(-target, k, stride=1, padding=px)
+    return dilated - eroded
 
 
 class BceDiceLoss(nn.Module):
     """logits, target: (N, 1, H, W); target in {0, 1}. Returns a scalar (float32).
 
-    loss = bce_weight * mean BCE + dice_weight * mean over images of (1 - soft Dice).
-    Images whose target is empty contribute 0 to the Dice term (smp's convention).
+    loss = bce_weight * weighted mean BCE + dice_weight * mean over images of (1 - soft Dice).
+    The BCE weight of a pixel is 1 + boundary_weight within BOUNDARY_PX of the mask edge, else 1
+    (weighted mean: the loss scale stays that of plain BCE). Images whose target is empty
+    contribute 0 to the Dice term (smp's convention).
     """
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0):
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, boundary_weight: float = 0.0):
         super().__init__()
         import segmentation_models_pytorch as smp
         self.bce_weight, self.dice_weight = float(bce_weight), float(dice_weight)
+        self.boundary_weight = float(boundary_weight)
         self.bce = smp.losses.SoftBCEWithLogitsLoss()
         self.dice = smp.losses.DiceLoss(mode="multilabel", from_logits=True)
 
@@ -30,12 +51,32 @@ class BceDiceLoss(nn.Module):
         # fp32 for the reductions over ~10^5-10^6 pixels, whatever the autocast dtype.
         logits, target = logits.float(), target.float()
         loss = logits.new_zeros(())
-        if self.bce_weight:
+        if self.bce_weight and self.boundary_weight:
+            w = 1.0 + self.boundary_weight * edge_band(target)
+            bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            loss = loss + self.bce_weight * (bce * w).sum() / w.sum()
+        elif self.bce_weight:
             loss = loss + self.bce_weight * self.bce(logits, target)
         if self.dice_weight:
             n = logits.shape[0]
             loss = loss + self.dice_weight * self.dice(logits.reshape(1, n, -1), target.reshape(1, n, -1))
         return loss
+
+
+class LovaszLoss(nn.Module):
+    """Lovasz hinge, per image, averaged over the batch (smp's binary LovaszLoss, per_image=True).
+
+    logits, target: (N, 1, H, W). A per-image mean keeps the loss of a batch the mean of its
+    micro-batches' losses (gradient accumulation) and matches Carvana's mean per-image score.
+    """
+
+    def __init__(self):
+        super().__init__()
+        import segmentation_models_pytorch as smp
+        self.lovasz = smp.losses.LovaszLoss(mode="binary", per_image=True, from_logits=True)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.lovasz(logits.float(), target.float())
 
 
 @torch.no_grad()

