@@ -44,6 +44,9 @@ BEST = "configs/carvana512-best.yaml"
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "fast": (FAST, [], "configs/carvana512.yaml as shipped (the 10-minute recipe)"),
     "best": (BEST, [], "configs/carvana512-best.yaml as shipped (the 60-minute recipe)"),
+    # candidates for the fast recipe (each a bundle of levers; the rows below take one lever at a time)
+    "c384-slim-ema": (FAST, ["prepare.height=384", "prepare.width=384", "train.decoder_channels=128,64,32,16,16",
+                             "train.ema=true", "train.epochs=3"], "384 px, slim decoder, EMA, 3 epochs"),
     # input size (the set is 512x512: 512 is native)
     "size256-e3": (FAST, ["prepare.height=256", "prepare.width=256", "train.epochs=3", "train.ema=false",
                           "train.progressive="], "256 px, 3 epochs, no EMA (the recipe before this study)"),

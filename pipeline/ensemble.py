@@ -1,0 +1,179 @@
+"""Multi-run ensembles for the submit stage: several trained runs (different configs), weighted.
+
+``submit.runs=a.yaml,b.yaml`` makes the submission the weighted mean of those runs' maps, each
+run's own fold mean taken back to the image's original size first (runs may differ in model
+size and geometry), then thresholded with the same rule as a single run
+(``prob255 > probmaps.threshold_level(t)``)::
+
+    prob255(image) = sum_m w_m * to_original(mean over run m's folds of its maps, geometry of run m)
+
+Each listed file is loaded as a config of its own, with the invoking config's ``data`` section
+(the same raw data, cache and submissions folder); its ``predict`` section says which folds,
+TTA and precision its maps use. Weights (``submit.weights``, "" = chosen here) and the threshold
+(``submit.threshold`` < 0 = chosen here) are chosen on the runs' *common* out-of-fold images: a
+grid over the weight simplex (step 1/``WEIGHT_STEPS``) x thresholds 0.30..0.70, maximising the
+mean per-image Dice at the original size, exactly as submit would threshold. The choice is
+cached under ``<cache>/ensemble/<key>/choice.json`` (key: the runs' train keys and folds, the
+fixed weights/threshold if any, the image cap and CODE_VERSION), so a rerun reads it back.
+
+Torch-free: this module reads maps and masks only (the predict stage is called by submit).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import cache, probmaps
+from .config import Config, ConfigError, PipelineError, load, stable_hash
+
+CODE_VERSION = "ensemble-1"
+STAGE = "ensemble"
+WEIGHT_STEPS = 10                                  # weights on a 0.1 grid over the simplex
+THRESHOLDS = np.round(np.arange(0.30, 0.7001, 0.01), 2)
+
+
+@dataclasses.dataclass
+class Run:
+    """One member of the ensemble: a config file and what it resolves to."""
+    config_file: str
+    cfg: Config
+    train_dir: Path = None                          # <cache>/train/<train key>
+    folds: list[int] = dataclasses.field(default_factory=list)
+    prepared: Path = None                           # its prepare artifact
+
+
+def run_files(spec: str) -> list[str]:
+    """``submit.runs`` -> the config files, each checked to exist (ConfigError names the key)."""
+    files = [f.strip() for f in spec.split(",") if f.strip()]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise ConfigError(f"submit.runs: config file(s) not found: {', '.join(missing)}")
+    if len(set(files)) != len(files):
+        raise ConfigError(f"submit.runs='{spec}': a config is listed twice")
+    return files
+
+
+def load_runs(cfg: Config) -> list[Run]:
+    """The members' configs: each file, with the invoking config's data section (same data, cache
+    and submissions) and its run-only predict keys (device, workers, batch size)."""
+    shared = {f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}
+    for k in ("device", "num_workers", "batch_size", "max_forward"):
+        shared[f"predict.{k}"] = getattr(cfg.predict, k)
+    return [Run(f, load(f, shared)) for f in run_files(cfg.submit.runs)]
+
+
+def parse_weights(spec: str, n: int) -> np.ndarray | None:
+    """``submit.weights``: "" -> None (choose on OOF); "0.7,0.3" -> normalised to sum 1."""
+    if not spec.strip():
+        return None
+    try:
+        w = np.array([float(v) for v in spec.split(",")], np.float64)
+    except ValueError:
+        raise ConfigError(f"submit.weights='{spec}': expected a comma list of numbers") from None
+    if len(w) != n or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"submit.weights='{spec}': need {n} non-negative weights (one per submit.runs entry) "
+                          "with a positive sum")
+    return w / w.sum()
+
+
+def weight_grid(n: int, steps: int = WEIGHT_STEPS) -> np.ndarray:
+    """(G, n) every weight vector on the simplex with entries k/steps; the vertices (one run
+    alone) are included, so the search can never do worse on OOF than the best single run."""
+    rows = [c for c in itertools.product(range(steps + 1), repeat=n) if sum(c) == steps]
+    return np.array(rows, np.float64) / steps
+
+
+def weighted_map(maps: list[np.ndarray], weights) -> np.ndarray:
+    """maps: one (H, W) float32 0..255 map per run, at the original size; -> their weighted sum
+    (float32). A single run with weight 1 gives its map unchanged (bit for bit)."""
+    out = None
+    for m, w in zip(maps, weights):
+        if w == 0:
+            continue
+        term = m if w == 1 else m * np.float32(w)
+        out = term.copy() if out is None else out + term
+    return out if out is not None else np.zeros_like(maps[0])
+
+
+def oof_ids(run: Run) -> dict[str, Path]:
+    """id -> the run's OOF map (``<fold dir>/oof/<id>.png``) over its folds that have finished."""
+    out: dict[str, Path] = {}
+    for k in run.folds:
+        d = run.train_dir / f"fold{k}"
+        if not cache.is_complete(d):
+            raise PipelineError(f"{run.config_file}: fold {k} is not trained ({d} has no manifest; "
+                                f"run `make train CONFIG={run.config_file} FOLD={k}`)")
+        out.update({p.stem: p for p in sorted((d / "oof").glob("*.png"))})
+    return out
+
+
+def _geom_rows(run: Run) -> pd.DataFrame:
+    df = pd.read_csv(run.prepared / "train_index.csv", dtype={"id": str})
+    return df.set_index("id")
+
+
+def _original_map(path: Path, row) -> np.ndarray:
+    prob = probmaps.read_prob(path).astype(np.float32)
+    geom = probmaps.row_geometry(row, *prob.shape[:2])
+    return probmaps.to_original(prob, (int(row["orig_height"]), int(row["orig_width"])), geom)
+
+
+def search(runs: list[Run], weights: np.ndarray | None, threshold: float, max_images: int, seed: int = 0) -> dict:
+    """Choose weights and/or threshold on the runs' common OOF images (see the module docstring).
+
+    Returns {weights, threshold, oof_dice (at the choice), images, solo (each run alone at its
+    own best threshold), grid_size}.
+    """
+    from .train import hist_dice, prob_hist
+    from .data import read_mask
+    maps = [oof_ids(r) for r in runs]
+    common = sorted(set.intersection(*(set(m) for m in maps)))
+    if not common:
+        raise PipelineError("submit.runs: the runs share no out-of-fold image (train the same folds, e.g. "
+                            "fold 0, for every run)")
+    if max_images and len(common) > max_images:
+        common = sorted(np.random.default_rng(seed).choice(common, max_images, replace=False).tolist())
+    grid = weight_grid(len(runs)) if weights is None else weights[None, :]
+    thresholds = THRESHOLDS if threshold < 0 else np.array([threshold])
+    rows = [_geom_rows(r) for r in runs]
+    dice_sum = np.zeros((len(grid), len(thresholds)))
+    for image_id in common:
+        per_run = [_original_map(m[image_id], g.loc[image_id]) for m, g in zip(maps, rows)]
+        true = read_mask(str(runs[0].prepared / rows[0].loc[image_id, "mask_full"]))
+        for gi, w in enumerate(grid):
+            pos, all_ = prob_hist(weighted_map(per_run, w), true)
+            dice_sum[gi] += hist_dice(pos, all_, thresholds)[0]
+    mean = dice_sum / len(common)
+    gi, ti = np.unravel_index(int(np.argmax(mean)), mean.shape)
+    solo = {}
+    for j, r in enumerate(runs):
+        hit = [i for i, w in enumerate(grid) if w[j] == 1]
+        if hit:
+            solo[r.config_file] = {"oof_dice": float(mean[hit[0]].max()),
+                                   "threshold": float(thresholds[int(np.argmax(mean[hit[0]]))])}
+    return {"weights": [float(v) for v in grid[gi]], "threshold": float(thresholds[ti]),
+            "oof_dice": float(mean[gi, ti]), "images": len(common), "solo": solo, "grid_size": int(len(grid))}
+
+
+def choose(cfg: Config, runs: list[Run], max_images: int) -> dict:
+    """:func:`search`, cached by the runs' train keys and folds (and the fixed parts of the choice)."""
+    fixed_w = parse_weights(cfg.submit.weights, len(runs))
+    key = stable_hash({"runs": [(r.train_dir.name, r.folds) for r in runs],
+                       "weights": None if fixed_w is None else fixed_w.tolist(),
+                       "threshold": cfg.submit.threshold if cfg.submit.threshold >= 0 else None,
+                       "max_images": max_images, "code": CODE_VERSION})
+    out = cache.stage_dir(cfg.data.cache, STAGE, key) / "choice.json"
+    if out.is_file():
+        return {**cache.read_json(out), "cached": str(out)}
+    if fixed_w is not None and cfg.submit.threshold >= 0:
+        choice = {"weights": fixed_w.tolist(), "threshold": float(cfg.submit.threshold), "oof_dice": None,
+                  "images": 0, "solo": {}, "grid_size": 0}
+    else:
+        choice = search(runs, fixed_w, cfg.submit.threshold, max_images)
+    choice["runs"] = [r.config_file for r in runs]
+    cache.write_json(out, choice)
+    return {**choice, "cached": None, "path": str(out)}
