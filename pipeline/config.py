@@ -124,6 +124,9 @@ class SubmitConfig:
     gzip: bool = False
     workers: int = -1
     images_per_task: int = 32        # images per joblib task; bounds memory, keeps CSV order
+    runs: str = ""                   # "a.yaml,b.yaml": average these configs' trained runs (pipeline/ensemble.py)
+    weights: str = ""                # with runs: "0.6,0.4"; "" = chosen on the runs' common OOF images
+    ensemble_images: int = 400       # OOF images the weight/threshold search reads (0 = all in common)
 
 
 @dataclass
@@ -301,6 +304,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"predict.batch_size={cfg.predict.batch_size}: must be >= 1")
     check_max_forward(cfg.predict.max_forward)
     check_choice("predict.precision", cfg.predict.precision, PRECISIONS)
+    if cfg.submit.weights.strip() and not cfg.submit.runs.strip():
+        raise ConfigError("submit.weights: set submit.runs too (the weights are one per listed run)")
+    if cfg.submit.ensemble_images < 0:
+        raise ConfigError(f"submit.ensemble_images={cfg.submit.ensemble_images}: must be >= 0 (0 = all)")
 
 
 def parse_progressive(spec: str, epochs: int, full_hw: tuple[int, int]) -> list[tuple[int, int]]:

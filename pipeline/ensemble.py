@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from . import cache, probmaps
+from .geometry import row_geometry, to_original
 from .config import Config, ConfigError, PipelineError, load, stable_hash
 
 CODE_VERSION = "ensemble-1"
@@ -118,8 +119,8 @@ def _geom_rows(run: Run) -> pd.DataFrame:
 
 def _original_map(path: Path, row) -> np.ndarray:
     prob = probmaps.read_prob(path).astype(np.float32)
-    geom = probmaps.row_geometry(row, *prob.shape[:2])
-    return probmaps.to_original(prob, (int(row["orig_height"]), int(row["orig_width"])), geom)
+    geom = row_geometry(row, *prob.shape[:2])
+    return to_original(prob, (int(row["orig_height"]), int(row["orig_width"])), geom)
 
 
 def search(runs: list[Run], weights: np.ndarray | None, threshold: float, max_images: int, seed: int = 0) -> dict:
@@ -128,8 +129,7 @@ def search(runs: list[Run], weights: np.ndarray | None, threshold: float, max_im
     Returns {weights, threshold, oof_dice (at the choice), images, solo (each run alone at its
     own best threshold), grid_size}.
     """
-    from .train import hist_dice, prob_hist
-    from .data import read_mask
+    from .data import read_mask     # torch: here only, never in submit's workers (they import this module)
     maps = [oof_ids(r) for r in runs]
     common = sorted(set.intersection(*(set(m) for m in maps)))
     if not common:
@@ -145,8 +145,8 @@ def search(runs: list[Run], weights: np.ndarray | None, threshold: float, max_im
         per_run = [_original_map(m[image_id], g.loc[image_id]) for m, g in zip(maps, rows)]
         true = read_mask(str(runs[0].prepared / rows[0].loc[image_id, "mask_full"]))
         for gi, w in enumerate(grid):
-            pos, all_ = prob_hist(weighted_map(per_run, w), true)
-            dice_sum[gi] += hist_dice(pos, all_, thresholds)[0]
+            pos, all_ = probmaps.prob_hist(weighted_map(per_run, w), true)
+            dice_sum[gi] += probmaps.hist_dice(pos, all_, thresholds)[0]
     mean = dice_sum / len(common)
     gi, ti = np.unravel_index(int(np.argmax(mean)), mean.shape)
     solo = {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from joblib import Parallel, delayed
 
 from . import cache, probmaps, rle
 from .config import Config, PipelineError, stable_hash
+from .ensemble import weighted_map
 from .geometry import GEOM_COLS, to_original
 from .probmaps import DEFAULT_THRESHOLD
 from .validate import read_ids, sizes_from, validate_submission
@@ -49,26 +51,51 @@ from .validate import read_ids, sizes_from, validate_submission
 CODE_VERSION = "submit-1"   # bump when the CSV changes for the same inputs
 
 
-def ensemble_mask(fold_dirs: list[str], image_id: str, size: tuple[int, int], threshold: float,
-                  geom: dict | None = None) -> np.ndarray:
-    """(H, W) bool: mean over folds of the stored probabilities, at the original size, > threshold.
+@dataclass
+class RunMaps:
+    """One trained run's test maps: its folds' predict directories, its weight in the ensemble,
+    and its test index (each image's geometry in that run's model input; None = the
+    submission's own index). A single-run submission is one RunMaps of weight 1."""
+    fold_dirs: list[str]
+    weight: float = 1.0
+    index: pd.DataFrame | None = None
 
-    geom: the image's prepare geometry (None = stretch).
-    """
+
+def run_map(fold_dirs: list[str], image_id: str, size: tuple[int, int], geom: dict | None) -> np.ndarray:
+    """(H, W) float32 0..255: one run's fold mean of the stored maps, at the original size."""
     acc = None
     for d in fold_dirs:
         p = probmaps.read_prob(probmaps.prob_path(d, image_id))
         acc = p.astype(np.float32) if acc is None else acc + p
     # Resize the uint8-scale mean and compare with the threshold in that scale: one float pass less.
-    prob = to_original(acc * (1.0 / len(fold_dirs)), size, geom)
+    return to_original(acc * (1.0 / len(fold_dirs)), size, geom)
+
+
+def runs_mask(runs: list[tuple[list[str], float]], image_id: str, size: tuple[int, int], threshold: float,
+              geoms: list[dict | None]) -> np.ndarray:
+    """(H, W) bool: the weighted sum over runs of :func:`run_map` > threshold. runs: (fold dirs,
+    weight) per run; geoms: the image's geometry in each run (None = stretch). One run of weight 1
+    is exactly its own map (ensemble.weighted_map), so this is the single-run path too."""
+    maps = [run_map(dirs, image_id, size, g) for (dirs, _), g in zip(runs, geoms)]
+    prob = weighted_map(maps, [w for _, w in runs])
     # The same rule as the OOF histograms that chose the threshold (probmaps.prob_hist).
     return probmaps.binarize(prob, threshold)
 
 
-def encode_chunk(fold_dirs: list[str], ids: list[str], sizes: list[tuple[int, int]], threshold: float,
-                 geoms: list[dict | None]) -> list[str]:
-    """One joblib task: RLE strings for a chunk of images (in the given order)."""
-    return [rle.encode(ensemble_mask(fold_dirs, i, s, threshold, g)) for i, s, g in zip(ids, sizes, geoms)]
+def ensemble_mask(fold_dirs: list[str], image_id: str, size: tuple[int, int], threshold: float,
+                  geom: dict | None = None) -> np.ndarray:
+    """(H, W) bool for one run: mean over its folds, at the original size, > threshold.
+
+    geom: the image's prepare geometry (None = stretch).
+    """
+    return runs_mask([(fold_dirs, 1.0)], image_id, size, threshold, [geom])
+
+
+def encode_chunk(runs: list[tuple[list[str], float]], ids: list[str], sizes: list[tuple[int, int]],
+                 threshold: float, geoms: list[list[dict | None]]) -> list[str]:
+    """One joblib task: RLE strings for a chunk of images (in the given order); geoms: per image,
+    its geometry in each run."""
+    return [rle.encode(runs_mask(runs, i, s, threshold, g)) for i, s, g in zip(ids, sizes, geoms)]
 
 
 def other_precisions(fold_dir: Path, ids: pd.Series) -> list[str]:
@@ -112,12 +139,21 @@ def missing_report(fold_dir: Path, ids: pd.Series) -> str | None:
     return msg
 
 
+def _geoms(index: pd.DataFrame) -> list[dict | None]:
+    """Each row's geometry (GEOM_COLS), or None (stretch) for an index without them."""
+    if not all(c in index.columns for c in GEOM_COLS):
+        return [None] * len(index)
+    return [{c: int(r[c]) for c in GEOM_COLS} for r in index[GEOM_COLS].to_dict("records")]
+
+
 def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path: str | Path, threshold: float,
-                     sample_ids: list[str], *, workers: int = -1, images_per_task: int = 32) -> dict:
+                     sample_ids: list[str], *, workers: int = -1, images_per_task: int = 32,
+                     runs: list[RunMaps] | None = None) -> dict:
     """Stream the CSV (gzip when out_path ends in .gz), validate it, then rename it into place.
 
     index: test index rows (img, id, orig_height, orig_width) in sample order.
-    Returns {"rows": n, "seconds": s}.
+    fold_dirs: one run's predict directories; or ``runs``: several runs, weighted (fold_dirs
+    then unused). Returns {"rows": n, "seconds": s}.
     """
     t0 = time.time()
     out_path = Path(out_path)
@@ -129,22 +165,26 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
         raise PipelineError(f"test index ids do not match sample_submission.csv ({len(index)} vs "
                             f"{len(sample_ids)} rows, first difference at row {diff + 1}: {ours} vs {theirs}); "
                             "a test image missing or unreadable? see prepare_report.json, then `make prepare`")
-    fold_dirs = [str(d) for d in fold_dirs]
-    problems = [m for m in (missing_report(Path(d), index["id"]) for d in fold_dirs) if m]
+    runs = runs or [RunMaps([str(d) for d in fold_dirs])]
+    problems = [m for r in runs for m in (missing_report(Path(d), index["id"]) for d in r.fold_dirs) if m]
     if problems:
         raise PipelineError("; ".join(problems))
-    has_geom = all(c in index.columns for c in GEOM_COLS)
+    for r in runs:
+        if r.index is not None and list(r.index["id"]) != list(index["id"]):
+            raise PipelineError("submit.runs: the runs' test indexes list different images (prepare each "
+                                "run's config on the same data.raw)")
+    specs = [([str(d) for d in r.fold_dirs], float(r.weight)) for r in runs]
+    indexes = [index if r.index is None else r.index for r in runs]
     step = max(1, images_per_task)
 
     def chunk_args(a: int) -> tuple:
         # Built lazily per chunk: only the few chunks in flight exist at any time.
         part = index.iloc[a:a + step]
         sizes = list(zip(part["orig_height"].astype(int), part["orig_width"].astype(int)))
-        geoms = ([{c: int(r[c]) for c in GEOM_COLS} for r in part[GEOM_COLS].to_dict("records")]
-                 if has_geom else [None] * len(part))
+        geoms = [list(g) for g in zip(*(_geoms(ix.iloc[a:a + step]) for ix in indexes))]
         return part["id"].tolist(), sizes, geoms
 
-    jobs = (delayed(encode_chunk)(fold_dirs, ids, sizes, threshold, geoms)
+    jobs = (delayed(encode_chunk)(specs, ids, sizes, threshold, geoms)
             for ids, sizes, geoms in map(chunk_args, range(0, len(index), step)))
     imgs = index["img"].tolist()
     gz = out_path.name.endswith(".gz")
@@ -195,51 +235,101 @@ def sidecar_path(out_path: Path) -> Path:
     return out_path.with_name(name + ".json")
 
 
-def run(cfg: Config) -> Path:
+@dataclass
+class Resolved:
+    """What the CSV is written from, and what its key and sidecar record."""
+    index: pd.DataFrame            # the submission's test index, in sample order
+    test_index: Path
+    runs: list[RunMaps]
+    thr: dict                      # threshold and its provenance (threshold_info / the ensemble choice)
+    key: dict                      # what the CSV depends on besides test index, sample, gzip and code
+    sidecar: dict                  # models, folds, TTA, precision (and the ensemble's runs)
+
+
+def _maps_of(cfg: Config) -> dict:
+    """One config's trained folds and where predict wrote their maps (precision resolved as predict
+    resolves it, 'auto' by device type, without needing that device here)."""
     from . import predict  # imports torch: only here, never in the workers
     from .precision import resolve_precision
     p = predict.plan(cfg)
-    index = predict.read_test_index(p.test_index)
+    hashes = [predict.checkpoint_hash(c) for c in p.checkpoints]
+    precision = resolve_precision(cfg.predict.precision, cfg.predict.device, "predict.precision")
+    dirs = [predict.fold_cache_dir(cfg.data.cache, h, p.ttas, precision) for h in hashes]
+    models = []
+    for k, c, h, d in zip(p.folds, p.checkpoints, hashes, dirs):
+        meta = cache.read_json(d / "meta.json") if (d / "meta.json").is_file() else {}
+        models.append({"fold": k, "checkpoint": str(c), "checkpoint_sha256_16": h, "predictions": str(d),
+                       **{key: meta.get(key) for key in ("arch", "encoder", "height", "width", "precision")}})
+    return {"plan": p, "hashes": hashes, "precision": precision, "dirs": dirs, "models": models,
+            "tta": [t.name for t in p.ttas], "index": predict.read_test_index(p.test_index)}
+
+
+def _single(cfg: Config) -> Resolved:
+    m = _maps_of(cfg)
+    thr = threshold_info(cfg)
+    key = {"checkpoints": m["hashes"], "tta": m["tta"], "precision": m["precision"], "threshold": thr["threshold"]}
+    return Resolved(m["index"], m["plan"].test_index, [RunMaps([str(d) for d in m["dirs"]])], thr, key,
+                    {"precision": m["precision"], "folds": m["plan"].folds, "tta": m["tta"], "models": m["models"]})
+
+
+def _ensemble(cfg: Config) -> Resolved:
+    """submit.runs: predict what each run lacks (cached maps are reused), choose weights and
+    threshold on the runs' common OOF images (ensemble.choose), weight their maps."""
+    from . import prepare, predict, train
+    from .ensemble import choose, load_runs
+    members, maps = load_runs(cfg), []
+    for r in members:
+        try:
+            predict.run(r.cfg)
+            m = _maps_of(r.cfg)
+            r.prepared = prepare.locate(r.cfg, None)
+        except PipelineError as e:     # say which run: its config file is what the user fixes
+            raise PipelineError(f"submit.runs: {r.config_file}: {e}") from None
+        r.train_dir, r.folds = train.run_dir(r.cfg, r.prepared), m["plan"].folds
+        maps.append(m)
+    choice = choose(cfg, members, cfg.submit.ensemble_images)
+    fixed = cfg.submit.threshold >= 0
+    thr = {"threshold": choice["threshold"],
+           "threshold_source": "config submit.threshold" if fixed else f"ensemble OOF search {choice.get('path') or choice.get('cached')}"}
+    runs = [RunMaps([str(d) for d in m["dirs"]], w, m["index"]) for m, w in zip(maps, choice["weights"])]
+    key = {"runs": [{"checkpoints": m["hashes"], "tta": m["tta"], "precision": m["precision"], "weight": w,
+                     "test_index": cache.file_fingerprint(m["plan"].test_index)}
+                    for m, w in zip(maps, choice["weights"])], "threshold": thr["threshold"]}
+    side = {"runs": [{"config": r.config_file, "weight": w, "train_dir": str(r.train_dir), "folds": r.folds,
+                      "tta": m["tta"], "precision": m["precision"], "models": m["models"]}
+                     for r, m, w in zip(members, maps, choice["weights"])],
+            "ensemble": {k: choice[k] for k in ("weights", "oof_dice", "images", "solo", "grid_size")}}
+    return Resolved(maps[0]["index"], maps[0]["plan"].test_index, runs, thr, key, side)
+
+
+def run(cfg: Config) -> Path:
+    r = _ensemble(cfg) if cfg.submit.runs.strip() else _single(cfg)
     sample = Path(cfg.data.raw) / "sample_submission.csv"
     sample_ids = read_ids(sample)
-    thr = threshold_info(cfg)
-    threshold, source = thr["threshold"], thr["threshold_source"]
-    if thr.get("oof_complete") is False:
+    threshold, source = r.thr["threshold"], r.thr["threshold_source"]
+    if r.thr.get("oof_complete") is False:
         print(f"submit: warning: threshold {threshold} from an incomplete OOF summary "
-              f"(folds missing {thr.get('oof_folds_missing')}): {source}")
-    hashes = [predict.checkpoint_hash(c) for c in p.checkpoints]
-    # Where predict wrote these checkpoints' maps: resolved as predict resolves it ('auto' by
-    # device type), without needing that device here.
-    precision = resolve_precision(cfg.predict.precision, cfg.predict.device, "predict.precision")
-    fold_dirs = [predict.fold_cache_dir(cfg.data.cache, h, p.ttas, precision) for h in hashes]
+              f"(folds missing {r.thr.get('oof_folds_missing')}): {source}")
     out = Path(cfg.data.submissions) / (cfg.submit.name + (".csv.gz" if cfg.submit.gzip else ".csv"))
-    key = stable_hash({"checkpoints": hashes, "tta": [t.name for t in p.ttas], "precision": precision,
-                       "threshold": threshold,
-                       "test_index": cache.file_fingerprint(p.test_index), "sample": cache.file_fingerprint(sample),
-                       "gzip": cfg.submit.gzip, "code": CODE_VERSION})
+    key = stable_hash({**r.key, "test_index": cache.file_fingerprint(r.test_index),
+                       "sample": cache.file_fingerprint(sample), "gzip": cfg.submit.gzip, "code": CODE_VERSION})
     side = sidecar_path(out)
     if out.is_file() and side.is_file():
         old = cache.read_json(side)
         if old.get("submit_key") == key and old.get("submission_fingerprint") == cache.file_fingerprint(out):
             # The CSV stands; the sidecar's account of the threshold may not (an OOF summary rewritten
             # with more folds and the same best threshold): bring it up to date, nothing else.
-            if any(old.get(k) != v for k, v in thr.items()):
-                cache.write_json(side, {**{k: v for k, v in old.items() if not k.startswith("oof_")}, **thr})
+            if any(old.get(k) != v for k, v in r.thr.items()):
+                cache.write_json(side, {**{k: v for k, v in old.items() if not k.startswith("oof_")}, **r.thr})
                 print(f"submit: sidecar {side} updated (threshold source)")
             print(f"submit: cached, nothing to do ({old.get('rows')} rows, threshold {threshold}) -> {out}")
             return out
-    stats = write_submission(index, fold_dirs, out, threshold, sample_ids, workers=cfg.submit.workers,
-                             images_per_task=cfg.submit.images_per_task)
-    models = []
-    for k, c, h, d in zip(p.folds, p.checkpoints, hashes, fold_dirs):
-        meta = cache.read_json(d / "meta.json") if (d / "meta.json").is_file() else {}
-        models.append({"fold": k, "checkpoint": str(c), "checkpoint_sha256_16": h, "predictions": str(d),
-                       **{key: meta.get(key) for key in ("arch", "encoder", "height", "width", "precision")}})
+    stats = write_submission(r.index, [], out, threshold, sample_ids, workers=cfg.submit.workers,
+                             images_per_task=cfg.submit.images_per_task, runs=r.runs)
     cache.write_json(side, {
         "submission": str(out), "submit_key": key, "submission_fingerprint": cache.file_fingerprint(out),
-        "rows": stats["rows"], **thr, "precision": precision,
-        "folds": p.folds, "tta": [t.name for t in p.ttas], "models": models,
-        "test_index": str(p.test_index), "sample_submission": str(sample),
+        "rows": stats["rows"], **r.thr, **r.sidecar,
+        "test_index": str(r.test_index), "sample_submission": str(sample),
         "config_hash": stable_hash(cfg.to_dict()), "config": cfg.to_dict(),
         "seconds": stats["seconds"], "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     print(json.dumps({"submission": str(out), "rows": stats["rows"], "threshold": threshold,
