@@ -1,0 +1,97 @@
+"""Does ``train.compile`` (torch.compile, inductor) pay within a training budget?
+
+Times the pipeline's own training step (``loop.train_one_epoch`` on synthetic batches: the
+resolved precision, channels_last, BCE + Dice, AdamW) for the fast recipe's model, eager and
+compiled: the compile time (first epoch minus a steady one) and the steady step time. Writes
+``benchmarks/results/compile.json``; ``break_even_steps`` = compile seconds / seconds saved
+per step (inf when compiling is not faster).
+
+    python benchmarks/bench_compile.py                    # Unet/Lite0 at 256, batch 8
+    python benchmarks/bench_compile.py --size 512 --decoder 128,64,32,16,16
+    python benchmarks/bench_compile.py --quick            # tiny model, seconds (make bench --quick)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from _common import write_result  # noqa: E402
+from pipeline import loop  # noqa: E402
+from pipeline.distributed import Dist  # noqa: E402
+from pipeline.losses import BceDiceLoss  # noqa: E402
+from pipeline.models import build_model, model_kwargs  # noqa: E402
+from pipeline.precision import autocast_factory, resolve_precision  # noqa: E402
+
+
+def batches(n: int, bs: int, size: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        img = torch.randint(0, 256, (bs, size, size, 3), dtype=torch.uint8, generator=g)
+        mask = (torch.rand(bs, size, size, generator=g) > 0.5).to(torch.uint8)
+        out.append((img, mask, torch.arange(bs)))
+    return out
+
+
+def time_epochs(compiled: bool, args, data) -> list[float]:
+    torch.manual_seed(0)
+    model = build_model("Unet", args.encoder, "none", **model_kwargs(args.depth, args.decoder))
+    model = model.to(memory_format=torch.channels_last)
+    device = torch.device("cpu")
+    precision = resolve_precision("auto", device)
+    net = torch.compile(model) if compiled else model
+    opt = loop.build_optimizer(model, 1e-3, 1e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    guard = loop.NonFiniteGuard(10, Dist(), device)
+    times = []
+    for epoch in range(args.epochs):
+        t0 = time.perf_counter()
+        loop.train_one_epoch(net, data, BceDiceLoss(), opt, None, scaler, autocast=autocast_factory(device, precision),
+                             device=device, guard=guard, epoch=epoch)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="steps per timed epoch")
+    ap.add_argument("--epochs", type=int, default=3, help="the first includes compiling")
+    ap.add_argument("--encoder", default="tu-tf_efficientnet_lite0")
+    ap.add_argument("--decoder", default="")
+    ap.add_argument("--depth", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.batch, args.steps, args.epochs = 64, 2, 3, 2
+        args.encoder, args.depth, args.decoder = "tu-resnet18", 3, "32,16,8"
+    data = batches(args.steps, args.batch, args.size)
+    res = {"size": args.size, "batch": args.batch, "steps": args.steps, "encoder": args.encoder,
+           "decoder": args.decoder or "default", "precision": resolve_precision("auto", torch.device("cpu")),
+           "threads": torch.get_num_threads()}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        t = time_epochs(compiled, args, data)
+        res[name] = {"epoch_seconds": [round(v, 2) for v in t], "step_s": min(t[1:]) / args.steps}
+        print(f"{name:9s} epochs {[round(v, 1) for v in t]} s  -> {res[name]['step_s']:.3f} s/step", flush=True)
+    saved = res["eager"]["step_s"] - res["compiled"]["step_s"]
+    compile_s = res["compiled"]["epoch_seconds"][0] - res["compiled"]["step_s"] * args.steps
+    res["compile_seconds"] = round(compile_s, 1)
+    res["speedup"] = round(res["eager"]["step_s"] / res["compiled"]["step_s"], 3)
+    res["break_even_steps"] = round(compile_s / saved, 1) if saved > 0 else float("inf")
+    print(f"compile {compile_s:.0f} s, speedup x{res['speedup']}, break-even after {res['break_even_steps']} steps")
+    write_result("compile", res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
