@@ -184,6 +184,14 @@ def resize_batch(x: torch.Tensor, y: torch.Tensor, hw: tuple[int, int]) -> tuple
     return x.contiguous(memory_format=torch.channels_last), y
 
 
+def _inputs(batch, device: torch.device, channels_last: bool, stats: tuple, size) -> tuple:
+    """A loader batch -> (x, y) on ``device``, resized to ``size`` when given (progressive resizing)."""
+    x, y = to_device(batch[0], batch[1], device, channels_last, stats)
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x, y = resize_batch(x, y, size)
+    return x, y
+
+
 def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, scheduler, scaler, *,
                     autocast, device: torch.device, accum_steps: int = 1, grad_clip: float = 0.0,
                     channels_last: bool = True, guard: NonFiniteGuard, max_steps: int = 0,
@@ -220,9 +228,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
         group = accum_steps if i < full else n - full
         images += batch[0].shape[0]
         if not group_bad:   # a group with a non-finite loss is dropped whole: no more work on it
-            x, y = to_device(batch[0], batch[1], device, channels_last, stats)
-            if size is not None and tuple(x.shape[-2:]) != tuple(size):
-                x, y = resize_batch(x, y, size)
+            x, y = _inputs(batch, device, channels_last, stats, size)
             # Micro-batches before the update only accumulate locally; DDP all-reduces on the last.
             sync = model.no_sync() if ddp and not need_update else contextlib.nullcontext()
             with sync:

@@ -146,6 +146,18 @@ def _geoms(index: pd.DataFrame) -> list[dict | None]:
     return [{c: int(r[c]) for c in GEOM_COLS} for r in index[GEOM_COLS].to_dict("records")]
 
 
+def _check_sample_order(index: pd.DataFrame, sample_ids: list[str]) -> None:
+    """PipelineError naming the first difference unless the index lists the sample's images in order."""
+    if list(index["img"]) != list(sample_ids):
+        diff = next((k for k, (a, b) in enumerate(zip(index["img"], sample_ids)) if a != b),
+                    min(len(index), len(sample_ids)))
+        ours = index["img"].iloc[diff] if diff < len(index) else "(end)"
+        theirs = sample_ids[diff] if diff < len(sample_ids) else "(end)"
+        raise PipelineError(f"test index ids do not match sample_submission.csv ({len(index)} vs "
+                            f"{len(sample_ids)} rows, first difference at row {diff + 1}: {ours} vs {theirs}); "
+                            "a test image missing or unreadable? see prepare_report.json, then `make prepare`")
+
+
 def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path: str | Path, threshold: float,
                      sample_ids: list[str], *, workers: int = -1, images_per_task: int = 32,
                      runs: list[RunMaps] | None = None) -> dict:
@@ -157,14 +169,7 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
     """
     t0 = time.time()
     out_path = Path(out_path)
-    if list(index["img"]) != list(sample_ids):
-        diff = next((k for k, (a, b) in enumerate(zip(index["img"], sample_ids)) if a != b),
-                    min(len(index), len(sample_ids)))
-        ours = index["img"].iloc[diff] if diff < len(index) else "(end)"
-        theirs = sample_ids[diff] if diff < len(sample_ids) else "(end)"
-        raise PipelineError(f"test index ids do not match sample_submission.csv ({len(index)} vs "
-                            f"{len(sample_ids)} rows, first difference at row {diff + 1}: {ours} vs {theirs}); "
-                            "a test image missing or unreadable? see prepare_report.json, then `make prepare`")
+    _check_sample_order(index, sample_ids)
     runs = runs or [RunMaps([str(d) for d in fold_dirs])]
     problems = [m for r in runs for m in (missing_report(Path(d), index["id"]) for d in r.fold_dirs) if m]
     if problems:
