@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from . import cache, probmaps
+from . import tboard  # issue 11: TensorBoard events
 from . import precision as precision_mod
 from .config import Config, ConfigError, PipelineError, stable_hash
 from .data import (SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image, read_mask,
@@ -742,6 +743,7 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
                 f"({n_img} images/epoch) -> {out}")
 
     curve_title = f"fold {k} {t.arch}/{t.encoder} [{key}]"
+    board = tboard.open_fold(cfg, out, d.main, start)  # issue 11: TensorBoard events (rank 0)
     if start >= t.epochs and d.main and history:
         # Nothing left to train (killed during OOF): the logs again from last.pt's history, in case
         # an older run was killed between last.pt and them.
@@ -787,12 +789,15 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
                             "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch, "best_score": best,
                             "history": history, "nonfinite_total": guard.total}, tmp)
+        board.epoch(row, model, val_ds, autocast=autocast, device=device, channels_last=t.channels_last,
+                    stats=stats)  # issue 11: scalars every epoch, overlays every few
         _barrier(d)
         _log(d, f"fold {k} epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  "
                 f"val loss {row['val_loss']:.4f}  val Dice {row['val_dice']:.4f}{' *' if row['best'] else ''}  "
                 f"{row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s"
                 + (f"  non-finite {row['nonfinite']}" if row["nonfinite"] else ""))
 
+    board.close()  # issue 11
     # Out-of-fold: the best checkpoint on this fold's validation images.
     if not best_path.is_file():
         raise PipelineError(f"fold {k}: {best_path} missing after training (no epoch was scored)")
