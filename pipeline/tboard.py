@@ -38,7 +38,8 @@ class FoldBoard:
                  purge_step: int | None = None):
         self.writer = None
         self.overlay_every, self.overlay_images = max(0, overlay_every), max(0, overlay_images)
-        self.seconds = 0.0
+        self.seconds = 0.0                       # all time spent here
+        self.timing = {"open": 0.0, "scalars": 0.0, "overlays": 0.0, "n_overlays": 0}
         if log_dir is None:
             return
         t0 = time.perf_counter()
@@ -49,7 +50,8 @@ class FoldBoard:
                   file=sys.stderr)
             return
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
-        self.seconds += time.perf_counter() - t0
+        self.timing["open"] = time.perf_counter() - t0
+        self.seconds += self.timing["open"]
 
     @property
     def enabled(self) -> bool:
@@ -66,11 +68,16 @@ class FoldBoard:
                          ("nonfinite", "nonfinite")):
             if key in row:
                 self.writer.add_scalar(tag, float(row[key]), step)
+        self.writer.flush()     # visible in TensorBoard now, not after the writer's 120 s timer
+        t1 = time.perf_counter()
+        self.timing["scalars"] += t1 - t0
         if (model is not None and val_ds is not None and self.overlay_every and self.overlay_images
                 and step % self.overlay_every == 0):
             strip = overlay_strip(model, val_ds, self.overlay_images, **predict_kw)
             self.writer.add_image("val/overlays", strip, step, dataformats="HWC")
-        self.writer.flush()     # visible in TensorBoard now, not after the writer's 120 s timer
+            self.writer.flush()
+            self.timing["overlays"] += time.perf_counter() - t1
+            self.timing["n_overlays"] += 1
         self.seconds += time.perf_counter() - t0
 
     def close(self) -> None:
