@@ -29,6 +29,7 @@ import numpy as np
 from . import overlay
 
 SUBDIR = "tb"
+MIN_TILE_H = 160
 
 
 class FoldBoard:
@@ -100,8 +101,8 @@ def overlay_strip(model, val_ds, n: int, *, autocast, device, channels_last: boo
     """(h, n * w, 3) uint8: ``n`` fixed validation images with true/predicted outlines and errors.
 
     val_ds items: (image (H, W, 3) uint8 tensor, mask (H, W) uint8 tensor, i). The images are
-    evenly spaced over the set (the same ones every epoch). Each tile is shown at model size
-    (or ``height`` pixels tall).
+    evenly spaced over the set (the same ones every epoch). Each tile is ``height`` pixels tall,
+    default the model size but at least MIN_TILE_H (a 64x96 tile would be unreadable).
     """
     import torch
     from .data import to_device
@@ -119,7 +120,7 @@ def overlay_strip(model, val_ds, n: int, *, autocast, device, channels_last: boo
     tiles = []
     for (img, mask, _), p in zip(items, pred):
         photo, true = img.numpy(), mask.numpy() > 0
-        h = height or photo.shape[0]
+        h = height or max(photo.shape[0], MIN_TILE_H)
         w = round(photo.shape[1] * h / photo.shape[0])
         tiles.append(overlay.render(photo, true, p, (h, w), thickness=1))
     return np.concatenate(tiles, 1)

@@ -41,8 +41,8 @@ def test_scalars_every_epoch_overlays_every_second(runs):
         np.testing.assert_allclose([e.value for e in ev], metrics[col], rtol=1e-5)
     images = acc.Images("val/overlays")
     assert [e.step for e in images] == [2]        # overlay_every=2 over 3 epochs
-    # 3 validation tiles of the 64x96 model size side by side
-    assert (images[0].height, images[0].width) == (64, 3 * 96)
+    # 3 validation tiles of the 64x96 model size side by side, enlarged to 160 pixels tall
+    assert (images[0].height, images[0].width) == (160, 3 * 240)
 
 
 def test_disabled_writes_nothing_and_training_is_the_same(runs):
@@ -69,7 +69,8 @@ def test_overlay_strip_marks_errors():
     mask[:, 24:] = 1                 # the car is the right half: everything is wrong
     ds = [(img, mask, 0)]
     import contextlib
-    strip = tboard.overlay_strip(Half(), ds, 4, autocast=contextlib.nullcontext, device=torch.device("cpu"))
+    strip = tboard.overlay_strip(Half(), ds, 4, autocast=contextlib.nullcontext, device=torch.device("cpu"),
+                                 height=32)
     assert strip.shape == (32, 48, 3)
     # missed (right half) tinted orange-ish: red > blue; extra (left half) tinted blue: blue > red
     right, left = strip[8:24, 32:44].reshape(-1, 3).mean(0), strip[8:24, 4:16].reshape(-1, 3).mean(0)
