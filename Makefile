@@ -1,6 +1,8 @@
-# Carvana pipeline. `make all` = venv + demo data (if none) + prepare train oof predict submit.
-# Overrides: CONFIG=configs/x.yaml, RAW=path/to/kaggle/data, FOLD=k, ARGS="key=value ...".
+# Carvana pipeline. `make` (or `make help`) lists the targets; `make all` = venv + demo data (if none)
+# + prepare train oof predict submit. Overrides: CONFIG=configs/x.yaml, RAW=path/to/kaggle/data, FOLD=k,
+# ARGS="key=value ...". Each target's `##` comment is what `make help` prints.
 SHELL := /bin/bash
+.DEFAULT_GOAL := help
 PY     := .venv/bin/python
 CONFIG ?= configs/default.yaml
 RAW    ?=
@@ -12,6 +14,13 @@ TEST_DIR ?= test
 ARGS   ?=
 NPROC  ?= 2
 BENCH  ?=
+CACHE  ?= data/cache
+MSG    ?=
+FILES  ?=
+HQ     ?=
+WORST  ?=
+PORT   ?= 6006
+CSV    ?=
 
 # Every stage sees the same config: the YAML, then RAW/FOLD/SHARD switches, then ARGS.
 # FOLD=k trains fold k and predicts with it alone (so `make all FOLD=0` is one fold end to end).
@@ -21,55 +30,95 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 # Not HF_HUB_OFFLINE: encoder_weights=imagenet downloads from the hub for users who are online.
 # Tests and benchmarks never need the hub and set it themselves.
 
-.PHONY: all venv demo-data prepare train train-ddp oof predict submit validate score test bench clean-cache
+.PHONY: help all venv demo-data prepare train train-ddp oof predict submit validate score test bench clean-cache \
+        inspect runs tensorboard download kaggle-submit config
 # The stages depend on each other's files: never run them side by side, even under `make -j`.
 .NOTPARALLEL:
 
+help: ## list the targets and their variables (this text)
+	@echo "Carvana pipeline: make <target> [VAR=value ...]   (details: README.md, python -m pipeline <stage> --help)"
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo
+	@echo "Variables:"
+	@echo "  CONFIG=F       experiment YAML (default configs/default.yaml; configs/carvana512.yaml, configs/kaggle.yaml)"
+	@echo "  RAW=DIR        Kaggle-layout data folder (data.raw; default data/raw, the demo set)"
+	@echo "  FOLD=k         train and predict fold k only      SHARD=i/N   predict part i of N"
+	@echo "  ARGS=\"k=v ..\"  any config key (python -m pipeline config --help lists them)"
+	@echo "  SUB=F MASKS=D  a submission and its true masks (validate, score, inspect, kaggle-submit)"
+	@echo "  TEST_DIR=NAME  test folder for validate (test_hq)  NPROC=n     processes for train-ddp"
+	@echo "  WORST=n        images in inspect's worst grids     MSG=\"...\"   kaggle-submit message"
+	@echo "  FILES=a.zip,.. archives for download             HQ=1        also the HQ archives"
+	@echo "  CACHE=DIR      cache for runs/tensorboard (data/cache)  PORT=n  tensorboard port (6006)"
+	@echo "  CSV=F          runs: also write the table to F"
+	@echo "  BENCH=...      benchmark args (--quick, a name)"
+
 # demo-data generates the embedded set only where data.raw holds no dataset yet (it never overwrites).
-all: venv
+all: venv ## venv + demo data (if RAW is unset and none) + prepare train oof predict submit
 	@if [ -z "$(RAW)" ]; then $(MAKE) --no-print-directory demo-data; fi
 	$(MAKE) --no-print-directory prepare train oof predict submit
 
-# The venv is rebuilt only when requirements.txt changes.
-venv: .venv/.installed
-.venv/.installed: requirements.txt
+# The venv is rebuilt only when requirements.txt or constraints.txt changes. constraints.txt pins
+# every package (and dependency) to the versions the tests passed on: reproducible installs.
+venv: .venv/.installed ## create .venv from requirements.txt with the versions in constraints.txt
+.venv/.installed: requirements.txt constraints.txt
 	@test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	@touch $@
 
-demo-data: venv
+demo-data: venv ## write the embedded synthetic set to data.raw
 	$(PY) scripts/synth.py $(STAGE_ARGS)
 
-prepare: venv
+prepare: venv ## check the raw data, resize, assign folds
 	$(PY) scripts/prepare.py $(STAGE_ARGS)
 
-train: venv
+train: venv ## train the fold(s) (FOLD=k for one), OOF maps, TensorBoard events
 	$(PY) scripts/train.py $(STAGE_ARGS)
 
 # The same training under torchrun/DistributedDataParallel (gloo on CPU, nccl on CUDA).
-train-ddp: venv
+train-ddp: venv ## the same under torchrun, NPROC processes
 	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pipeline train $(STAGE_ARGS)
 
-oof: venv
+oof: venv ## pooled OOF Dice and the best threshold
 	$(PY) scripts/oof.py $(STAGE_ARGS)
 
-predict: venv
+predict: venv ## test probabilities per fold, with TTA (SHARD=i/N)
 	$(PY) scripts/predict.py $(STAGE_ARGS)
 
-submit: venv
+submit: venv ## fold ensemble -> threshold -> RLE -> validated CSV + sidecar
 	$(PY) scripts/submit.py $(STAGE_ARGS)
 
-validate: venv
+validate: venv ## check SUB=file against the sample (RAW=dir, TEST_DIR=)
 	$(PY) scripts/validate.py $(SUB) $(if $(RAW),--sample $(RAW)/sample_submission.csv --test-dir $(TEST_DIR))
 
-score: venv
+score: venv ## mean Dice of SUB=file against MASKS=dir
 	$(PY) scripts/score.py $(SUB) $(MASKS)
 
-test: venv
+test: venv ## run the test suite
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-bench: venv
+bench: venv ## run the benchmarks (BENCH=--quick, BENCH=tboard)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py $(BENCH)
 
-clean-cache:
+clean-cache: ## remove data/cache (every stage's artifacts)
 	rm -rf data/cache
+
+# --- issue 11: seeing the work
+config: venv ## print the resolved config (CONFIG, RAW, ARGS)
+	@$(PY) -m pipeline config $(STAGE_ARGS)
+
+inspect: venv ## worst images, per-view/per-car tables from the OOF maps (or SUB= MASKS=); WORST=n
+	$(PY) scripts/inspect_errors.py $(STAGE_ARGS) $(if $(SUB),inspect.submission=$(SUB)) \
+	    $(if $(MASKS),inspect.masks=$(MASKS)) $(if $(WORST),inspect.worst=$(WORST))
+
+runs: venv ## leaderboard of every trained run in CACHE, best OOF Dice first (CSV=file to save it)
+	@$(PY) scripts/runs.py --config $(CONFIG) data.cache=$(CACHE) $(ARGS) $(if $(CSV),--csv $(CSV))
+
+tensorboard: venv ## serve the TensorBoard events of every fold in CACHE on PORT
+	.venv/bin/tensorboard --logdir $(CACHE)/train --port $(PORT) --bind_all
+
+download: venv ## fetch the competition data with the kaggle CLI into RAW (FILES=, HQ=1), then prepare
+	$(PY) scripts/kaggle_cli.py download $(STAGE_ARGS) $(if $(FILES),--files $(FILES)) $(if $(HQ),--hq)
+
+kaggle-submit: venv ## validate SUB=file, then submit it to Kaggle (MSG="..." else from the sidecar)
+	$(PY) scripts/kaggle_cli.py submit $(SUB) $(STAGE_ARGS) $(if $(MSG),--message "$(MSG)")

@@ -129,6 +129,27 @@ class SubmitConfig:
     ensemble_images: int = 400       # OOF images the weight/threshold search reads (0 = all in common)
 
 
+# --- issue 11 (see branch): inspect + tensorboard sections. Neither enters any cache key
+# (prepare/train/predict/submit keys hash their own sections only), so adding them retrains nothing.
+@dataclass
+class InspectConfig:
+    """``make inspect``: tables and pictures of where the model fails (pipeline/inspection.py)."""
+    worst: int = 16                  # images in the worst-N grids (worst.png, worst_zoom.png)
+    submission: str = ""             # a submission CSV to inspect instead of the OOF maps (needs inspect.masks)
+    masks: str = ""                  # true masks for inspect.submission (Kaggle's <id>_mask.gif folder)
+    out: str = ""                    # output folder; "" = <train run>/inspect or <submission>.inspect
+    workers: int = -1                # joblib workers for the per-image table; -1 = all cores
+
+
+@dataclass
+class TensorboardConfig:
+    """Per-fold TensorBoard events under ``<fold dir>/tb`` (pipeline/tboard.py); logging only."""
+    enabled: bool = True             # write events (scalars each epoch, overlays every few epochs)
+    overlay_every: int = 2           # epochs between validation overlay images; 0 = none
+    overlay_images: int = 4          # validation images per overlay strip
+# --- end issue 11
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +158,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)          # issue 11
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)  # issue 11
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

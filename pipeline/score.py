@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from joblib import Parallel, delayed
+from tqdm import tqdm  # issue 11
 
 from . import rle
 from .config import PipelineError
@@ -203,8 +204,11 @@ def score_submission(sub_path: str | Path, masks_dir: str | Path, workers: int =
     lines = None if cov.complete else cov.score_lines
     jobs = (delayed(_score_chunk)(str(masks_dir), c) for c in _chunks(sub_path, images_per_task, lines))
     per_image = []
-    for part in Parallel(n_jobs=workers, return_as="generator")(jobs):
-        per_image.extend(part)
+    total = cov.n_masks if cov.complete else len(lines)
+    with tqdm(total=total, desc="score", unit="img", mininterval=1.0) as bar:  # issue 11: progress bar
+        for part in Parallel(n_jobs=workers, return_as="generator")(jobs):
+            per_image.extend(part)
+            bar.update(len(part))  # issue 11
     if not per_image:
         raise PipelineError(f"{sub_path}: no rows to score")
     mean = float(np.mean([d for _, d in per_image]))

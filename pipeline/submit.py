@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
+from tqdm import tqdm  # issue 11
 
 from . import cache, probmaps, rle
 from .config import Config, PipelineError, stable_hash
@@ -200,9 +201,12 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
         try:
             f.write(b"img,rle_mask\n")
             pos = 0
+            bar = tqdm(total=len(imgs), desc="submit", unit="img", mininterval=1.0)  # issue 11: progress bar
             for codes in Parallel(n_jobs=workers, return_as="generator")(jobs):
                 f.write("".join(f"{imgs[pos + j]},{c}\n" for j, c in enumerate(codes)).encode())
                 pos += len(codes)
+                bar.update(len(codes))  # issue 11
+            bar.close()  # issue 11
         finally:
             f.close()
             if gz:

@@ -39,7 +39,7 @@ import torch
 import yaml
 from torch.utils.data import DistributedSampler
 
-from . import cache, checkpoint, prepare
+from . import cache, checkpoint, prepare, tboard
 from .config import Config, ConfigError, PipelineError, parse_progressive, stable_hash, validate
 from .data import SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image
 from .distributed import Dist, ShardSampler, all_sum, barrier, dist_close, dist_init, gather, sync_buffers, wrap
@@ -169,8 +169,10 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
         _log_start(f, data)
     if d.main:
         checkpoint.rewrite_logs(out, progress, cfg.train.epochs, _title(f))
+    board = tboard.open_fold(cfg, out, d.main, progress.start)   # TensorBoard events (rank 0)
     for epoch in range(progress.start, cfg.train.epochs):
-        _epoch(f, data, parts, progress, epoch)
+        _epoch(f, data, parts, progress, epoch, board)
+    board.close()
     checkpoint.load_best(parts.model, out, f.what)
     summary = _oof(f, data, parts, progress, prepared)
     barrier(d)
@@ -259,7 +261,7 @@ def _title(f: Fold) -> str:
     return f"fold {f.k} {f.cfg.train.arch}/{f.cfg.train.encoder} [{f.key}]"
 
 
-def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epoch: int) -> None:
+def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epoch: int, board) -> None:
     """Train one epoch, validate, record the metrics row, save (rank 0) and log."""
     t, d, device = f.cfg.train, f.d, f.device
     t0 = time.perf_counter()
@@ -298,6 +300,8 @@ def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epo
                               parts.scaler, rngs, epoch, progress, _title(f),
                               ema_state=parts.ema.module.state_dict() if parts.ema is not None else None,
                               best_is_ema=use_ema)
+        board.epoch(row, parts.model, data.val_dl.dataset, autocast=f.autocast, device=device,
+                    channels_last=t.channels_last, stats=parts.stats)   # scalars every epoch, overlays every few
     barrier(d)
     f.log(f"fold {f.k} epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  "
           f"val loss {row['val_loss']:.4f}  val Dice {row['val_dice']:.4f}"

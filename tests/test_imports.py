@@ -11,11 +11,11 @@ PKG = Path(__file__).resolve().parents[1] / "pipeline"
 
 # docs/design.md, "Module map". A stage may import building blocks and other stages;
 # a building block imports building blocks only.
-STAGES = {"prepare", "testset", "train", "oof", "predict", "submit", "synth"}
+STAGES = {"prepare", "testset", "train", "oof", "predict", "submit", "synth", "inspection", "runs", "kaggle_cli"}
 BLOCKS = {"config", "cache", "ingest", "parallel", "geometry", "probmaps", "precision", "data", "models",
           "pretrained", "losses", "loop", "distributed", "checkpoint", "tta", "rle", "metrics", "folds",
-          "validate", "score", "ensemble"}
-ENTRY = {"__init__", "__main__", "cli"}     # parse arguments, then import a stage by name
+          "validate", "score", "ensemble", "overlay", "tboard", "explain"}
+ENTRY = {"__init__", "__main__", "cli", "stagelog"}   # parse arguments, then import a stage by name
 
 
 def _imports(path: Path) -> set[str]:
