@@ -19,6 +19,7 @@ MSG    ?=
 FILES  ?=
 HQ     ?=
 WORST  ?=
+RUN    ?=
 PORT   ?= 6006
 CSV    ?=
 
@@ -48,6 +49,7 @@ help: ## list the targets and their variables (this text)
 	@echo "  SUB=F MASKS=D  a submission and its true masks (validate, score, inspect, kaggle-submit)"
 	@echo "  TEST_DIR=NAME  test folder for validate (test_hq)  NPROC=n     processes for train-ddp"
 	@echo "  WORST=n        images in inspect's worst grids     MSG=\"...\"   kaggle-submit message"
+	@echo "  RUN=key        inspect that run (a key from make runs) instead of this config's"
 	@echo "  FILES=a.zip,.. archives for download             HQ=1        also the HQ archives"
 	@echo "  CACHE=DIR      cache for runs/tensorboard (data/cache)  PORT=n  tensorboard port (6006)"
 	@echo "  CSV=F          runs: also write the table to F"
@@ -107,9 +109,9 @@ clean-cache: ## remove data/cache (every stage's artifacts)
 config: venv ## print the resolved config (CONFIG, RAW, ARGS)
 	@$(PY) -m pipeline config $(STAGE_ARGS)
 
-inspect: venv ## worst images, per-view/per-car tables from the OOF maps (or SUB= MASKS=); WORST=n
+inspect: venv ## worst images, per-view/per-car tables from the OOF maps (RUN=key, or SUB= MASKS=); WORST=n
 	$(PY) scripts/inspect_errors.py $(STAGE_ARGS) $(if $(SUB),inspect.submission=$(SUB)) \
-	    $(if $(MASKS),inspect.masks=$(MASKS)) $(if $(WORST),inspect.worst=$(WORST))
+	    $(if $(MASKS),inspect.masks=$(MASKS)) $(if $(WORST),inspect.worst=$(WORST)) $(if $(RUN),inspect.run=$(RUN))
 
 runs: venv ## leaderboard of every trained run in CACHE, best OOF Dice first (CSV=file to save it)
 	@$(PY) scripts/runs.py --config $(CONFIG) data.cache=$(CACHE) $(ARGS) $(if $(CSV),--csv $(CSV))

@@ -137,6 +137,7 @@ class InspectConfig:
     worst: int = 16                  # images in the worst-N grids (worst.png, worst_zoom.png)
     submission: str = ""             # a submission CSV to inspect instead of the OOF maps (needs inspect.masks)
     masks: str = ""                  # true masks for inspect.submission (Kaggle's <id>_mask.gif folder)
+    run: str = ""                    # a train run's key (as `make runs` lists it) or folder; "" = this config's run
     out: str = ""                    # output folder; "" = <train run>/inspect or <submission>.inspect
     workers: int = -1                # joblib workers for the per-image table; -1 = all cores
 

@@ -17,7 +17,7 @@ Writes under :func:`out_dir` (``<train run>/inspect/`` or ``<submission>.inspect
 - ``worst.png``: the ``inspect.worst`` worst images (full-size photos read from data.raw),
   true outline and predicted outline in two colours, wrong pixels tinted
   (``pipeline/overlay.py``), id and Dice in each caption; ``worst_zoom.png``: the same
-  images zoomed on their largest error region; ``per_view.png``: mean Dice per view (bar
+  images zoomed (x3) on the window with the most wrong pixels; ``per_view.png``: mean Dice per view (bar
   chart; the 16 angles fail differently).
 Grid size: 4 tiles of 480x320 per row under a 40-pixel caption each, plus a 28-pixel legend.
 """
@@ -129,24 +129,65 @@ def out_dir(cfg: Config) -> Path:
     if cfg.inspect.submission:
         sub = Path(cfg.inspect.submission)
         return sub.with_name(re.sub(r"\.csv(\.gz)?$", "", sub.name) + ".inspect")
+    if cfg.inspect.run:
+        return _run_root(cfg) / "inspect"
     from . import train
     return train.run_dir(cfg) / "inspect"
+
+
+def _run_root(cfg: Config) -> Path:
+    """``inspect.run``: a folder, or a key under ``<cache>/train``."""
+    p = Path(cfg.inspect.run)
+    root = p if p.is_dir() else Path(cfg.data.cache) / "train" / cfg.inspect.run
+    if not root.is_dir():
+        raise PipelineError(f"inspect.run={cfg.inspect.run}: neither a folder nor a run under "
+                            f"{Path(cfg.data.cache) / 'train'} (`make runs` lists them)")
+    return root
+
+
+def _named_run(cfg: Config) -> tuple[Path, Path, list[int], dict]:
+    """(run dir, prepare artifact, finished folds, threshold info) of ``inspect.run``, from its manifests.
+
+    Any run in the cache, whatever config (or code version) trained it: the fold manifests name
+    the prepare artifact; the threshold follows submit's rule on this run's own oof_summary.json.
+    """
+    root = _run_root(cfg)
+    done = {int(d.name[4:]): cache.read_manifest(d) for d in sorted(root.glob("fold*"))
+            if d.name[4:].isdigit() and cache.is_complete(d)}
+    if not done:
+        raise PipelineError(f"no finished fold under {root}")
+    prepared = Path(next(iter(done.values()))["inputs"]["prepare"])
+    if not (prepared / "train_index.csv").is_file():
+        raise PipelineError(f"{root}: its prepare artifact {prepared} is gone (run `make prepare` with its config)")
+    summary = root / "oof_summary.json"
+    if cfg.submit.threshold >= 0:
+        thr = {"threshold": cfg.submit.threshold, "threshold_source": "config submit.threshold"}
+    elif summary.is_file():
+        thr = {"threshold": cache.read_json(summary)["best_threshold"], "threshold_source": str(summary)}
+    else:
+        thr = {"threshold": 0.5, "threshold_source": "default (no oof_summary.json)"}
+    return root, prepared, sorted(done), thr
 
 
 def oof_rows(cfg: Config) -> tuple[list[dict], float, str]:
     """Jobs for every image of every finished fold: (rows, threshold, what)."""
     from . import prepare, submit, train
     from .data import load_index
-    prepared = Path(prepare.load(cfg))
-    index = load_index(prepared)
-    root = train.run_dir(cfg, prepared)
-    folds = sorted(index["fold"].unique().tolist())
-    done = [k for k in folds if cache.is_complete(root / f"fold{k}")]
-    if not done:
-        raise PipelineError(f"no finished fold under {root} (run `make train` first)")
+    if cfg.inspect.run:
+        root, prepared, done, thr = _named_run(cfg)
+        index = load_index(prepared)
+        folds = sorted(index["fold"].unique().tolist())
+    else:
+        prepared = Path(prepare.load(cfg))
+        index = load_index(prepared)
+        root = train.run_dir(cfg, prepared)
+        folds = sorted(index["fold"].unique().tolist())
+        done = [k for k in folds if cache.is_complete(root / f"fold{k}")]
+        if not done:
+            raise PipelineError(f"no finished fold under {root} (run `make train` first)")
+        thr = submit.threshold_info(cfg)
     if len(done) < len(folds):
-        print(f"inspect: folds {sorted(set(folds) - set(done))} unfinished, left out")
-    thr = submit.threshold_info(cfg)
+        print(f"inspect: folds {sorted(set(folds) - set(done))} not finished, left out")
     raw_dir = Path(cfg.data.raw) / cfg.data.train_dir
     rows = []
     for r in index[index["fold"].isin(done)].to_dict("records"):
@@ -284,7 +325,8 @@ def worst_grids(per_image: pd.DataFrame, rows: dict[str, dict], threshold: float
         else:
             x0, y0, x1, y1 = box
             zoom = overlay.render(photo, true, pred, (TILE_H, TILE_W), box=box, true_contours=tc, pred_contours=pc)
-            where = f"x{TILE_W / (x1 - x0):.1f} at x {x0}-{x1}, y {y0}-{y1}; wrong {int(r['wrong'])} px"
+            n_in = int(np.count_nonzero(true[y0:y1, x0:x1] != pred[y0:y1, x0:x1]))
+            where = f"x {x0}-{x1}, y {y0}-{y1}: {n_in} of {int(r['wrong'])} wrong px"
         zoom_tiles.append(overlay.put_text(zoom, [head, where], CAPTION_H))
     if fallback:
         print(f"inspect: {len(fallback)} original photo(s) not found or of another size (e.g. {fallback[0]}): "

@@ -111,6 +111,7 @@ def test_error_box_frames_the_largest_error():
     assert x0 <= 400 and x1 >= 480 and y0 <= 280 and y1 >= 300          # holds the big miss
     assert not (x0 <= 120 and y0 <= 100)                                  # not stretched to the small one
     assert abs((x1 - x0) / (y1 - y0) - 1.5) < 0.05 and 0 <= x0 < x1 <= 600 and 0 <= y0 < y1 <= 400
+    assert y1 - y0 == round(400 / 3)                                      # a x3 zoom
     assert overlay.error_box(true, true, 1.5) is None
 
 
