@@ -201,10 +201,10 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
 
     Optimizer updates every ``accum_steps`` micro-batches and after the last one;
     ``max_steps`` > 0 caps the number of updates. ``size``: train at this (H, W) instead
-    (progressive resizing, :func:`resize_batch`). ``ema``: a timm ModelEmaV3 of the bare model,
-    updated after every applied update with ``ema_step`` + the updates so far as its step. Returns {loss (mean over the
-    images whose loss was finite), images, seconds, updates (steps applied), nonfinite
-    (updates dropped for a non-finite loss or gradient), lr (of the last applied update)}.
+    (progressive resizing, :func:`resize_batch`); ``ema``: a timm ModelEmaV3 of the bare model,
+    updated after every applied update (its step: ``ema_step`` + updates so far). Returns
+    {loss (mean over the images whose loss was finite), images, seconds, updates (steps applied),
+    nonfinite (updates dropped for a non-finite loss or gradient), lr (of the last applied update)}.
     """
     model.train()
     n = len(loader)
@@ -242,11 +242,10 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
                 else:
                     group_bad = True
         if need_update:
-            used = _end_group(model, optimizer, scheduler, scaler, grad_clip, guard, apply=not group_bad)
+            used = _end_group(model, optimizer, scheduler, scaler, grad_clip, guard, apply=not group_bad,
+                              ema=ema, ema_step=ema_step + updates + 1)
             if used is not None:
                 lr, updates = used, updates + 1
-                if ema is not None:
-                    ema.update(unwrap(model), step=ema_step + updates)
             group_bad = False
         bar.update(1)
         if progress and (i % 5 == 4 or i + 1 == n):
@@ -261,14 +260,16 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
 
 
 def _end_group(model: torch.nn.Module, optimizer, scheduler, scaler, grad_clip: float, guard: NonFiniteGuard,
-               apply: bool) -> float | None:
+               apply: bool, ema=None, ema_step: int = 0) -> float | None:
     """Close an accumulation group: its update unless ``apply`` is False (a non-finite loss),
-    then the schedule's step. Returns the learning rate the update used, or None when no
-    update was applied."""
+    the EMA's update after an applied one, then the schedule's step. Returns the learning rate
+    the update used, or None when no update was applied."""
     lr = None
     if apply and optimizer_update(model, optimizer, scaler, grad_clip, guard):
         lr = optimizer.param_groups[0]["lr"]     # the rate this update used (the scheduler steps below)
         guard.updated()
+        if ema is not None:
+            ema.update(unwrap(model), step=ema_step)
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:   # the schedule advances even over a skipped step
         with warnings.catch_warnings():   # ...which torch warns about; intended here
