@@ -229,18 +229,10 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
         images += batch[0].shape[0]
         if not group_bad:   # a group with a non-finite loss is dropped whole: no more work on it
             x, y = _inputs(batch, device, channels_last, stats, size)
-            # Micro-batches before the update only accumulate locally; DDP all-reduces on the last.
-            sync = model.no_sync() if ddp and not need_update else contextlib.nullcontext()
-            with sync:
-                with autocast():
-                    logits = model(x)
-                loss = loss_fn(logits, y)
-                if guard.ok(loss):
-                    scaler.scale(loss / group).backward()
-                    loss_sum += loss.item() * x.shape[0]
-                    seen += x.shape[0]
-                else:
-                    group_bad = True
+            value = _backward(model, x, y, loss_fn, autocast, scaler, guard, group, ddp and not need_update)
+            group_bad = value is None
+            if not group_bad:
+                loss_sum, seen = loss_sum + value * x.shape[0], seen + x.shape[0]
         if need_update:
             used = _end_group(model, optimizer, scheduler, scaler, grad_clip, guard, apply=not group_bad,
                               ema=ema, ema_step=ema_step + updates + 1)
@@ -257,6 +249,21 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
         torch.cuda.synchronize(device)
     return {"loss": loss_sum / seen if seen else float("nan"), "images": images, "scored": seen, "lr": lr,
             "seconds": time.perf_counter() - t0, "updates": updates, "nonfinite": guard.total - nonfinite0}
+
+
+def _backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, autocast, scaler,
+              guard: NonFiniteGuard, group: int, no_sync: bool) -> float | None:
+    """Forward, loss and backward (scaled by 1/group) of one micro-batch; returns its loss, or
+    None when the loss is not finite on some rank (then nothing is backpropagated). ``no_sync``:
+    micro-batches before the update only accumulate locally; DDP all-reduces on the last."""
+    with model.no_sync() if no_sync else contextlib.nullcontext():
+        with autocast():
+            logits = model(x)
+        loss = loss_fn(logits, y)
+        if not guard.ok(loss):
+            return None
+        scaler.scale(loss / group).backward()
+        return loss.item()
 
 
 def _end_group(model: torch.nn.Module, optimizer, scheduler, scaler, grad_clip: float, guard: NonFiniteGuard,
