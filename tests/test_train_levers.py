@@ -175,3 +175,17 @@ def test_compile_trains_the_same_model(prepared, tmp_path):
         pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
     assert compiled["dice_model"] == pytest.approx(eager["dice_model"], abs=0.02)
     assert math.isfinite(compiled["dice_original"])
+
+
+def test_ema_never_changes_the_raw_trajectory(prepared, levers_run, tmp_path):
+    """The EMA is a bystander: with it off, the raw weights train bit for bit the same (so a
+    recipe can drop EMA when the raw weights win, and keep the run's measured score)."""
+    cfg, _, out = levers_run
+    off = tiny_cfg(tmp_path, **{"train.epochs": 3, "train.progressive": "32x64:1", "train.boundary_weight": 2.0,
+                                "train.loss_final": "lovasz", "train.loss_final_epochs": 1})
+    train.run(off, prepared_dir=prepared)
+    with_ema = pd.read_csv(out / "metrics.csv")
+    without = pd.read_csv(train.fold_dir(off, 0, prepared) / "metrics.csv")
+    cols = ["train_loss", "val_loss", "val_dice"]
+    pd.testing.assert_frame_equal(with_ema[cols], without[cols], check_exact=True)
+    assert without["val_dice_ema"].isna().all()
