@@ -127,6 +127,8 @@ def run_row(variant: str, seed: int, raw: Path, cache_root: str, log_dir: Path) 
         "train_minutes": round(minutes, 2),
         "epochs": len(rows), "images_per_s": round(float(rows[-1]["images_per_s"]), 2),
         "val_dice_by_epoch": [round(float(r["val_dice"]), 5) for r in rows],
+        "val_dice_ema_by_epoch": [round(float(r["val_dice_ema"]), 5) if r.get("val_dice_ema") else None for r in rows],
+        "size_by_epoch": [r.get("size") for r in rows],
         "oof_dice": round(summary["dice"], 5), "oof_best_threshold": summary["best_threshold"],
         "oof_dice_at_best": round(summary["dice_at_best"], 5), "oof_dice_model_size": round(oof["dice_model"], 5),
         "test_dice": round(scored.mean_dice, 5), "test_images": scored.n_images,
