@@ -132,7 +132,7 @@ def run_row(variant: str, seed: int, raw: Path, cache_root: str, log_dir: Path) 
         "oof_dice": round(summary["dice"], 5), "oof_best_threshold": summary["best_threshold"],
         "oof_dice_at_best": round(summary["dice_at_best"], 5), "oof_dice_model_size": round(oof["dice_model"], 5),
         "test_dice": round(scored.mean_dice, 5), "test_images": scored.n_images,
-        "threshold": side["threshold"], "tta": side["tta"], "precision": oof.get("precision"),
+        "threshold": side["threshold"], "tta": side.get("tta") or [r["tta"] for r in side["runs"]], "precision": oof.get("precision"),
         "size": f"{oof['height']}x{oof['width']}", "train_dir": str(fold.parent),
         "cpu": cpu_model(), "cores": os.cpu_count(), "wall_minutes": round((time.time() - t0) / 60, 2),
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
