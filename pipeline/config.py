@@ -100,7 +100,7 @@ class TrainConfig:
     ema_decay: float = 0.999         # EMA decay cap (warmed up from 0: short runs still average)
     progressive: str = ""            # "256:2,384:1": first epochs at these sizes (resized on the fly)
     loss_final: str = ""             # "" | "lovasz": loss of the last loss_final_epochs epochs
-    loss_final_epochs: int = 1
+    loss_final_epochs: int = 1       # epochs at the end trained with train.loss_final
     boundary_weight: float = 0.0     # BCE weight 1 + this within 3 px of the mask edge
     compile: bool = False            # torch.compile the training model (speed only, not in the key)
 
