@@ -50,10 +50,10 @@ class Progress:
 def load_last(out: Path, key: str, model, optimizer, scheduler, scaler, *, device: torch.device,
               precision: str, rank: int, world: int, epochs: int, log, what: str, ema=None) -> Progress:
     """Restore ``out/last.pt`` into the given objects when it belongs to ``key``; returns the progress.
-    ``ema``: a timm ModelEmaV3 whose weights last.pt holds under ``ema`` (train.ema is in the key).
 
     No last.pt, or one of another config (logged): a fresh :class:`Progress`, nothing restored.
-    ``what`` prefixes the log lines ("fold 0").
+    ``what`` prefixes the log lines ("fold 0"). ``ema``: a timm ModelEmaV3 whose weights last.pt
+    holds under ``ema`` (train.ema is in the key, so a matching last.pt has them).
     """
     last_path = out / LAST
     if not last_path.is_file():
@@ -94,8 +94,9 @@ def save_epoch(out: Path, meta: dict, state: dict, optimizer, scheduler, scaler,
     """
     if progress.history[-1]["best"]:
         with cache.atomic_path(out / BEST) as tmp:
-            torch.save({**meta, "model": ema_state if best_is_ema else state, "weights": "ema" if best_is_ema else "raw",
-                        "epoch": epoch + 1, "best_score": progress.best}, tmp)
+            torch.save({**meta, "model": ema_state if best_is_ema else state,
+                        "weights": "ema" if best_is_ema else "raw", "epoch": epoch + 1, "best_score": progress.best},
+                       tmp)
     write_logs(out, progress.history, title)
     with cache.atomic_path(out / LAST) as tmp:
         torch.save({**meta, "model": state, "optimizer": optimizer.state_dict(),

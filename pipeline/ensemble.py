@@ -96,7 +96,7 @@ def weighted_map(maps: list[np.ndarray], weights) -> np.ndarray:
         if w == 0:
             continue
         term = m if w == 1 else m * np.float32(w)
-        out = term.copy() if out is None else out + term
+        out = term if out is None else out + term     # a new array: the maps are never written to
     return out if out is not None else np.zeros_like(maps[0])
 
 
@@ -168,7 +168,7 @@ def choose(cfg: Config, runs: list[Run], max_images: int) -> dict:
                        "max_images": max_images, "code": CODE_VERSION})
     out = cache.stage_dir(cfg.data.cache, STAGE, key) / "choice.json"
     if out.is_file():
-        return {**cache.read_json(out), "cached": str(out)}
+        return {**cache.read_json(out), "path": str(out), "cached": True}
     if fixed_w is not None and cfg.submit.threshold >= 0:
         choice = {"weights": fixed_w.tolist(), "threshold": float(cfg.submit.threshold), "oof_dice": None,
                   "images": 0, "solo": {}, "grid_size": 0}
@@ -176,4 +176,4 @@ def choose(cfg: Config, runs: list[Run], max_images: int) -> dict:
         choice = search(runs, fixed_w, cfg.submit.threshold, max_images)
     choice["runs"] = [r.config_file for r in runs]
     cache.write_json(out, choice)
-    return {**choice, "cached": None, "path": str(out)}
+    return {**choice, "path": str(out), "cached": False}

@@ -284,22 +284,22 @@ def _single(cfg: Config) -> Resolved:
 def _ensemble(cfg: Config) -> Resolved:
     """submit.runs: predict what each run lacks (cached maps are reused), choose weights and
     threshold on the runs' common OOF images (ensemble.choose), weight their maps."""
-    from . import prepare, predict, train
+    from . import predict, train
     from .ensemble import choose, load_runs
     members, maps = load_runs(cfg), []
     for r in members:
         try:
             predict.run(r.cfg)
             m = _maps_of(r.cfg)
-            r.prepared = prepare.locate(r.cfg, None)
         except PipelineError as e:     # say which run: its config file is what the user fixes
             raise PipelineError(f"submit.runs: {r.config_file}: {e}") from None
+        r.prepared = m["plan"].test_index.parent      # plan found it: no second scan of the raw folders
         r.train_dir, r.folds = train.run_dir(r.cfg, r.prepared), m["plan"].folds
         maps.append(m)
     choice = choose(cfg, members, cfg.submit.ensemble_images)
     fixed = cfg.submit.threshold >= 0
     thr = {"threshold": choice["threshold"],
-           "threshold_source": "config submit.threshold" if fixed else f"ensemble OOF search {choice.get('path') or choice.get('cached')}"}
+           "threshold_source": "config submit.threshold" if fixed else f"ensemble OOF search {choice['path']}"}
     runs = [RunMaps([str(d) for d in m["dirs"]], w, m["index"]) for m, w in zip(maps, choice["weights"])]
     key = {"runs": [{"checkpoints": m["hashes"], "tta": m["tta"], "precision": m["precision"], "weight": w,
                      "test_index": cache.file_fingerprint(m["plan"].test_index)}
