@@ -101,6 +101,7 @@ class TrainConfig:
     progressive: str = ""            # "256:2,384:1": first epochs at these sizes (resized on the fly)
     loss_final: str = ""             # "" | "lovasz": loss of the last loss_final_epochs epochs
     loss_final_epochs: int = 1       # epochs at the end trained with train.loss_final
+    val_every: int = 1               # validate every N epochs and always the last (skipped: NaN, never best)
     boundary_weight: float = 0.0     # BCE weight 1 + this within 3 px of the mask edge
     compile: bool = False            # torch.compile the training model (speed only, not in the key)
 
@@ -319,6 +320,8 @@ def validate(cfg: Config) -> None:
     if t.loss_final_epochs < 1 or (t.loss_final and t.loss_final_epochs >= t.epochs):
         raise ConfigError(f"train.loss_final_epochs={t.loss_final_epochs}: must be >= 1 and, with a final loss, "
                           f"below train.epochs={t.epochs} (the final loss fine-tunes a BCE + Dice model)")
+    if t.val_every < 1:
+        raise ConfigError(f"train.val_every={t.val_every}: must be >= 1 (the last epoch is always validated)")
     if not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: must lie in (0, 1)")
     if t.boundary_weight < 0:

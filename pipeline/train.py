@@ -56,7 +56,7 @@ RUN_ONLY = ("fold", "num_workers", "device", "compile")   # never change results
 # Keys added after train-3, at the values that reproduce train-3: left out of the key, so every run
 # trained before them keeps its key and its cache.
 NEUTRAL = {"ema": False, "ema_decay": 0.999, "progressive": "", "loss_final": "", "loss_final_epochs": 1,
-           "boundary_weight": 0.0}
+           "boundary_weight": 0.0, "val_every": 1}
 
 
 # ---------------------------------------------------------------------------- keys and paths
@@ -262,7 +262,8 @@ def _title(f: Fold) -> str:
 
 
 def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epoch: int, board) -> None:
-    """Train one epoch, validate, record the metrics row, save (rank 0) and log."""
+    """Train one epoch, validate (every ``train.val_every`` epochs and the last), record the
+    metrics row, save (rank 0) and log."""
     t, d, device = f.cfg.train, f.d, f.device
     t0 = time.perf_counter()
     parts.guard.where = f"fold {f.k} epoch {epoch + 1}"
@@ -277,20 +278,23 @@ def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epo
                          ema=parts.ema, ema_step=epoch * data.steps_per_epoch)
     loss_sum, scored, seen_img, seconds = all_sum(
         [tr["loss"] * tr["scored"] if tr["scored"] else 0.0, tr["scored"], tr["images"], tr["seconds"]], d, device)
-    # The bare model: ranks hold different numbers of validation batches, and DDP's forward
-    # would expect matching collectives.
-    sync_buffers(parts.model, d)
-    ev = evaluate(parts.model, data.val_dl, parts.loss_fn, autocast=f.autocast, device=device,
-                  channels_last=t.channels_last, stats=parts.stats)
-    v_loss, v_dice, v_n = all_sum([ev["loss_sum"], ev["dice_sum"], ev["n"]], d, device)
-    ema_dice = _score_ema(f, data, parts)
+    validate = (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs
+    v_loss, v_dice, v_n, ema_dice = float("nan"), float("nan"), 1.0, float("nan")
+    if validate:
+        # The bare model: ranks hold different numbers of validation batches, and DDP's forward
+        # would expect matching collectives.
+        sync_buffers(parts.model, d)
+        ev = evaluate(parts.model, data.val_dl, parts.loss_fn, autocast=f.autocast, device=device,
+                      channels_last=t.channels_last, stats=parts.stats)
+        v_loss, v_dice, v_n = all_sum([ev["loss_sum"], ev["dice_sum"], ev["n"]], d, device)
+        ema_dice = _score_ema(f, data, parts)
     row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": loss_sum / scored if scored else float("nan"),
            "val_loss": v_loss / v_n, "val_dice": v_dice / v_n, "val_dice_ema": ema_dice,
            "size": f"{size[0]}x{size[1]}", "seconds": time.perf_counter() - t0,
            "images_per_s": seen_img / max(seconds / d.world, 1e-9), "nonfinite": tr["nonfinite"], "best": False}
     use_ema = ema_dice > row["val_dice"]      # False without EMA (NaN compares False)
     score = ema_dice if use_ema else row["val_dice"]
-    if score > progress.best:
+    if score > progress.best:      # NaN (an epoch not validated) is never best
         progress.best, row["best"] = score, True
     progress.history.append(row)
     progress.nonfinite = parts.guard.total
@@ -300,7 +304,7 @@ def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epo
                               parts.scaler, rngs, epoch, progress, _title(f),
                               ema_state=parts.ema.module.state_dict() if parts.ema is not None else None,
                               best_is_ema=use_ema)
-        board.epoch(row, parts.model, data.val_dl.dataset, autocast=f.autocast, device=device,
+        board.epoch(row, parts.model if validate else None, data.val_dl.dataset, autocast=f.autocast, device=device,
                     channels_last=t.channels_last, stats=parts.stats)   # scalars every epoch, overlays every few
     barrier(d)
     f.log(f"fold {f.k} epoch {epoch + 1}/{t.epochs}: lr {row['lr']:.2e}  train loss {row['train_loss']:.4f}  "

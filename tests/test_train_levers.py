@@ -89,7 +89,8 @@ def test_new_levers_at_their_defaults_keep_the_train_key(prepared, tmp_path):
     assert train.train_key(tiny_cfg(tmp_path, **{"train.ema_decay": 0.99}), prepared) == key   # EMA off
     assert train.train_key(tiny_cfg(tmp_path, **{"train.compile": True}), prepared) == key     # speed only
     for change in ({"train.ema": True}, {"train.progressive": "32:1", "train.epochs": 2},
-                   {"train.boundary_weight": 2.0}, {"train.loss_final": "lovasz", "train.epochs": 2}):
+                   {"train.boundary_weight": 2.0}, {"train.loss_final": "lovasz", "train.epochs": 2},
+                   {"train.val_every": 2, "train.epochs": 3}):
         assert train.train_key(tiny_cfg(tmp_path, **change), prepared) != key, change
 
 
@@ -98,6 +99,7 @@ def test_lever_options_are_checked_by_name(tmp_path):
                       ({"train.loss_final": "lovasz", "train.epochs": 1}, "train.loss_final_epochs"),
                       ({"train.ema_decay": 1.5}, "train.ema_decay"),
                       ({"train.boundary_weight": -1.0}, "train.boundary_weight"),
+                      ({"train.val_every": 0}, "train.val_every"),
                       ({"train.progressive": "33:1", "train.epochs": 2}, "train.progressive")]:
         with pytest.raises(ConfigError, match=what):
             train.check_config(tiny_cfg(tmp_path, **bad))
@@ -163,6 +165,23 @@ def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path):
     cols = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "val_dice_ema", "size", "best"]
     pd.testing.assert_frame_equal(resumed[cols], ref[cols], check_exact=False, rtol=1e-5)
     shutil.rmtree(work)
+
+
+def test_val_every_validates_every_nth_and_the_last_epoch(prepared, tmp_path):
+    """val_every=2 over 3 epochs: epoch 1 is not scored (NaN, never best), 2 and 3 are, and the
+    validated epochs' scores equal those of a run that validates every epoch (validation does not
+    touch the training trajectory)."""
+    every = tiny_cfg(tmp_path / "a", **{"train.epochs": 3, "train.ema": True})
+    sparse = tiny_cfg(tmp_path / "b", **{"train.epochs": 3, "train.ema": True, "train.val_every": 2})
+    train.run(every, prepared_dir=prepared), train.run(sparse, prepared_dir=prepared)
+    ref = pd.read_csv(train.fold_dir(every, 0, prepared) / "metrics.csv")
+    m = pd.read_csv(train.fold_dir(sparse, 0, prepared) / "metrics.csv")
+    assert m[["val_loss", "val_dice", "val_dice_ema"]].isna().values.tolist() == [[True] * 3, [False] * 3, [False] * 3]
+    assert not m.loc[0, "best"]
+    cols = ["train_loss", "val_loss", "val_dice", "val_dice_ema"]
+    pd.testing.assert_frame_equal(m.loc[1:, cols], ref.loc[1:, cols], check_exact=False, rtol=1e-5)
+    best = torch.load(train.fold_dir(sparse, 0, prepared) / "best.pt", map_location="cpu", weights_only=False)
+    assert best["epoch"] in (2, 3)
 
 
 def test_compile_trains_the_same_model(prepared, tmp_path):
