@@ -8,8 +8,8 @@ indentation, a list or a scalar at the top, bytes that are not UTF-8) is an erro
 one line naming the file and the line.
 
 ``data.cache`` may be anywhere, inside the project or not (another disk is a good
-reason). A cache outside the project that does not exist yet gets a one-line note on
-stderr (once: the first stage creates it), because ``make clean-cache`` only removes
+reason). A ``data.cache`` set outside the project that does not exist yet gets a one-line
+note on stderr (once: the first stage creates it), because ``make clean-cache`` only removes
 ``data/cache``. A cache inside ``data.raw`` (or equal to it) is refused: stage outputs
 would be written into the user's input data.
 """
@@ -322,8 +322,8 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
         apply(cfg, k, v)
     validate(cfg)
     cache, _ = cache_location(cfg)
-    if not _inside(cache, PROJECT) and not os.path.exists(cache):
-        # Allowed (another disk is a good reason). Said when the cache is new, not on every
+    if cfg.data.cache != DataConfig.cache and not _inside(cache, PROJECT) and not os.path.exists(cache):
+        # Allowed (another disk is a good reason). Said when a chosen cache is new, not on every
         # command after: nothing in the project cleans it, and a typo shows up here.
         shown = cfg.data.cache + (f" ({cache})" if cache != cfg.data.cache else "")
         print(f"config: note: data.cache={shown} is outside the project {PROJECT} and new: allowed, "
