@@ -3,13 +3,22 @@
 Sections mirror the stages. An override names a key either in full
 (``train.epochs=3``) or by its bare name when that name is unique across
 sections (``epochs=3``). Unknown keys and values of the wrong type are errors
-that name the key.
+that name the key; a YAML file that cannot be used (bad syntax such as a tab in the
+indentation, a list or a scalar at the top, bytes that are not UTF-8) is an error on
+one line naming the file and the line.
+
+``data.cache`` may be anywhere, inside the project or not (another disk is a good
+reason). A ``data.cache`` set outside the project that does not exist yet gets a one-line
+note on stderr (once: the first stage creates it), because ``make clean-cache`` only removes
+``data/cache``. A cache inside ``data.raw`` (or equal to it) is refused: stage outputs
+would be written into the user's input data.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +41,9 @@ class ConfigError(ValueError):
 
 class PipelineError(RuntimeError):
     """A user-facing failure (bad input, missing artifact): printed as one line, exit 2."""
+
+
+PROJECT = Path(__file__).resolve().parents[1]      # the checkout: where `make clean-cache` works
 
 
 @dataclass
@@ -252,6 +264,37 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _yaml_error(p: Path, e: yaml.YAMLError) -> ConfigError:
+    """One line naming the file, line and column; PyYAML's own message spans four lines."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if "'\\t'" in problem:   # PyYAML: found character '\t' that cannot start any token
+        problem = "a tab character; YAML indents with spaces only"
+    return ConfigError(f"{where}: not valid YAML: {problem}")
+
+
+def read_yaml(p: Path) -> dict:
+    """The top-level mapping of a YAML config file, or ConfigError naming the file (and line)."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(p, e) from None
+    if doc is None:                      # an empty file (or only comments): the defaults
+        return {}
+    if not isinstance(doc, dict):
+        line = yaml.compose(text, Loader=yaml.SafeLoader).start_mark.line + 1
+        what = "list" if isinstance(doc, list) else type(doc).__name__
+        raise ConfigError(f"{p}:{line}: the top level must be a mapping of sections or keys "
+                          f"(e.g. 'train:' or 'epochs: 3'), got a {what}")
+    return doc
+
+
 def load(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults, then the YAML file (nested sections or flat keys), then overrides."""
     cfg = Config()
@@ -259,12 +302,7 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            doc = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+        doc = read_yaml(p)
         try:
             for k, v in doc.items():
                 if k in SECTIONS and isinstance(v, dict):
@@ -283,7 +321,30 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
     for k, v in items:
         apply(cfg, k, v)
     validate(cfg)
+    cache, _ = cache_location(cfg)
+    if cfg.data.cache != DataConfig.cache and not _inside(cache, PROJECT) and not os.path.exists(cache):
+        # Allowed (another disk is a good reason). Said when a chosen cache is new, not on every
+        # command after: nothing in the project cleans it, and a typo shows up here.
+        shown = cfg.data.cache + (f" ({cache})" if cache != cfg.data.cache else "")
+        print(f"config: note: data.cache={shown} is outside the project {PROJECT} and new: allowed, "
+              "but `make clean-cache` will not remove it", file=sys.stderr)
     return cfg
+
+
+def _inside(path: str, root: str | Path) -> bool:
+    """``path`` is ``root`` or below it (both absolute, links resolved)."""
+    root = os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def cache_location(cfg: Config) -> tuple[str, str]:
+    """(data.cache, data.raw) resolved (relative to the working directory, links followed);
+    ConfigError when the cache is data.raw or inside it (stage outputs would land in the input data)."""
+    cache, raw = os.path.realpath(cfg.data.cache), os.path.realpath(cfg.data.raw)
+    if _inside(cache, raw):
+        raise ConfigError(f"data.cache={cfg.data.cache} is inside data.raw={cfg.data.raw} ({cache}): "
+                          "stage outputs would be written into the input data; choose a cache outside it")
+    return cache, raw
 
 
 def validate(cfg: Config) -> None:
@@ -335,6 +396,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("submit.weights: set submit.runs too (the weights are one per listed run)")
     if cfg.submit.ensemble_images < 0:
         raise ConfigError(f"submit.ensemble_images={cfg.submit.ensemble_images}: must be >= 0 (0 = all)")
+    cache_location(cfg)
 
 
 def parse_progressive(spec: str, epochs: int, full_hw: tuple[int, int]) -> list[tuple[int, int]]:

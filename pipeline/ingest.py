@@ -13,7 +13,11 @@ Both count as problems for ``prepare.strict=true``.
 Issue kinds (``prepare_report.json``):
     unreadable, corrupt, truncated    train/test image or mask file (error: left out); ``unreadable``
                                       also names entries that are not files (a directory named
-                                      x.jpg, a broken symbolic link)
+                                      x.jpg, a broken symbolic link, a symbolic link loop) and a raw
+                                      folder that is a symbolic link loop
+    too_large                         header claims more than MAX_PIXELS pixels (a decompression
+                                      bomb?), or the file is over MAX_FILE_BYTES: refused before any
+                                      pixel is decoded (error: left out)
     not_jpeg, color_converted         image decoded anyway / converted to RGB (warning)
     missing_mask, missing_image       image without mask, mask without image (error)
     size_mismatch                     image and mask sizes differ (error: pair left out)
@@ -40,12 +44,20 @@ What is checked, and how cheaply:
 - test images get no full decode (predict does that): the header gives size and mode.
 Pixels are the stored ones: EXIF orientation is ignored everywhere (Kaggle's masks
 are aligned with the stored pixels, and the header sizes are the unrotated ones).
+
+Hostile names and headers: every file is opened by its header first (:func:`_header`),
+and a size over MAX_PIXELS is refused there, so no decoder ever allocates for a forged
+60000x60000 JPEG SOF or GIF screen. Names are shown through :func:`shown_name`: bytes
+that are not UTF-8 and control characters appear as ``\\xNN`` escapes, so a report, the
+console and the stage log can always be written.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,6 +72,13 @@ from .config import Config, PipelineError, stable_hash
 ID_RE = re.compile(r"^[0-9a-f]{12}_\d{2}$")
 IMAGE_EXTS = (".jpg", ".jpeg")          # preferred first: on duplicate ids the .jpg wins
 MASK_SUFFIX = "_mask.gif"
+# Largest image (H*W) any reader here decodes: 16x a Kaggle photo (1918x1280 = 2.5 MP) and room
+# for 8K (7680x4320 = 33 MP); decoded RGB stays under 120 MB. PIL's own guard (MAX_IMAGE_PIXELS,
+# 89 MP warns, 179 MP raises) is a process-wide setting other code may switch off; this one is ours.
+MAX_PIXELS = 40_000_000
+# Largest file read into memory (a Kaggle photo is 0.1-3 MB, an uncompressed 8K PNG ~100 MB): a
+# multi-gigabyte file named .jpg is refused by its size, not read.
+MAX_FILE_BYTES = 256 * 2**20
 # Columns of the Kaggle CSVs; both missing and extra columns are reported.
 CSV_COLUMNS = {
     "train_masks.csv": ["img", "rle_mask"],
@@ -119,10 +138,16 @@ def list_dir(directory: Path, rel: str, kind: str) -> Listing:
     broken symbolic links, fifos): ``unreadable`` for image/mask names, else
     ``unexpected_file``. Symbolic links to files are files.
     """
-    directory = Path(directory).resolve()
     files: dict[str, str] = {}
     issues: list[Issue] = []
     fps: list[list] = []
+    if _is_link_loop(directory):
+        # The folder cannot be listed at all (Path.resolve raised RuntimeError on it): say so
+        # once; the caller's checks for an empty folder (no train images, no test images,
+        # images without masks) then apply.
+        issues.append(Issue(f"{rel}/", "unreadable", "error", "symbolic link loop; folder not read"))
+        return Listing(str(Path(directory).absolute()), files, fps, issues)
+    directory = Path(directory).resolve()
     if not directory.is_dir():
         return Listing(str(directory), files, fps, issues)
     candidates: dict[str, list[tuple[int, str]]] = {}
@@ -133,9 +158,10 @@ def list_dir(directory: Path, rel: str, kind: str) -> Listing:
         st, what = _entry_stat(e)
         # Non-files enter the fingerprint too: removing or fixing one must change the key.
         fps.append([name, st.st_size, st.st_mtime_ns] if st else [name, -1, -1])
+        shown = shown_name(name)      # what reports print: always valid UTF-8, one line
         if what:
             claimed = name.lower().endswith(MASK_SUFFIX if kind == "mask" else IMAGE_EXTS)
-            issues.append(Issue(f"{rel}/{name}", "unreadable" if claimed else "unexpected_file", "error",
+            issues.append(Issue(f"{rel}/{shown}", "unreadable" if claimed else "unexpected_file", "error",
                                 f"{what}, not a readable file; skipped"))
             continue
         if kind == "mask":
@@ -149,12 +175,12 @@ def list_dir(directory: Path, rel: str, kind: str) -> Listing:
             rank = IMAGE_EXTS.index(ext) if ok_ext else 0
             expected = "<12 hex>_<NN>.jpg"
         if not ok_ext:
-            issues.append(Issue(f"{rel}/{name}", "unexpected_file", "error",
+            issues.append(Issue(f"{rel}/{shown}", "unexpected_file", "error",
                                 f"not a {'mask GIF' if kind == 'mask' else 'JPEG'} name (expected {expected})"))
             continue
-        if not ID_RE.match(stem):
-            issues.append(Issue(f"{rel}/{name}", "bad_id", "error",
-                                f"id '{stem}' does not match <12 hex digits>_<2 digits>"))
+        if not ID_RE.fullmatch(stem):   # fullmatch: '$' would let a trailing newline through
+            issues.append(Issue(f"{rel}/{shown}", "bad_id", "error",
+                                f"id '{shown_name(stem)}' does not match <12 hex digits>_<2 digits>"))
             continue
         candidates.setdefault(stem, []).append((rank, name))
     for stem, cands in candidates.items():
@@ -166,14 +192,42 @@ def list_dir(directory: Path, rel: str, kind: str) -> Listing:
     return Listing(str(directory), files, fps, issues)
 
 
+def shown_name(name: str) -> str:
+    """A file name as reports, the console and logs show it: valid UTF-8 on one line.
+
+    ``os.scandir`` hands bytes that are not UTF-8 back as lone surrogates, which no UTF-8
+    writer accepts (the report, a strict console, the stage log would fail after the work
+    was done): they become ``\\xNN``. Control characters (a newline in a name) are escaped
+    too, so one issue stays one line. Other names, spaces and accents included, are unchanged.
+    """
+    s = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
+
+
+def _is_link_loop(path: str | Path) -> bool:
+    """True when following ``path`` never ends (a link to itself, or links naming each other)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _loop_or(err: OSError) -> str:
+    """A stat failure in words: symbolic link loops by name, others by the OS's reason."""
+    if err.errno == errno.ELOOP:
+        return "symbolic link loop"
+    return f"cannot stat ({err.strerror or err})"
+
+
 def _entry_stat(e: os.DirEntry) -> tuple[os.stat_result | None, str | None]:
     """(stat, None) for a regular file (a symlink to one included), else (lstat or None, what it is)."""
     try:
         if e.is_file():
             return e.stat(), None
         st = e.stat(follow_symlinks=False)
-    except OSError as err:   # vanished or unreadable between listing and stat
-        return None, f"cannot stat ({err.strerror or err})"
+    except OSError as err:   # a link loop (ELOOP), or vanished or unreadable between listing and stat
+        return None, _loop_or(err)
     if e.is_symlink():
         return st, "broken symbolic link" if not os.path.exists(e.path) else "symbolic link to a directory"
     return st, "a directory" if e.is_dir() else "not a regular file"
@@ -221,7 +275,11 @@ def read_csv(path: Path, name: str) -> tuple[pd.DataFrame | None, list[Issue]]:
 # ---------------------------------------------------------------------------- images
 
 def _read_bytes(path: Path) -> bytes:
+    """The whole file (every reader here needs it), or BadFile: unreadable, empty, over MAX_FILE_BYTES."""
     try:
+        size = os.stat(path).st_size
+        if size > MAX_FILE_BYTES:
+            raise BadFile("too_large", f"file is {size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit; not read")
         data = path.read_bytes()
     except OSError as e:
         raise BadFile("unreadable", f"cannot read file: {e.strerror or e}") from None
@@ -273,11 +331,33 @@ def _unreadable(e: Exception) -> BadFile:
     return BadFile(kind, f"not a readable image ({type(e).__name__}: {e})")
 
 
+def _too_large(pixels: int, size: tuple[int, int] | None = None) -> BadFile:
+    dims = f"{size[0]}x{size[1]} = " if size else ""
+    return BadFile("too_large", f"header claims {dims}{pixels:,} pixels, over the {MAX_PIXELS:,}-pixel "
+                                "limit (a decompression bomb?); not decoded")
+
+
 def _header(data: bytes) -> Image.Image:
+    """PIL's lazy image for ``data`` (the header is parsed, no pixel is decoded), or BadFile.
+
+    Raises BadFile("too_large") for more than MAX_PIXELS pixels, before any decoder (PIL,
+    simplejpeg, cv2) allocates its output: a few bytes with a forged size would otherwise
+    ask for gigabytes. Every reader here opens its file through this function first.
+    """
     try:
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Our limit is lower and checked below; PIL's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:   # over 2x PIL's limit: raised before the size is exposed
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise (_too_large(int(m.group(1))) if m else BadFile("too_large", f"{e}; not decoded")) from None
     except Exception as e:  # UnidentifiedImageError, SyntaxError from broken headers, ...
         raise _unreadable(e) from None
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        raise _too_large(w * h, (w, h))
+    return im
 
 
 # decode scale -> cv2 flag (the fallback decoder, and bench_prepare's reference). IGNORE_ORIENTATION:
@@ -343,11 +423,13 @@ def decode_image(path: Path, reduction=None) -> tuple[np.ndarray, list[tuple[str
 
 
 def decode_mask(path: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode a train mask GIF. Returns ((H, W) uint8 {0, 1}, warnings).
+    """Decode a train mask GIF. Returns ((H, W) uint8 {0, 1}, notes).
 
     Kaggle's GIFs are palette images whose indices are {0, 1}; a mask in {0, 255}
-    is accepted and mapped to {0, 1}. Anything other than two such values
-    (a constant mask, grey levels, other labels) raises BadFile("mask_not_binary").
+    is accepted and mapped to {0, 1}, with the note ("mask_0_255", reason) so that
+    prepare can report how many were converted (not a problem: the labels are the same).
+    Anything other than two such values (a constant mask, grey levels, other labels)
+    raises BadFile("mask_not_binary").
     """
     data = _read_bytes(path)
     im = _header(data)
@@ -367,7 +449,7 @@ def decode_mask(path: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:
     if values == [0, 1]:
         return arr.astype(np.uint8, copy=False), []
     if values == [0, 255]:
-        return (arr > 127).astype(np.uint8), []
+        return (arr > 127).astype(np.uint8), [("mask_0_255", "mask stored as {0,255}; read as {0,1}")]
     shown = values if len(values) <= 8 else values[:8] + ["..."]
     raise BadFile("mask_not_binary", f"mask values {shown} are not two values {{0,1}} or {{0,255}}")
 
@@ -409,10 +491,12 @@ def scan(cfg: Config) -> Scan:
     """The raw layout under ``data.raw`` by name and stat only; PipelineError when there is none."""
     raw = Path(cfg.data.raw)
     if not raw.is_dir():
-        raise PipelineError(f"data.raw={raw}: no such directory (run `make demo-data` or pass RAW=<kaggle dir>)")
+        why = "a symbolic link loop" if _is_link_loop(raw) else "no such directory"
+        raise PipelineError(f"data.raw={raw}: {why} (run `make demo-data` or pass RAW=<kaggle dir>)")
     train = list_dir(raw / cfg.data.train_dir, cfg.data.train_dir, "image")
     if not train.fingerprints:
-        raise PipelineError(f"{raw / cfg.data.train_dir}: no train images (data.raw / data.train_dir)")
+        why = f" ({train.issues[0].reason})" if train.issues else ""
+        raise PipelineError(f"{raw / cfg.data.train_dir}: no train images{why} (data.raw / data.train_dir)")
     masks = list_dir(raw / "train_masks", "train_masks", "mask")
     test = list_dir(raw / cfg.data.test_dir, cfg.data.test_dir, "image")
     csvs = {name: (raw / name if (raw / name).is_file() else None)

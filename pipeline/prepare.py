@@ -31,7 +31,12 @@ and ``test_index.csv`` rows are made by ``pipeline.testset``.
 
 Masks: resized masks and full-size masks are 8-bit PNGs with values {0, 1}, so
 ``cv2.imread(p, cv2.IMREAD_GRAYSCALE)`` returns the labels directly (a bilevel
-1-bit PNG would be smaller but reads back as {0, 255} in cv2).
+1-bit PNG would be smaller but reads back as {0, 255} in cv2). A mask GIF stored as
+{0, 255} is read as {0, 1}; that is a conversion, not a problem (``strict`` ignores it),
+and it is reported: one summary line, ``counts.masks_0_255`` and ``converted.masks_0_255``
+(the files) in ``prepare_report.json``, and ``stats.masks_0_255`` in the manifest. The
+per-image record carries the flag; records written before it (same CODE_VERSION, so an
+old cache stays valid) lack it and are counted in ``counts.masks_0_255_unrecorded``.
 """
 from __future__ import annotations
 
@@ -152,9 +157,10 @@ def _process_one(job: dict) -> dict:
     except BadFile as e:
         return _finish(root, job, bad(job["rel_img"], e))
     try:
-        mask, _ = decode_mask(Path(job["mask"]))
+        mask, notes = decode_mask(Path(job["mask"]))
     except BadFile as e:
         return _finish(root, job, bad(job["rel_mask"], e))
+    rec["mask_0_255"] = any(kind == "mask_0_255" for kind, _ in notes)   # reported, not a problem
     if mask.shape != (h, w):
         return _finish(root, job, bad(job["rel_img"], BadFile(
             "size_mismatch", f"image is {w}x{h} but its mask {Path(job['rel_mask']).name} is "
@@ -243,18 +249,22 @@ def execute(cfg: Config) -> Result:
     test, test_issues = test_index(cfg, scan, frames.get("sample_submission.csv"), checks)
     issues += test_issues
 
+    converted = _converted_masks(jobs, records)
     counts = {"train_images": len(scan.train.files), "train_masks": len(scan.masks.files),
               "train_ok": len(train), "train_left_out": _left_out(cfg, issues, train["id"]),
               "test_images": len(scan.test.files), "test_ok": len(test),
-              "folds": {int(k): int(v) for k, v in train.fold.value_counts().sort_index().items()}}
+              "folds": {int(k): int(v) for k, v in train.fold.value_counts().sort_index().items()},
+              "masks_0_255": len(converted["masks_0_255"]),
+              "masks_0_255_unrecorded": converted["unrecorded"]}
     out.mkdir(parents=True, exist_ok=True)
     cache.write_text(out / "train_index.csv", train[TRAIN_COLS].to_csv(index=False))
     cache.write_text(out / "folds.csv", folds.to_csv(index=False))
     cache.write_text(out / "test_index.csv", test[TEST_COLS].to_csv(index=False))
-    report = _write_report(out, key, cfg, scan, issues, counts)
+    report = _write_report(out, key, cfg, scan, issues, counts, {"masks_0_255": converted["masks_0_255"]})
     stats = {"processed": processed, "reused": reused, "train_ok": len(train),
              "left_out": counts["train_left_out"], "test_ok": len(test), "test_checked": test_checked,
-             "test_reused": test_reused, "problems": len(issues), "cached": False}
+             "test_reused": test_reused, "problems": len(issues), "masks_0_255": counts["masks_0_255"],
+             "cached": False}
     cache.write_manifest(out, stage=STAGE, key=key, params=params, inputs=inputs,
                          outputs={n: n for n in ("train_index.csv", "folds.csv", "test_index.csv",
                                                  "prepare_report.json")},
@@ -282,6 +292,14 @@ def _train_frame(ok: list[dict]) -> pd.DataFrame:
                           "mask_full": f"../{r['mask_full']}", "orig_height": r["orig_height"],
                           "orig_width": r["orig_width"], "mask_area": round(r["mask_area"], 6),
                           **{k: r[k] for k in GEOM_COLS}} for r in ok])
+
+
+def _converted_masks(jobs: list[dict], records: dict[str, dict]) -> dict:
+    """Usable masks stored as {0, 255} (read as {0, 1}): {"masks_0_255": [report names],
+    "unrecorded": records from before the flag existed, which cannot say}."""
+    ok = [(j, records[j["id"]]) for j in jobs if records[j["id"]]["status"] == "ok"]
+    return {"masks_0_255": sorted(j["rel_mask"] for j, r in ok if r.get("mask_0_255")),
+            "unrecorded": sum("mask_0_255" not in r for _, r in ok)}
 
 
 def _sweep_temps(dirs: list[Path]) -> int:
@@ -376,10 +394,14 @@ def _run_jobs(jobs: list[dict], root: Path, p) -> tuple[dict[str, dict], int, in
     return records, len(todo), reused
 
 
-def _write_report(out: Path, key: str, cfg: Config, scan: Scan, issues: list[Issue], counts: dict) -> Path:
+def _write_report(out: Path, key: str, cfg: Config, scan: Scan, issues: list[Issue], counts: dict,
+                  converted: dict | None = None) -> Path:
+    """prepare_report.json: counts, every issue, and ``converted`` (files used after a lossless
+    conversion that is not a problem: masks stored as {0, 255})."""
     issues = sorted(issues, key=lambda i: (i.file, i.kind, i.reason))
     report = {"key": key, "raw": str(scan.raw.resolve()), "train_dir": cfg.data.train_dir,
               "test_dir": cfg.data.test_dir, "counts": counts, "problems": len(issues),
+              "converted": converted or {},
               "by_kind": dict(sorted(Counter(i.kind for i in issues).items())),
               "by_level": dict(sorted(Counter(i.level for i in issues).items())),
               "checks": {"train": "full decode of every image and mask; strict JPEG stream decode",
@@ -404,6 +426,9 @@ def _print_summary(out: Path, report: Path, stats: dict, issues: list[Issue]) ->
         print(f"  {i.level:7s} {i.file}: {i.reason}")
     if len(issues) > SUMMARY_ISSUES:
         print(f"  ... {len(issues) - SUMMARY_ISSUES} more in the report")
+    if stats.get("masks_0_255"):
+        print(f"  note    {stats['masks_0_255']} mask GIF(s) stored as 0/255 were read as 0/1 "
+              "(converted.masks_0_255 in the report lists them)")
     print(f"  report:    {report}\n  artifacts: {out}")
 
 

@@ -17,6 +17,10 @@ Checks, each reported with the file's line number (line 1 is the header):
 
 Rows are counted from 1 without the header: row i is on line i + 1.
 
+Both CSVs are read as UTF-8 with an optional byte-order mark (Excel writes one) and any
+line ends (CRLF included); the sample's ids are its ``img`` column wherever it stands
+(extra columns, in any place, are ignored).
+
 The submission is read row by row (plain or .gz), so checking 100k rows holds
 one row at a time plus the sample's ids, the ids seen and one int per row.
 """
@@ -42,11 +46,15 @@ _RLE_RE = re.compile(r"[0-9]+(?: [0-9]+)*")
 
 
 def open_text(path: str | Path, mode: str = "rt"):
-    """Open a .csv or .csv.gz as text (newline='' as the csv module wants)."""
+    """Open a .csv or .csv.gz as text (newline='' as the csv module wants).
+
+    Reading uses utf-8-sig: a leading byte-order mark is dropped instead of becoming part of
+    the first header name ('\\ufeffimg'); files without one read the same."""
     path = Path(path)
+    enc = "utf-8-sig" if "r" in mode else "utf-8"
     if path.name.endswith(".gz"):
-        return gzip.open(path, mode, newline="", encoding="utf-8")
-    return open(path, mode, newline="", encoding="utf-8")
+        return gzip.open(path, mode, newline="", encoding=enc)
+    return open(path, mode, newline="", encoding=enc)
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
@@ -57,15 +65,26 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
 
 
 def read_ids(sample_path: str | Path) -> list[str]:
-    """The ``img`` column of a sample_submission.csv, in order."""
+    """The ``img`` column of a sample_submission.csv, in order (other columns are ignored)."""
     p = Path(sample_path)
     if not p.is_file():
         raise PipelineError(f"{p}: sample submission not found")
     rows = iter_rows(p)
-    _, header = next(rows, (1, []))
-    if not header or header[0] != "img":
-        raise PipelineError(f"{p}: first column must be 'img', got {header[:2]}")
-    return [fields[0] for _, fields in rows if fields]
+    try:
+        _, header = next(rows, (1, []))
+        if "img" not in header:
+            raise PipelineError(f"{p}: line 1: no 'img' column in the header {header[:5]}")
+        col = header.index("img")
+        ids = []
+        for line, fields in rows:
+            if not fields:
+                continue
+            if len(fields) <= col:
+                raise PipelineError(f"{p}: line {line}: {len(fields)} field(s), no 'img' value (column {col + 1})")
+            ids.append(fields[col])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise PipelineError(f"{p}: unreadable CSV ({type(e).__name__}: {e})") from None
+    return ids
 
 
 def rle_problem(rle: str, n_pixels: int) -> str | None:
@@ -73,7 +92,7 @@ def rle_problem(rle: str, n_pixels: int) -> str | None:
     if rle == "":
         return None
     if not _RLE_RE.fullmatch(rle):
-        bad = next((t for t in rle.split(" ") if not t.isdigit()), "")
+        bad = next((t for t in rle.split(" ") if not (t.isascii() and t.isdigit())), "")
         return f"not space-separated non-negative integers (token {bad[:20]!r})"
     tokens = rle.split(" ")
     if len(tokens) % 2:
@@ -164,8 +183,10 @@ def sizes_from(size: tuple[int, int] | dict | None = None, images_dir: str | Pat
             try:
                 with Image.open(p) as im:  # reads the header only
                     w, h = im.size
-            except OSError as e:
-                raise PipelineError(f"{p}: cannot read image size ({e}); pass --size HxW") from None
+            except (OSError, Image.DecompressionBombError, ValueError) as e:
+                # DecompressionBombError (a forged 60000x60000 header) is no OSError: say so in one line.
+                raise PipelineError(f"{p}: cannot read image size ({type(e).__name__}: {e}); "
+                                    "pass --size HxW") from None
             return h, w
         return header
     raise PipelineError("need image sizes: --size HxW, --index test_index.csv or a test image folder")

@@ -41,10 +41,11 @@ def test_sizes_must_fit_the_encoder_stride():
         config.load(None, ["height=100"])
 
 
-def test_yaml_errors_name_the_file(tmp_path):
+def test_yaml_syntax_errors_name_the_file(tmp_path):
+    # Was a second test_yaml_errors_name_the_file, shadowed by the one below and never run.
     f = tmp_path / "bad.yaml"
     f.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:1: not valid YAML: "):
         config.load(f)
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "missing.yaml")

@@ -168,13 +168,20 @@ def test_constant_mask_is_not_binary(raw):
     assert [x["kind"] for x in rep["issues"]] == ["mask_not_binary"]
 
 
-def test_mask_0_255_accepted_as_0_1(raw):
+def test_mask_0_255_accepted_as_0_1_and_reported(raw, capsys):
     i = _one(raw)
     p = raw / "train_masks" / f"{i}_mask.gif"
     m = np.asarray(Image.open(p)).copy()
-    p.write_bytes(_gif(m * 255))
+    im = Image.fromarray((m * 255).astype(np.uint8), mode="P")
+    im.putpalette([v for i in range(256) for v in (i, i, i)])
+    im.save(p, format="GIF", optimize=False)       # optimize would remap the indices to {0, 1}
+    assert set(np.unique(np.asarray(Image.open(p)))) == {0, 255}   # the file really holds 0/255
     res, rep = _run(raw)                           # RLE check still agrees: values mapped to {0,1}
+    # A lossless conversion, not a problem (strict ignores it), but reported: as the README says.
     assert rep["issues"] == []
+    assert rep["counts"]["masks_0_255"] == 1 and rep["converted"] == {"masks_0_255": [f"train_masks/{i}_mask.gif"]}
+    assert read_json(res.dir / "manifest.json")["stats"]["masks_0_255"] == 1
+    assert "note    1 mask GIF(s) stored as 0/255 were read as 0/1" in capsys.readouterr().out
     row = pd.read_csv(res.dir / "train_index.csv").set_index("id").loc[i]
     full = read_mask(res.dir / row.mask_full)
     assert np.array_equal(full, m)
