@@ -11,6 +11,11 @@ never from state lost in the kill. Resuming needs the same number of processes
 how to go on. Another device is fine (a CPU checkpoint's empty GradScaler state
 leaves a CUDA run's scaler fresh; precision=auto changing with it is logged).
 
+Both files hold tensors and plain Python values only (dict, list, tuple, str, int, float,
+bool, None; the NumPy RNG state's key array as a tensor), and both are read back with
+torch's weights-only unpickler (:func:`safe_load`): a checkpoint from someone else (a Kaggle
+dataset) cannot run code when it is loaded, and one holding anything else is refused.
+
 The three parts of the protocol sit side by side here: :func:`save_epoch` (best.pt,
 the logs, then last.pt), :func:`load_last` (restore, or start anew), and
 :func:`rewrite_logs` (a fold with no epoch left to run rewrites the logs from last.pt).
@@ -19,7 +24,9 @@ from __future__ import annotations
 
 import csv
 import io
+import pickle
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +52,33 @@ class Progress:
     nonfinite: int = 0             # dropped updates so far (NonFiniteGuard.total)
 
 
+# ---------------------------------------------------------------------------- loading
+
+def safe_load(path: str | Path):
+    """``path`` read on the CPU with ``torch.load(weights_only=True)``: tensors and plain values.
+
+    A file that needs anything else (a pickled object or function, whose unpickling can run
+    arbitrary code) is refused before any of it is built: a one-line PipelineError naming the file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is many lines of advice to load it unsafely; keep what it found.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"e.g. {found.group(1)}" if found else str(e).strip().splitlines()[-1][:120]
+        raise PipelineError(f"{path}: refused to load, it holds non-tensor objects ({what}) and unpickling those "
+                            f"can run code; only tensors and plain values are loaded (torch weights_only): delete "
+                            f"it and retrain, or re-save it as tensors if you trust its source") from None
+
+
+def load_dict(path: str | Path) -> dict:
+    """:func:`safe_load` of a train checkpoint (best.pt / last.pt), which must be a dict."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict):
+        raise PipelineError(f"{path}: not a train checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
 # ---------------------------------------------------------------------------- last.pt
 
 def load_last(out: Path, key: str, model, optimizer, scheduler, scaler, *, device: torch.device,
@@ -58,7 +92,7 @@ def load_last(out: Path, key: str, model, optimizer, scheduler, scaler, *, devic
     last_path = out / LAST
     if not last_path.is_file():
         return Progress()
-    ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+    ckpt = load_dict(last_path)
     if ckpt.get("train_key") != key:
         log(f"{what}: {last_path} belongs to another config ({ckpt.get('train_key')}); starting anew")
         return Progress()
@@ -117,7 +151,7 @@ def load_best(model: torch.nn.Module, out: Path, what: str) -> None:
     best_path = out / BEST
     if not best_path.is_file():
         raise PipelineError(f"{what}: {best_path} missing after training (no epoch was scored)")
-    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(load_dict(best_path)["model"])
 
 
 def check_resume_world(ckpt: dict, world: int, last_path: Path, out: Path) -> None:
@@ -159,8 +193,14 @@ def rng_state(device: torch.device) -> dict:
 
     Only this process's GPU: get_rng_state_all() would create a CUDA context on every visible
     GPU from every DDP rank, and its list could not be restored where fewer GPUs are visible.
+
+    python: random.getstate(), (3, 625 ints, None); numpy: ("MT19937", int64 tensor (624,) of the
+    uint32 keys, pos, has_gauss, cached_gaussian) - a tensor, not NumPy's ndarray, which the
+    weights-only loader refuses; torch, cuda: uint8 tensors.
     """
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -170,7 +210,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     """Restore :func:`rng_state`. Checkpoints before train-3 hold a list (every visible GPU's
     state): the entry of this process's GPU is used, and none when that GPU was not there."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]     # keys: a tensor (an ndarray in checkpoints before safe loading)
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is None or device.type != "cuda":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .config import ConfigError, PipelineError
 from .data import MEAN, STD
 
@@ -123,7 +124,7 @@ def load_encoder_weights(model: torch.nn.Module, path: str) -> None:
         from safetensors.torch import load_file
         state = load_file(str(p))
     else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = checkpoint.safe_load(p)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in state.items()}
@@ -184,11 +185,15 @@ def build_model(arch: str, encoder: str, encoder_weights: str = "none", **kwargs
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model saved in a train checkpoint; returns (model in eval mode, meta dict)."""
+    """Rebuild the model saved in a train checkpoint; returns (model in eval mode, meta dict).
+
+    Read with torch's weights-only unpickler: a checkpoint holding anything but tensors and plain
+    values (one that could run code when loaded) is refused with a PipelineError.
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = checkpoint.load_dict(path)
     model = build_model(ckpt["arch"], ckpt["encoder"], "none", **ckpt.get("model_kwargs", {}))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

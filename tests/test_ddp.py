@@ -60,8 +60,8 @@ def test_two_process_gloo_epoch(tmp_path):
     assert sorted(p.stem for p in (out / "oof").glob("*.png")) == val_ids
     oof = cache.read_json(out / "oof.json")
     assert oof["images"] == len(val_ids)
-    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["model"])    # saved unwrapped
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert len(last["rng"]) == 2 and last["world_size"] == 2            # every rank's RNG state
     assert oof["world_size"] == 2

@@ -148,7 +148,7 @@ def test_hflip_tta_is_mean_of_views(ckpt, test_set, tmp_path, stats):
     index, _ = test_set
     row = index.iloc[[1]]
     if stats is not None:
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         ckpt = tmp_path / "stats.pt"
         torch.save({**state, "input_stats": stats}, ckpt)
     res = predict.predict_fold(row, ckpt, tmp_path, tta.parse("hflip"), num_workers=0, precision="fp32",

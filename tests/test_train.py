@@ -52,11 +52,11 @@ def test_fold_writes_every_artifact(prepared, trained):
     assert s["images"] == len(val_ids) and 0 <= s["dice_model"] <= 1 and 0 <= s["dice_original"] <= 1
     # The OOF Dice at model size is the best epoch's validation Dice (same model, same images).
     assert s["dice_model"] == pytest.approx(m["val_dice"].max(), abs=0.02)
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == int(m.loc[m["val_dice"].idxmax(), "epoch"])
     assert (best["height"], best["width"]) == (64, 96)
     assert best["input_stats"] == models.input_stats(cfg.train.encoder, cfg.train.encoder_weights)
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_score", "train_key"):
         assert key in last, key
     assert last["train_key"] == train.train_key(cfg, prepared)

@@ -123,12 +123,12 @@ def test_ema_is_scored_and_checkpointed_beside_the_raw_weights(levers_run):
     assert m["size"].tolist() == ["32x64", "64x96", "64x96"]
     assert m["val_dice_ema"].notna().all() and ((m["val_dice_ema"] >= 0) & (m["val_dice_ema"] <= 1)).all()
     # EMA weights are not the raw ones (else scoring both would be pointless).
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert set(last["ema"]) == set(last["model"])
     assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"]
                if last["model"][k].is_floating_point())
     # best.pt holds whichever scored higher, and says which.
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     row = m.loc[m["epoch"] == best["epoch"]].iloc[0]
     assert best["best_score"] == pytest.approx(max(row["val_dice"], row["val_dice_ema"]))
     assert best["weights"] == ("ema" if row["val_dice_ema"] > row["val_dice"] else "raw")
@@ -180,7 +180,7 @@ def test_val_every_validates_every_nth_and_the_last_epoch(prepared, tmp_path):
     assert not m.loc[0, "best"]
     cols = ["train_loss", "val_loss", "val_dice", "val_dice_ema"]
     pd.testing.assert_frame_equal(m.loc[1:, cols], ref.loc[1:, cols], check_exact=False, rtol=1e-5)
-    best = torch.load(train.fold_dir(sparse, 0, prepared) / "best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(train.fold_dir(sparse, 0, prepared) / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] in (2, 3)
 
 

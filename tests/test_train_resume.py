@@ -66,7 +66,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
     out = train.fold_dir(cfg, 0, prepared)
     assert out.parent.name == ref_dir.parent.name          # num_workers is not in the key
     assert not cache.is_complete(out)
-    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 0
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 0
     assert len(pd.read_csv(out / "metrics.csv")) == 1
 
     # Rerun the same command: resumes after epoch 1 and finishes.
@@ -76,8 +76,8 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
     assert cache.is_complete(out)
     got, want = pd.read_csv(out / "metrics.csv"), pd.read_csv(ref_dir / "metrics.csv")
     pd.testing.assert_frame_equal(got[COMPARED], want[COMPARED], check_exact=False, rtol=1e-5)
-    a = torch.load(out / "best.pt", map_location="cpu", weights_only=False)["model"]
-    b = torch.load(ref_dir / "best.pt", map_location="cpu", weights_only=False)["model"]
+    a = torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(ref_dir / "best.pt", map_location="cpu", weights_only=True)["model"]
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert cache.read_json(out / "oof.json")["dice_original"] == \
@@ -91,8 +91,8 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
     x = torch.randn(2, 3, 64, 96)
     assert not torch.equal(model(x), model(x))
     # ... and the resumed run ends in the uninterrupted run's RNG states.
-    got_rng = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["rng"]
-    want_rng = torch.load(ref_dir / "last.pt", map_location="cpu", weights_only=False)["rng"]
+    got_rng = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["rng"]
+    want_rng = torch.load(ref_dir / "last.pt", map_location="cpu", weights_only=True)["rng"]
     assert len(got_rng) == len(want_rng) == 1
     assert torch.equal(got_rng[0]["torch"], want_rng[0]["torch"])
     assert got_rng[0]["python"] == want_rng[0]["python"]
@@ -127,7 +127,7 @@ def test_cpu_checkpoint_resumes_with_an_enabled_grad_scaler(tmp_path, monkeypatc
         with pytest.raises(Stop):
             train.run(cfg, prepared_dir=prepared)
     out = train.fold_dir(cfg, 0, prepared)
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["scaler"] == {} and last["precision"] == "fp32" and last["world_size"] == 1
     monkeypatch.setattr(train, "resolve_precision", lambda precision, device: "fp16")   # as on CUDA
     capsys.readouterr()
@@ -136,7 +136,7 @@ def test_cpu_checkpoint_resumes_with_an_enabled_grad_scaler(tmp_path, monkeypatc
     assert "resuming after epoch 1 of 2" in log
     assert "was trained in fp32 on cpu, this run uses fp16 on cpu" in log
     assert cache.is_complete(out)
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["precision"] == "fp16" and last["scaler"]["scale"] > 0     # the enabled scaler's own state
     # The helper: an empty state is skipped, a real one loaded.
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
@@ -226,7 +226,7 @@ def test_logs_are_written_before_last_pt(tmp_path, monkeypatch, capsys):
         m.setattr(cache, "atomic_path", atomic_path)
         with pytest.raises(Stop):
             train.run(cfg, prepared_dir=prepared)
-    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 0
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 0
     assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2]     # already there
     capsys.readouterr()
     train.run(cfg, prepared_dir=prepared)
