@@ -182,6 +182,7 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
     resolved = resolve_precision(precision, dev, "predict.precision")
     fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, resolved)
     fold_dir.mkdir(parents=True, exist_ok=True)
+    cache.sweep_temps([fold_dir, fold_dir / "shards"])   # killed runs' temps; a live shard's stay
     rows = index.iloc[shard_positions(len(index), shard)]
     todo = rows[~rows["id"].isin(done_ids(fold_dir))]
     if len(todo) or not (fold_dir / "meta.json").is_file():  # a finished shard needs no model
