@@ -51,7 +51,7 @@ help: ## list the targets and their variables (this text)
 	@echo "  WORST=n        images in inspect's worst grids     MSG=\"...\"   kaggle-submit message"
 	@echo "  RUN=key        inspect that run (a key from make runs) instead of this config's"
 	@echo "  FILES=a.zip,.. archives for download             HQ=1        also the HQ archives"
-	@echo "  CACHE=DIR      cache for runs/tensorboard (data/cache)  PORT=n  tensorboard port (6006)"
+	@echo "  CACHE=DIR      cache for runs/tensorboard/clean-cache (data/cache)  PORT=n  tensorboard port (6006)"
 	@echo "  CSV=F          runs: also write the table to F"
 	@echo "  BENCH=...      benchmark args (--quick, a name)"
 
@@ -102,8 +102,17 @@ test: venv ## run the test suite
 bench: venv ## run the benchmarks (BENCH=--quick, BENCH=tboard)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py $(BENCH)
 
-clean-cache: ## remove data/cache (every stage's artifacts)
-	rm -rf data/cache
+# The folder is data.cache as the stages resolve it (CONFIG, then CACHE=DIR when given on the
+# command line, then ARGS), printed by `python -m pipeline config`; no venv rebuild for a clean.
+clean-cache: ## remove data.cache (every stage's artifacts; CONFIG/ARGS/CACHE choose it, as for the stages)
+	@test -x $(PY) || { echo "clean-cache: no $(PY); run make venv" >&2; exit 2; }; \
+	cfg="$$($(PY) -m pipeline config $(STAGE_ARGS) $(if $(filter command line,$(origin CACHE)),data.cache=$(CACHE)))" \
+	    || exit 2; \
+	dir="$$(printf '%s\n' "$$cfg" | $(PY) -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["data"]["cache"])')" \
+	    || exit 2; \
+	case "$$(realpath -m -- "$$dir")" in /|"$$(realpath .)"|"$$HOME") \
+	    echo "clean-cache: refusing to remove $$dir" >&2; exit 2;; esac; \
+	echo "rm -rf $$dir"; rm -rf -- "$$dir"
 
 # --- issue 11: seeing the work
 config: venv ## print the resolved config (CONFIG, RAW, ARGS)

@@ -6,21 +6,42 @@ stage writes ``manifest.json`` last, so a directory without it is incomplete
 and is never trusted. Every file is written to a temporary name in the same
 directory and renamed into place, so a killed run never leaves a half-written
 file under its final name.
+
+Temp files are named ``.<name>.tmp.<host>-<pid>.<random><ext>`` (host: a hash of the
+hostname): :func:`sweep_temps`, called by each stage as it starts, removes those whose
+writer is gone (a process of this host that no longer exists) and, whoever wrote them,
+those untouched for ``STALE_TEMP_S`` (another host's, or an older naming without a pid); a
+live writer's temp is never touched. A write that fails because the disk is full or a
+file-size limit is hit raises a one-line :class:`PipelineError` naming the file; its temp
+is removed and nothing is renamed, so no half artifact is ever marked complete.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from .config import stable_hash
+from . import faults
+from .config import PipelineError, stable_hash
 
 MANIFEST = "manifest.json"
+# A temp file not modified for this long has no live writer, whoever wrote it: writes take ms,
+# and a long streamed write (submit's CSV) touches its temp with every chunk.
+STALE_TEMP_S = 600
+# Which host wrote a temp: its pid means something only there (data.cache may be shared by nodes).
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP = re.compile(r"\.(?P<name>.+)\.tmp\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+.*")
+# errno values that mean "no room": the disk (or quota) is full, or a file-size limit (ulimit -f).
+NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 # mkstemp creates 0600 files; artifacts should get the usual permissions (0666 less the umask).
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -35,18 +56,118 @@ def atomic_path(path: str | Path, suffix: str | None = None):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp name starts with "." and ends with the real extension so format-sniffing writers work.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", suffix=suffix if suffix is not None else path.suffix,
-                               dir=path.parent)
+    # Temp name starts with "." and ends with the real extension so format-sniffing writers work;
+    # host and pid tell a later sweep whether its writer is still alive.
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.{_HOST}-{os.getpid()}.",
+                                   suffix=suffix if suffix is not None else path.suffix, dir=path.parent)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise _no_room(path, e.strerror) from None
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
+        faults.point("write")
         os.replace(tmp, path)
-    except BaseException:
+        faults.point("rename")
+    except BaseException as e:
+        why = _no_room_reason(e, tmp)   # before the temp goes: its size tells a file-size limit
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if why:
+            raise _no_room(path, why) from None
         raise
+
+
+def _no_room_reason(e: BaseException, tmp: str) -> str | None:
+    """Why this write failed, when it failed for want of room; None for any other failure.
+
+    An OSError says so by its errno, also as the cause or context of another error (torch.save
+    into a file object). torch.save to a path says only "enforce fail ... unexpected pos" (a
+    RuntimeError): then it is for want of room when the file system has no free block left, or
+    the temp reached this process's file-size limit (RLIMIT_FSIZE).
+    """
+    seen = e
+    for _ in range(5):
+        if isinstance(seen, OSError) and seen.errno in NO_ROOM:
+            return seen.strerror or os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+        if seen is None:
+            break
+    if not isinstance(e, RuntimeError):
+        return None
+    if _disk_full(os.path.dirname(tmp)):
+        return os.strerror(errno.ENOSPC)
+    if _at_size_limit(tmp):
+        return os.strerror(errno.EFBIG)
+    return None
+
+
+def _disk_full(directory: str) -> bool:
+    try:
+        return os.statvfs(directory).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _at_size_limit(tmp: str) -> bool:
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        return soft != resource.RLIM_INFINITY and os.path.getsize(tmp) >= soft
+    except (ImportError, OSError, ValueError):
+        return False
+
+
+def _no_room(path: Path, why: str) -> PipelineError:
+    return PipelineError(f"{path}: write failed ({why}): the disk is full or a file-size limit was hit; "
+                         "nothing was written under this name and the stage is not marked complete; "
+                         "free space (or lift the limit) and rerun the same command")
+
+
+def sweep_temps(dirs, max_age_s: float = STALE_TEMP_S) -> int:
+    """Remove the temp files (see the module docstring) that killed writers left in ``dirs``.
+
+    A temp is removed when its writer was a process of this host that is gone, or when it has
+    not been modified for ``max_age_s`` (another host's writer, or a name without a pid). A
+    temp of a live process of this host (a concurrent shard, a DDP rank, this very process)
+    that is younger is left alone. Only the given directories, not below. Returns the count.
+    """
+    cutoff, n, me = time.time() - max_age_s, 0, os.getpid()
+    for d in dirs:
+        try:
+            names = [e.name for e in os.scandir(d) if e.name.startswith(".") and ".tmp." in e.name]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
+            p = Path(d) / name
+            m = _TEMP.fullmatch(name)
+            try:
+                if m and m["host"] == _HOST and int(m["pid"]) != me and not _alive(int(m["pid"])):
+                    p.unlink()
+                elif p.stat().st_mtime < cutoff and not (m and int(m["pid"]) == me and m["host"] == _HOST):
+                    p.unlink()
+                else:
+                    continue
+                n += 1
+            except FileNotFoundError:     # another sweep got there first
+                pass
+    return n
+
+
+def _alive(pid: int) -> bool:
+    """Does process ``pid`` exist on this host? (A zombie counts as alive: it is not reaped yet.)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # exists, another user's
+        return True
+    except OSError:
+        return True                  # unknown: keep the temp
+    return True
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

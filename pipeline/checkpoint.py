@@ -127,16 +127,18 @@ def save_epoch(out: Path, meta: dict, state: dict, optimizer, scheduler, scaler,
     files before it, so metrics.csv and curve.png are never a row short of last.pt.
     """
     if progress.history[-1]["best"]:
-        with cache.atomic_path(out / BEST) as tmp:
+        # Into a file object, not the temp's path: torch.save names the zip's root folder after a
+        # path's file name (the random temp name), so the same weights would never give the same bytes.
+        with cache.atomic_path(out / BEST) as tmp, open(tmp, "wb") as fh:
             torch.save({**meta, "model": ema_state if best_is_ema else state,
                         "weights": "ema" if best_is_ema else "raw", "epoch": epoch + 1, "best_score": progress.best},
-                       tmp)
+                       fh)
     write_logs(out, progress.history, title)
-    with cache.atomic_path(out / LAST) as tmp:
+    with cache.atomic_path(out / LAST) as tmp, open(tmp, "wb") as fh:
         torch.save({**meta, "model": state, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch, "best_score": progress.best,
-                    "history": progress.history, "nonfinite_total": progress.nonfinite, "ema": ema_state}, tmp)
+                    "history": progress.history, "nonfinite_total": progress.nonfinite, "ema": ema_state}, fh)
 
 
 def rewrite_logs(out: Path, progress: Progress, epochs: int, title: str) -> None:

@@ -57,6 +57,7 @@ def run(cfg: Config, prepared_dir: str | Path | None = None) -> dict:
     prepared = prepare.locate(cfg, prepared_dir)
     root = run_dir(cfg, prepared)
     folds = fold_numbers(prepared)
+    cache.sweep_temps([root])      # a killed run's oof_summary.json temp
     summary = summarize({k: root / f"fold{k}" for k in folds})
     cache.write_json(root / "oof_summary.json", summary)
     for k, f in summary["folds"].items():

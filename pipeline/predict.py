@@ -182,6 +182,7 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
     resolved = resolve_precision(precision, dev, "predict.precision")
     fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, resolved)
     fold_dir.mkdir(parents=True, exist_ok=True)
+    cache.sweep_temps([fold_dir, fold_dir / "shards"])   # killed runs' temps; a live shard's stay
     rows = index.iloc[shard_positions(len(index), shard)]
     todo = rows[~rows["id"].isin(done_ids(fold_dir))]
     if len(todo) or not (fold_dir / "meta.json").is_file():  # a finished shard needs no model
@@ -189,7 +190,8 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
     if len(todo):
         geoms = _placements(todo, size)
         _predict_images(model, todo, geoms, size, stats, fold_dir, ttas, dev, resolved,
-                        batch_size=batch_size, num_workers=num_workers, max_forward=max_forward, progress=progress)
+                        batch_size=batch_size, num_workers=num_workers, max_forward=max_forward, progress=progress,
+                        log=log)
     cache.write_json(fold_dir / "shards" / f"{shard[0]}of{shard[1]}.json",
                      {"shard": f"{shard[0]}/{shard[1]}", "images": len(rows), "finished_at": time.time()})
     if done_ids(fold_dir).issuperset(index["id"]):
@@ -239,8 +241,11 @@ def _placements(todo: pd.DataFrame, size: tuple[int, int]) -> list[dict]:
 
 def _predict_images(model, todo: pd.DataFrame, geoms: list[dict], size: tuple[int, int], stats: tuple,
                     fold_dir: Path, ttas: list[tta_mod.TTA], dev: torch.device, resolved: str, *,
-                    batch_size: int, num_workers: int, max_forward: int, progress: bool) -> None:
-    """Decode, predict (TTA mean of sigmoids) and write ``<id>.png`` for every row of ``todo``."""
+                    batch_size: int, num_workers: int, max_forward: int, progress: bool, log=print) -> None:
+    """Decode, predict (TTA mean of sigmoids) and write ``<id>.png`` for every row of ``todo``.
+
+    Out of GPU memory, the images per model call are halved and the batch retried (see
+    :class:`_Fitting`), for the rest of the run."""
     model = model.to(memory_format=torch.channels_last)
     reductions = [jpeg_reduction(int(r["orig_height"]), int(r["orig_width"]), g)
                   for r, g in zip(todo.to_dict("records"), geoms)]
@@ -252,11 +257,12 @@ def _predict_images(model, todo: pd.DataFrame, geoms: list[dict], size: tuple[in
     # at most `max_pending` images wait, so memory does not grow with the number of images.
     pending: deque = deque()
     max_pending = 4 * batch_size
+    fitting = _Fitting(max_forward, log)
     with ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode(), autocast(dev.type, resolved):
         for images, pos in tqdm(loader, desc=f"predict {fold_dir.name}", unit="batch", disable=not progress,
                                 mininterval=5.0):
             x, _ = to_device(images, None, dev, stats=stats)
-            prob = tta_mod.predict_proba(model, x, ttas, max_forward)[:, 0]
+            prob = fitting.proba(model, x, ttas)[:, 0]
             prob_u8 = (prob * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
             for k, p in zip(pos.tolist(), prob_u8):
                 pending.append(pool.submit(_write_png, prob_path(fold_dir, ids[k]), p))
@@ -264,6 +270,38 @@ def _predict_images(model, todo: pd.DataFrame, geoms: list[dict], size: tuple[in
                 pending.popleft().result()
         while pending:
             pending.popleft().result()
+
+
+class _Fitting:
+    """``tta.predict_proba`` that halves the images per model call on CUDA out-of-memory.
+
+    ``cap``: images (TTA views included) per model call, 0 = a batch's views of one scale at
+    once (``predict.max_forward``). An OutOfMemoryError halves it (from the size of the call
+    that failed), logs one line and retries the same batch; the smaller cap stays for the rest
+    of the run (what failed once would fail again). The cap changes no map beyond fp32 sums run
+    in another order (at most one level of 255, as ``predict.max_forward``), so the cache key
+    stays. At one image per call the error is a PipelineError saying what to change.
+    """
+
+    def __init__(self, max_forward: int, log=print):
+        self.cap, self.log = max_forward, log
+
+    def proba(self, model, x: torch.Tensor, ttas: list[tta_mod.TTA]) -> torch.Tensor:
+        while True:
+            try:
+                return tta_mod.predict_proba(model, x, ttas, self.cap)
+            except torch.cuda.OutOfMemoryError:
+                pass    # handled out here: the exception's frames hold the failed call's tensors
+            widest = x.shape[0] * max(sum(t.scale == s for t in ttas) for s in {t.scale for t in ttas})
+            tried = min(self.cap, widest) if self.cap > 0 else widest
+            if tried <= 1:
+                raise PipelineError(f"predict: out of GPU memory with one {tuple(x.shape[-2:])} image per "
+                                    "model call; free the GPU, or use predict.precision=fp16 or predict.device=cpu")
+            if x.is_cuda:
+                torch.cuda.empty_cache()     # the failed call's blocks, before the smaller retry
+            self.cap = tried // 2
+            self.log(f"predict: out of GPU memory at {tried} images per model call; halved to {self.cap} "
+                     f"(as predict.max_forward={self.cap}), retrying the batch")
 
 
 def _write_manifest(fold_dir: Path, index: pd.DataFrame, ckpt_path: Path, ckpt_hash: str,

@@ -41,7 +41,6 @@ old cache stays valid) lack it and are counted in ``counts.masks_0_255_unrecorde
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -303,18 +302,10 @@ def _converted_masks(jobs: list[dict], records: dict[str, dict]) -> dict:
 
 
 def _sweep_temps(dirs: list[Path]) -> int:
-    """Remove temp files (``.<name>.tmp.*``) that killed runs left behind; never a recent one,
-    which may belong to a run in progress. Returns how many were removed."""
-    cutoff, n = time.time() - STALE_TEMP_S, 0
-    for d in dirs:
-        for p in d.glob(".*.tmp.*"):
-            try:
-                if p.stat().st_mtime < cutoff:
-                    p.unlink()
-                    n += 1
-            except FileNotFoundError:
-                pass
-    return n
+    """Remove temp files (``.<name>.tmp.*``) that killed runs left behind: those of a dead writer
+    of this host, and any older than STALE_TEMP_S; never a live writer's (``cache.sweep_temps``).
+    Returns how many were removed."""
+    return cache.sweep_temps(dirs, STALE_TEMP_S)
 
 
 def _pair_stem(file: str, train_dir: str) -> str | None:

@@ -42,7 +42,7 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm import tqdm  # issue 11
 
-from . import cache, probmaps, rle
+from . import cache, faults, probmaps, rle
 from .config import Config, PipelineError, stable_hash
 from .ensemble import weighted_map
 from .geometry import GEOM_COLS, to_original
@@ -206,6 +206,7 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
                 f.write("".join(f"{imgs[pos + j]},{c}\n" for j, c in enumerate(codes)).encode())
                 pos += len(codes)
                 bar.update(len(codes))  # issue 11
+                faults.point("submit.chunk")    # kill -9 tests: a half-written temp CSV
             bar.close()  # issue 11
         finally:
             f.close()
@@ -320,6 +321,7 @@ def run(cfg: Config) -> Path:
         print(f"submit: warning: threshold {threshold} from an incomplete OOF summary "
               f"(folds missing {r.thr.get('oof_folds_missing')}): {source}")
     out = Path(cfg.data.submissions) / (cfg.submit.name + (".csv.gz" if cfg.submit.gzip else ".csv"))
+    cache.sweep_temps([out.parent])     # CSV temps of killed runs (a live writer's stay)
     key = stable_hash({**r.key, "test_index": cache.file_fingerprint(r.test_index),
                        "sample": cache.file_fingerprint(sample), "gzip": cfg.submit.gzip, "code": CODE_VERSION})
     side = sidecar_path(out)

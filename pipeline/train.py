@@ -153,6 +153,7 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
     out = fold_dir(cfg, k, prepared)
     if cache.is_complete(out):
         return _cached(out, k, d)
+    cache.sweep_temps([out, out / "oof"])      # temps of killed runs (never a live rank's)
     f = _setup(cfg, prepared, index, k, d, out)
     data = _data(f, index, prepared)
     parts = _build(f, data)
