@@ -7,9 +7,10 @@ shard, one prepare key) runs once: the second process waits, printing one line
 ``<what>: waiting for <lock> held by pid P on host H since T``, and then finds the
 artifact cached. The caller checks the cache again after taking the lock.
 
-A lock is a file beside the directory it guards (:func:`lock_path`: ``fold0.lock`` beside
-``fold0/``), never inside it, so no stage ever lists it as an artifact; its holder record
-is ``<lock>.json`` (pid, host, start time, what, command line). Both stay small and may be
+Locks live in ``<cache>/locks/``, mirroring the artifact they guard (:func:`lock_path`:
+``locks/train/<key>/fold0.lock`` for ``train/<key>/fold0/``), so no stage ever lists one as
+an artifact; a lock's holder record is ``<lock>.json`` (pid, host, start time, what, command
+line). Lock files stay after release (flock needs no cleanup); ``<cache>/locks`` may be
 deleted whenever no process runs.
 
 Which mechanism guarantees what:
@@ -53,13 +54,22 @@ from . import cache
 from .config import PipelineError
 
 POLL_S = 1.0          # between tries while another process holds the lock
+LOCKS = "locks"       # <cache>/locks/: every lock file and holder record
 
 
-def lock_path(directory: str | Path, part: str = "") -> Path:
-    """The lock guarding ``directory`` (or one ``part`` of it, e.g. a predict shard): a file
-    beside it, ``<name><part>.lock``."""
-    d = Path(directory)
-    return d.parent / f"{d.name}{part}.lock"
+def lock_path(cache_root: str | Path, directory: str | Path, part: str = "") -> Path:
+    """The lock guarding ``directory`` (or one ``part`` of it, e.g. a predict shard):
+    ``<cache>/locks/<directory relative to the cache><part>.lock``.
+
+    In a tree of its own, not beside the artifact: no stage ever lists a lock as an artifact,
+    and a run that fails before writing anything (a config error) leaves no artifact directory.
+    """
+    root, d = Path(cache_root), Path(directory)
+    try:
+        rel = d.relative_to(root)
+    except ValueError:           # not under the cache (never in the pipeline): the lock goes beside it
+        return d.parent / f"{d.name}{part}.lock"
+    return root / LOCKS / rel.parent / f"{d.name}{part}.lock"
 
 
 def record_path(lock: str | Path) -> Path:

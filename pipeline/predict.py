@@ -169,7 +169,7 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
     ckpt_hash = ckpt_hash or checkpoint_hash(ckpt_path)
     dev = resolve_device(device, "predict.device")
     fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, resolve_precision(precision, dev, "predict.precision"))
-    with locks.stage_lock(locks.lock_path(fold_dir, f".shard{shard[0]}of{shard[1]}"),
+    with locks.stage_lock(locks.lock_path(cache_root, fold_dir, f".shard{shard[0]}of{shard[1]}"),
                           f"predict shard {shard[0]}/{shard[1]}", log=log):
         return _predict_fold(index, ckpt_path, cache_root, ttas, shard=shard, device=device, precision=precision,
                              ckpt_hash=ckpt_hash, log=log, **kwargs)

@@ -9,7 +9,7 @@ Caching (the DVC idea, in-process):
   train/test directory names), ``CODE_VERSION`` and stat-only fingerprints (name,
   size, mtime) of every raw file. ``artifact_dir(cfg)`` computes it without reading
   any pixel. A complete dir for the key means: no work, one line "cached". A second process
-  on a key being built waits for ``<key>.lock`` (pipeline.locks), then reports it cached.
+  on a key being built waits for the key's lock (pipeline.locks), then reports it cached.
 - Per-image outputs are content-addressed under ``<cache>/prepare/files/``:
   ``full/<id>.<h>.png`` (full-size mask, keyed by the mask file and code),
   ``<H>x<W>-<fit>/<id>.<h>.png|_mask.png|.json`` (resized image, resized mask and a
@@ -217,7 +217,7 @@ def execute(cfg: Config) -> Result:
     if cache.is_complete(out):
         return _cached(cfg, out)
     # One process builds a key at a time; another waits for the lock, then finds it cached.
-    with locks.stage_lock(locks.lock_path(out), f"prepare {key}"):
+    with locks.stage_lock(locks.lock_path(cfg.data.cache, out), f"prepare {key}"):
         if cache.is_complete(out):
             return _cached(cfg, out)
         return _build(cfg, scan, params, inputs, key, out)

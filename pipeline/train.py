@@ -153,7 +153,7 @@ class Parts:
 def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist) -> dict:
     """Train fold ``k`` (or resume it, or report it cached). Returns the fold summary (oof.json).
 
-    One process (one DDP job) trains a fold at a time: another waits for ``fold<k>.lock``
+    One process (one DDP job) trains a fold at a time: another waits for its lock
     (pipeline.locks; under DDP rank 0 holds it for every rank), then finds the fold cached.
     """
     out = fold_dir(cfg, k, prepared)
@@ -161,7 +161,7 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
     agree = (lambda value: gather(value, d)[0]) if d.active else None
     if (agree or bool)(cache.is_complete(out)):
         return _cached(out, k, d)
-    with locks.stage_lock(locks.lock_path(out), f"train fold {k}", main=d.main, agree=agree):
+    with locks.stage_lock(locks.lock_path(cfg.data.cache, out), f"train fold {k}", main=d.main, agree=agree):
         if (agree or bool)(cache.is_complete(out)):     # trained by the process this one waited for
             return _cached(out, k, d)
         return _train_fold(cfg, prepared, index, k, d, out)

@@ -116,7 +116,7 @@ def test_two_folds_at_once_both_finish_into_one_run(prepared, tmp_path):
         d = run / f"fold{k}"
         assert cache.is_complete(d) and cache.read_manifest(d)["fold"] == k
         assert torch.load(d / "last.pt", map_location="cpu", weights_only=False)["fold"] == k
-        assert not locks.record_path(locks.lock_path(d)).exists()      # released: no holder record left
+        assert not locks.record_path(locks.lock_path(cache_root, d)).exists()      # released: no holder record left
     log = (run / "train.log").read_text()                              # above the folds, appended by both
     assert log.count("=== ok") == 2 and log.count("python -m pipeline train") == 2
     assert all(f"fold {k}: OOF Dice" in log for k in (0, 1))
