@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import cache, prepare, tta as tta_mod
+from . import cache, locks, prepare, tta as tta_mod
 from .config import Config, ConfigError, PipelineError, check_max_forward, stable_hash
 from .data import cv2_single_thread, read_image, to_device
 from .geometry import jpeg_reduction, row_geometry, to_model
@@ -160,9 +160,24 @@ class FoldResult:
     seconds: float
 
 
-@cv2_single_thread()
 def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | Path, ttas: list[tta_mod.TTA], *,
-                 shard: tuple[int, int] = (0, 1), batch_size: int = 8, num_workers: int = 2,
+                 shard: tuple[int, int] = (0, 1), device: str = "auto", precision: str = "auto",
+                 ckpt_hash: str | None = None, log=print, **kwargs) -> FoldResult:
+    """:func:`_predict_fold` (its docstring has the arguments) under the shard's lock: a second
+    process on the same shard of the same directory waits (pipeline.locks), then finds its
+    images cached; other shards run in parallel."""
+    ckpt_hash = ckpt_hash or checkpoint_hash(ckpt_path)
+    dev = resolve_device(device, "predict.device")
+    fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, resolve_precision(precision, dev, "predict.precision"))
+    with locks.stage_lock(locks.lock_path(cache_root, fold_dir, f".shard{shard[0]}of{shard[1]}"),
+                          f"predict shard {shard[0]}/{shard[1]}", log=log):
+        return _predict_fold(index, ckpt_path, cache_root, ttas, shard=shard, device=device, precision=precision,
+                             ckpt_hash=ckpt_hash, log=log, **kwargs)
+
+
+@cv2_single_thread()
+def _predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | Path, ttas: list[tta_mod.TTA], *,
+                  shard: tuple[int, int] = (0, 1), batch_size: int = 8, num_workers: int = 2,
                  device: str = "auto", precision: str = "auto", max_forward: int = 0, ckpt_hash: str | None = None,
                  config: dict | None = None, log=print, progress: bool = True) -> FoldResult:
     """Predict this shard's test images with one checkpoint; skip those already on disk.

@@ -8,7 +8,8 @@ Caching (the DVC idea, in-process):
 - ``key`` hashes the stage parameters (``cfg.prepare`` minus run-only knobs, plus the
   train/test directory names), ``CODE_VERSION`` and stat-only fingerprints (name,
   size, mtime) of every raw file. ``artifact_dir(cfg)`` computes it without reading
-  any pixel. A complete dir for the key means: no work, one line "cached".
+  any pixel. A complete dir for the key means: no work, one line "cached". A second process
+  on a key being built waits for the key's lock (pipeline.locks), then reports it cached.
 - Per-image outputs are content-addressed under ``<cache>/prepare/files/``:
   ``full/<id>.<h>.png`` (full-size mask, keyed by the mask file and code),
   ``<H>x<W>-<fit>/<id>.<h>.png|_mask.png|.json`` (resized image, resized mask and a
@@ -49,7 +50,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from . import cache, ingest, rle
+from . import cache, ingest, locks, rle
 from .config import Config, PipelineError, stable_hash, validate
 from .folds import make_folds
 from .geometry import GEOM_COLS, geometry, jpeg_reduction, resize_mask, to_model
@@ -214,14 +215,22 @@ def run(cfg: Config) -> Path:
 def execute(cfg: Config) -> Result:
     """``run`` that also returns what it did (tests and benchmarks assert on ``stats``)."""
     validate(cfg)
-    p = cfg.prepare
     scan = ingest.scan(cfg)
     params, inputs = _params(cfg), _inputs(scan)
     key = cache.stage_key(params, CODE_VERSION, inputs)
     out = cache.stage_dir(cfg.data.cache, STAGE, key)
     if cache.is_complete(out):
         return _cached(cfg, out)
+    # One process builds a key at a time; another waits for the lock, then finds it cached.
+    with locks.stage_lock(locks.lock_path(cfg.data.cache, out), f"prepare {key}"):
+        if cache.is_complete(out):
+            return _cached(cfg, out)
+        return _build(cfg, scan, params, inputs, key, out)
 
+
+def _build(cfg: Config, scan: Scan, params: dict, inputs: dict, key: str, out: Path) -> Result:
+    """:func:`execute`'s work for a key not yet cached, under the key's lock."""
+    p = cfg.prepare
     root = cache.stage_dir(cfg.data.cache, STAGE, "")
     issues = list(scan.issues)
     frames = {}

@@ -10,6 +10,8 @@ Each fold writes under ``<cache>/train/<train_key>/fold<k>/`` (see docs/design.m
   results), the training data key (prepare.train_data_key: train-side files and
   prepare parameters, not the test set) and CODE_VERSION. A changed config trains
   anew under a new key; a fold with a manifest is not trained again.
+- Many processes: folds train in parallel (``make train FOLD=0`` and ``FOLD=1`` at once); a
+  second process on the same fold waits for its lock, then reports it cached (pipeline.locks).
 - :func:`train_fold` is the driver; its steps live where a newcomer would look:
   the loop, precision, accumulation and the non-finite guard in ``pipeline.loop``;
   the ``last.pt`` resume protocol and ``best.pt`` in ``pipeline.checkpoint``; DDP in
@@ -39,7 +41,7 @@ import torch
 import yaml
 from torch.utils.data import DistributedSampler
 
-from . import cache, checkpoint, prepare, tboard
+from . import cache, checkpoint, locks, prepare, tboard
 from .config import Config, ConfigError, PipelineError, parse_progressive, stable_hash, validate
 from .data import SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image
 from .distributed import Dist, ShardSampler, all_sum, barrier, dist_close, dist_init, gather, sync_buffers, wrap
@@ -149,11 +151,25 @@ class Parts:
 
 
 def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist) -> dict:
-    """Train fold ``k`` (or resume it, or report it cached). Returns the fold summary (oof.json)."""
+    """Train fold ``k`` (or resume it, or report it cached). Returns the fold summary (oof.json).
+
+    One process (one DDP job) trains a fold at a time: another waits for its lock
+    (pipeline.locks; under DDP rank 0 holds it for every rank), then finds the fold cached.
+    """
     out = fold_dir(cfg, k, prepared)
-    if cache.is_complete(out):
+    # Under DDP every decision is rank 0's (another job may finish the fold between two ranks' checks).
+    agree = (lambda value: gather(value, d)[0]) if d.active else None
+    if (agree or bool)(cache.is_complete(out)):
         return _cached(out, k, d)
-    cache.sweep_temps([out, out / "oof"])      # temps of killed runs (never a live rank's)
+    with locks.stage_lock(locks.lock_path(cfg.data.cache, out), f"train fold {k}", main=d.main, agree=agree):
+        if (agree or bool)(cache.is_complete(out)):     # trained by the process this one waited for
+            return _cached(out, k, d)
+        cache.sweep_temps([out, out / "oof"])      # temps of killed runs (never a live rank's)
+        return _train_fold(cfg, prepared, index, k, d, out)
+
+
+def _train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist, out: Path) -> dict:
+    """:func:`train_fold`'s work, under the fold's lock."""
     f = _setup(cfg, prepared, index, k, d, out)
     data = _data(f, index, prepared)
     parts = _build(f, data)

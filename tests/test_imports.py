@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "pipeline"
 STAGES = {"prepare", "testset", "train", "oof", "predict", "submit", "synth", "inspection", "runs", "kaggle_cli"}
 BLOCKS = {"config", "cache", "ingest", "parallel", "geometry", "probmaps", "precision", "data", "models",
           "pretrained", "losses", "loop", "distributed", "checkpoint", "tta", "rle", "metrics", "folds",
-          "validate", "score", "ensemble", "overlay", "tboard", "explain", "faults"}
+          "validate", "score", "ensemble", "overlay", "tboard", "explain", "faults", "locks"}
 ENTRY = {"__init__", "__main__", "cli", "stagelog"}   # parse arguments, then import a stage by name
 
 
