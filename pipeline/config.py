@@ -9,8 +9,8 @@ one line naming the file and the line.
 
 ``data.cache`` may be anywhere, inside the project or not (another disk is a good
 reason). A ``data.cache`` set outside the project that does not exist yet gets a one-line
-note on stderr (once: the first stage creates it), because ``make clean-cache`` only removes
-``data/cache``. A cache inside ``data.raw`` (or equal to it) is refused: stage outputs
+note on stderr (once: the first stage creates it): nothing else in the project points at it, and
+``make clean-cache`` removes it only when given the same CONFIG/ARGS (or ``CACHE=``). A cache inside ``data.raw`` (or equal to it) is refused: stage outputs
 would be written into the user's input data.
 """
 from __future__ import annotations
@@ -327,7 +327,7 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
         # command after: nothing in the project cleans it, and a typo shows up here.
         shown = cfg.data.cache + (f" ({cache})" if cache != cfg.data.cache else "")
         print(f"config: note: data.cache={shown} is outside the project {PROJECT} and new: allowed, "
-              "but `make clean-cache` will not remove it", file=sys.stderr)
+              "and `make clean-cache` removes it only with the same CONFIG/ARGS (or CACHE=)", file=sys.stderr)
     return cfg
 
 

@@ -288,7 +288,7 @@ def test_config_yaml_list_tab_and_bytes_are_one_line_errors(tmp_path):
 
 def test_data_cache_outside_the_project_is_allowed_with_a_note(tmp_path, capsys):
     """The rule: data.cache may be anywhere (another disk is a good reason); a new one outside the
-    project gets one stderr line, since `make clean-cache` only removes data/cache (once: when it
+    project gets one stderr line, since `make clean-cache` removes it only given the same settings (once: when it
     exists, the commands after stay quiet). A cache inside data.raw (or equal to it) is refused:
     stage outputs would be written into the input data."""
     elsewhere = tmp_path / "other disk" / "cache"
