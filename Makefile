@@ -13,6 +13,8 @@ MASKS  ?=
 TEST_DIR ?= test
 ARGS   ?=
 NPROC  ?= 2
+NNODES ?= 1
+RDZV   ?=
 BENCH  ?=
 CACHE  ?= data/cache
 MSG    ?=
@@ -31,7 +33,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 # Not HF_HUB_OFFLINE: encoder_weights=imagenet downloads from the hub for users who are online.
 # Tests and benchmarks never need the hub and set it themselves.
 
-.PHONY: help all venv demo-data prepare train train-ddp oof predict submit validate score test bench clean-cache \
+.PHONY: help all venv demo-data prepare train train-ddp oof predict predict-ddp submit validate score test bench clean-cache \
         inspect runs tensorboard download kaggle-submit config
 # The stages depend on each other's files: never run them side by side, even under `make -j`.
 .NOTPARALLEL:
@@ -47,7 +49,8 @@ help: ## list the targets and their variables (this text)
 	@echo "  FOLD=k         train and predict fold k only      SHARD=i/N   predict part i of N"
 	@echo "  ARGS=\"k=v ..\"  any config key (python -m pipeline config --help lists them)"
 	@echo "  SUB=F MASKS=D  a submission and its true masks (validate, score, inspect, kaggle-submit)"
-	@echo "  TEST_DIR=NAME  test folder for validate (test_hq)  NPROC=n     processes for train-ddp"
+	@echo "  TEST_DIR=NAME  test folder for validate (test_hq)  NPROC=n     processes (per node) for *-ddp"
+	@echo "  NNODES=n RDZV=host:port   *-ddp across n machines (the same command on each; host = node 0)"
 	@echo "  WORST=n        images in inspect's worst grids     MSG=\"...\"   kaggle-submit message"
 	@echo "  RUN=key        inspect that run (a key from make runs) instead of this config's"
 	@echo "  FILES=a.zip,.. archives for download             HQ=1        also the HQ archives"
@@ -77,15 +80,24 @@ prepare: venv ## check the raw data, resize, assign folds
 train: venv ## train the fold(s) (FOLD=k for one), OOF maps, TensorBoard events
 	$(PY) scripts/train.py $(STAGE_ARGS)
 
+# torchrun on this machine (--standalone), or on NNODES machines when RDZV=host:port (node 0's
+# address, a free port): every node runs the same command; the c10d rendezvous numbers the ranks.
+TORCHRUN := .venv/bin/torchrun $(if $(RDZV),--nnodes $(NNODES) --rdzv-backend c10d --rdzv-endpoint $(RDZV) \
+            --rdzv-id carvana-$(NNODES)x$(NPROC),--standalone) --nproc_per_node $(NPROC)
+
 # The same training under torchrun/DistributedDataParallel (gloo on CPU, nccl on CUDA).
-train-ddp: venv ## the same under torchrun, NPROC processes
-	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pipeline train $(STAGE_ARGS)
+train-ddp: venv ## the same under torchrun, NPROC processes (per node; NNODES= RDZV=host:port across nodes)
+	$(TORCHRUN) -m pipeline train $(STAGE_ARGS)
 
 oof: venv ## pooled OOF Dice and the best threshold
 	$(PY) scripts/oof.py $(STAGE_ARGS)
 
 predict: venv ## test probabilities per fold, with TTA (SHARD=i/N)
 	$(PY) scripts/predict.py $(STAGE_ARGS)
+
+# One shard per rank (RANK/WORLD_SIZE); rank 0 returns once every shard is on disk, so submit can follow.
+predict-ddp: venv ## predict under torchrun, one shard per process (NPROC, NNODES= RDZV= as train-ddp)
+	$(TORCHRUN) -m pipeline predict $(STAGE_ARGS)
 
 submit: venv ## fold ensemble -> threshold -> RLE -> validated CSV + sidecar
 	$(PY) scripts/submit.py $(STAGE_ARGS)

@@ -27,8 +27,10 @@ is ``pipeline.probmaps``.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -193,7 +195,7 @@ def _predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | 
     check_max_forward(max_forward)
     ckpt_path = Path(ckpt_path)
     ckpt_hash = ckpt_hash or checkpoint_hash(ckpt_path)
-    dev = resolve_device(device, "predict.device")
+    dev = resolve_device(device, "predict.device", _torchrun_local_rank())
     resolved = resolve_precision(precision, dev, "predict.precision")
     fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, resolved)
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -331,6 +333,65 @@ def _write_manifest(fold_dir: Path, index: pd.DataFrame, ckpt_path: Path, ckpt_h
                          outputs={"images": int(len(index))}, config=config)
 
 
+# ----------------------------------------------------------------------------- one shard per torchrun rank
+# `make predict-ddp NPROC=N` (torchrun, one or several nodes) runs this stage once per rank. Each
+# rank predicts shard RANK/WORLD_SIZE (the same rule as predict.shard=i/N, so the maps are those of
+# a one-process run), and no rank returns before every shard is written: then the torchrun that
+# holds rank 0 ends only when the cache is complete, and `make submit` after it can merge.
+
+# How long a finished rank waits for the slowest: shards differ by at most one image, so this only
+# bounds a hung or lost rank (one that fails makes torchrun stop the other ranks on its node at once).
+SHARD_WAIT = datetime.timedelta(hours=2)
+
+
+def _torchrun_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) under torchrun, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def _torchrun_local_rank() -> int | None:
+    """This process's GPU on its node under torchrun (LOCAL_RANK), else None (the configured device)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if _torchrun_world()[1] > 1 else None
+
+
+def rank_shard(spec: str) -> tuple[int, int]:
+    """The shard this process predicts: (RANK, WORLD_SIZE) under torchrun, else ``parse_shard(spec)``.
+
+    predict.shard together with torchrun is refused: the two would split the same rows twice."""
+    rank, world = _torchrun_world()
+    if world == 1:
+        return parse_shard(spec)
+    if spec:
+        raise ConfigError(f"predict.shard='{spec}' under torchrun (WORLD_SIZE={world}): each rank predicts "
+                          "shard RANK/WORLD_SIZE already; leave predict.shard empty")
+    return rank, world
+
+
+def wait_for_all_shards(fold_dirs: list[Path], index: pd.DataFrame) -> None:
+    """Under torchrun: a barrier over every rank (a gloo group: CPU only, also beside GPUs), then
+    rank 0 checks that every fold directory holds every test image. A no-op in one process."""
+    rank, world = _torchrun_world()
+    if world == 1:
+        return
+    import torch.distributed as dist
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("gloo", timeout=SHARD_WAIT)
+    try:
+        dist.barrier()
+    finally:
+        if owns:
+            dist.destroy_process_group()
+    if rank == 0:
+        for d in fold_dirs:
+            missing = set(index["id"]) - done_ids(d)
+            if missing:
+                raise PipelineError(f"{d}: every rank finished but {len(missing)} test images are missing, "
+                                    f"e.g. {sorted(missing)[:3]} (is data.cache shared by every node?)")
+        print(f"predict: all {world} shards written", flush=True)
+
+
 # ----------------------------------------------------------------------------- stage wiring
 
 @dataclass
@@ -372,13 +433,14 @@ def plan(cfg: Config) -> Plan:
 def run(cfg: Config) -> list[FoldResult]:
     p = plan(cfg)
     index = read_test_index(p.test_index)
-    shard = parse_shard(cfg.predict.shard)
+    shard = rank_shard(cfg.predict.shard)
     out = []
     for k, ckpt in zip(p.folds, p.checkpoints):
         out.append(predict_fold(index, ckpt, cfg.data.cache, p.ttas, shard=shard,
                                 batch_size=cfg.predict.batch_size, num_workers=cfg.predict.num_workers,
                                 device=cfg.predict.device, precision=cfg.predict.precision,
                                 max_forward=cfg.predict.max_forward, config=cfg.to_dict()))
+    wait_for_all_shards([r.fold_dir for r in out], index)
     print(json.dumps({"predict": [str(r.fold_dir) for r in out], "shard": f"{shard[0]}/{shard[1]}",
                       "tta": tta_mod.names(p.ttas)}))
     return out

@@ -41,8 +41,8 @@ def test_sizes_must_fit_the_encoder_stride():
         config.load(None, ["height=100"])
 
 
-def test_yaml_syntax_errors_name_the_file(tmp_path):
-    # Was a second test_yaml_errors_name_the_file, shadowed by the one below and never run.
+def test_yaml_syntax_error_and_missing_file_name_the_file(tmp_path):
+    """A YAML syntax error names the file; a missing file says so (its own name: a duplicate would be shadowed)."""
     f = tmp_path / "bad.yaml"
     f.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:2:1: not valid YAML: "):
@@ -80,3 +80,21 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_out_of_range_values_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.load(None, [override])
+
+
+def test_no_test_module_defines_a_test_twice():
+    """A second ``def test_x`` in one module silently replaces the first, which then never runs
+    (this file had one): every module-level and class-level test name must be unique."""
+    import ast
+    from pathlib import Path
+    dupes = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for scope in [tree] + [n for n in tree.body if isinstance(n, ast.ClassDef)]:
+            seen = set()
+            for node in scope.body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
+                    if node.name in seen:
+                        dupes.append(f"{path.name}:{node.lineno} {node.name}")
+                    seen.add(node.name)
+    assert not dupes, f"tests defined twice (the first never runs): {dupes}"

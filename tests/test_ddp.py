@@ -1,61 +1,45 @@
-"""The same train code under torchrun: 2 CPU processes, gloo, one tiny epoch, 2 micro-batches per update."""
+"""The same train code under torchrun: 2 CPU processes, gloo, one tiny epoch, 2 micro-batches per update.
+
+One launch (``_ddp_helpers.single_node``, shared with test_multinode.py) serves every test here:
+the DDP mechanics, only rank 0 writing checkpoints, and equality with one process that trains
+on the same micro-batches with the same global batch.
+"""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from _train_helpers import make_prepared, tiny_cfg
+from _ddp_helpers import OVERRIDES, no_running_stats, single_node
+from _train_helpers import tiny_cfg
 from pipeline import cache, train
 
-REPO = Path(__file__).resolve().parents[1]
-
-SCRIPT = """
-import os, sys
-sys.path[:0] = [{tests!r}, {repo!r}]
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from _train_helpers import tiny_cfg
-from pipeline import train
-no_sync, entered = DDP.no_sync, []
-DDP.no_sync = lambda self: entered.append(1) or no_sync(self)   # count the accumulate-locally micro-batches
-summary = train.run(tiny_cfg({cache!r}, **{overrides!r}), prepared_dir={prepared!r})
-print(f"rank {{os.environ['RANK']}} of {{os.environ['WORLD_SIZE']}} done ({{len(entered)}} no_sync): {{summary}}",
-      flush=True)
-"""
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_two_process_gloo_epoch(tmp_path):
-    prepared = make_prepared(tmp_path / "prep")
-    overrides = {"train.epochs": 1, "train.batch_size": 2, "train.accum_steps": 2}
-    script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT.format(tests=str(REPO / "tests"), repo=str(REPO), cache=str(tmp_path / "cache"),
-                                    overrides=overrides, prepared=str(prepared)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # Each rank: 2 micro-batches per update, the first under no_sync (gradients all-reduced once).
-    assert "rank 0 of 2 done (1 no_sync)" in proc.stdout and "rank 1 of 2 done (1 no_sync)" in proc.stdout
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return single_node(tmp_path_factory)
+
+
+def test_two_process_gloo_epoch(ddp):
+    out_text = ddp.stdout
+    # Each rank: 2 updates of 2 micro-batches, the first of each under no_sync (gradients all-reduced once).
+    assert "rank 0 of 2 done (2 no_sync)" in out_text and "rank 1 of 2 done (2 no_sync)" in out_text
     # Only rank 0 logs: one header line and one summary line for the epoch.
-    assert proc.stdout.count("fold 0 epoch 1/1:") == 1
-    assert "2 process(es)" in proc.stdout
-
-    cfg = tiny_cfg(tmp_path / "cache", **overrides)
-    out = train.fold_dir(cfg, 0, prepared)
+    assert out_text.count("fold 0 epoch 1/1:") == 1
+    assert "2 process(es)" in out_text
+    out = train.fold_dir(ddp.cfg(), 0, ddp.prepared)
     assert cache.is_complete(out)
     m = pd.read_csv(out / "metrics.csv")
     assert len(m) == 1 and 0 <= m["val_dice"].iloc[0] <= 1
-    # 8 training images, sharded 4 + 4, batches of 2, 2 per update: 1 update per rank, 8 images/epoch.
-    assert "1 updates/epoch of 2x2x2 (8 images/epoch)" in proc.stdout
+    # 8 training images, sharded 4 + 4, batches of 1, 2 per update: 2 updates per rank, 8 images/epoch.
+    assert "2 updates/epoch of 1x2x2 (8 images/epoch)" in out_text
     # Both ranks' validation shards reach the OOF outputs: every fold-0 image once.
-    folds = pd.read_csv(prepared / "folds.csv")
+    folds = pd.read_csv(ddp.prepared / "folds.csv")
     val_ids = sorted(folds.loc[folds.fold == 0, "id"])
     assert sorted(p.stem for p in (out / "oof").glob("*.png")) == val_ids
     oof = cache.read_json(out / "oof.json")
@@ -65,3 +49,62 @@ def test_two_process_gloo_epoch(tmp_path):
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert len(last["rng"]) == 2 and last["world_size"] == 2            # every rank's RNG state
     assert oof["world_size"] == 2
+
+
+def test_only_rank_0_writes_checkpoints_and_logs(ddp):
+    """Rank 1 writes nothing in the cache but its own validation shard's OOF maps; the
+    checkpoints, metrics, OOF summary and manifest come from rank 0 alone."""
+    out = train.fold_dir(ddp.cfg(), 0, ddp.prepared)
+    mine = {0: [], 1: []}
+    for rank in (0, 1):
+        mine[rank] = [Path(p) for p in ddp.writes(rank) if p.startswith(str(ddp.cache))]
+    others = [p for p in mine[1] if not (p.parent == out / "oof" and p.name.endswith(".png"))]
+    assert others == [], f"rank 1 wrote {others}"
+    folds = pd.read_csv(ddp.prepared / "folds.csv")
+    val_ids = sorted(folds.loc[folds.fold == 0, "id"])
+    assert sorted({p.stem for p in mine[1] if not p.name.startswith(".")}) == val_ids[1::2]   # its shard
+    names = {p.name for p in mine[0]}
+    for name in ("best.pt", "last.pt", "metrics.csv", "oof.json", "manifest.json"):
+        assert name in names, name
+
+
+def _param_state(state: dict) -> dict:
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def test_equals_one_process_with_the_same_global_batch(ddp, tmp_path, monkeypatch):
+    """One process, micro-batches of 1 and 4 per update (2 ranks x 2 = the DDP global batch, in
+    the same order: rank r's micro-batch j is the single process's 2j + r): the same losses,
+    learning rates, validation metrics and weights, to float rounding (gradients are summed in
+    another order, and Dice thresholds)."""
+    real = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: no_running_stats(real(*a, **k)))
+    one = tiny_cfg(tmp_path / "cache", **{**OVERRIDES, "train.accum_steps": 4})
+    # One thread, as each DDP rank has (OMP_NUM_THREADS=1): with 2, oneDNN's convolutions round
+    # differently, and AdamW's first step (lr * g / |g|) turns that into +-lr on every weight
+    # whose gradient is near 0: measured, half the weights then differ by up to 2 lr.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.run(one, prepared_dir=ddp.prepared)
+    finally:
+        torch.set_num_threads(threads)
+    got = pd.read_csv(train.fold_dir(ddp.cfg(), 0, ddp.prepared) / "metrics.csv")
+    want = pd.read_csv(train.fold_dir(one, 0, ddp.prepared) / "metrics.csv")
+    cols = ["epoch", "lr", "train_loss", "val_loss"]
+    np.testing.assert_allclose(got[cols].to_numpy(float), want[cols].to_numpy(float), rtol=1e-5, atol=1e-6)
+    # Dice thresholds at 0.5: a pixel within rounding of it may flip (one pixel ~ 1e-3 of an image's Dice).
+    np.testing.assert_allclose(got["val_dice"], want["val_dice"], atol=3e-3)
+    a = torch.load(train.fold_dir(ddp.cfg(), 0, ddp.prepared) / "last.pt", map_location="cpu", weights_only=False)
+    b = torch.load(train.fold_dir(one, 0, ddp.prepared) / "last.pt", map_location="cpu", weights_only=False)
+    pa, pb = _param_state(a["model"]), _param_state(b["model"])
+    assert pa.keys() == pb.keys() and len(pa) > 10
+    steps = {int(st["step"]) for st in a["optimizer"]["state"].values()}
+    assert steps == {2}                                   # two updates happened (AdamW's step count)
+    # Every weight moved by ~lr per update (3e-3). Summed in another order, gradients differ by
+    # rounding, and AdamW divides by their size: measured, 1 of 766k weights differs by 1e-6.
+    # A real difference (no all-reduce, wrong shards, another thread count) moves about half.
+    diff = torch.cat([(pa[k] - pb[k]).abs().flatten() for k in pa])
+    assert float(diff.max()) < 1e-4 and float((diff > 1e-6).float().mean()) < 1e-4, \
+        (float(diff.max()), float((diff > 1e-6).float().mean()))
+

@@ -77,6 +77,7 @@ def test_load_checkpoint_round_trip(tmp_path):
 
 def test_input_stats_follow_the_weights():
     from pipeline.models import IMAGENET_STATS, input_stats
+    assert IMAGENET_STATS == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # the published numbers
     half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert input_stats("tu-tf_efficientnet_lite0", "lite0-pypi") == half      # timm's pretrained config
     assert input_stats("tu-tf_efficientnet_lite0", "none") == IMAGENET_STATS  # random weights: the default

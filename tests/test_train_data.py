@@ -83,7 +83,9 @@ def test_to_device_layout_and_normalisation():
     x, y = data.to_device(img, mask, torch.device("cpu"), channels_last=True)
     assert x.shape == (2, 3, 4, 6) and x.is_contiguous(memory_format=torch.channels_last)
     assert y.shape == (2, 1, 4, 6) and y.dtype == torch.float32
-    want = [(1 - data.MEAN[0]) / data.STD[0], -data.MEAN[1] / data.STD[1], -data.MEAN[2] / data.STD[2]]
+    # The published ImageNet statistics, written out: a typo in data.MEAN/STD must not pass.
+    assert data.MEAN == (0.485, 0.456, 0.406) and data.STD == (0.229, 0.224, 0.225)
+    want = [(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225]
     np.testing.assert_allclose(x[0, :, 0, 0].numpy(), want, rtol=1e-5)
     x2, none = data.to_device(img, None, torch.device("cpu"), channels_last=False)
     assert none is None and x2.is_contiguous() and torch.equal(x2, x)

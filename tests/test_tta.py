@@ -1,4 +1,5 @@
-"""TTA as data: every (forward, inverse) pair undoes itself; the ensemble is the mean over views."""
+"""TTA as data: every (forward, inverse) pair undoes itself, each flip flips the axis it names (a known
+answer), and the ensemble is the mean over views."""
 import pytest
 import torch
 
@@ -27,6 +28,27 @@ def test_flip_inverse_of_forward_is_exact(name):
     torch.testing.assert_close(t.inverse(y, (64, 96)), x, rtol=0, atol=0)
     if name != "none":
         assert not torch.equal(y, x)  # it really transforms
+
+
+# Where each flip sends the top-left pixel of an H x W image (row, col), and the image it makes.
+# Pinned by hand: inverse(forward(x)) == x holds for any self-inverse map (a transpose, or hflip
+# under the name vflip), so only a known answer shows that each name flips the axis it says.
+CORNER = {"none": (0, 0), "hflip": (0, 3), "vflip": (2, 0), "hvflip": (2, 3)}
+GRID = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]       # 3 x 4: value = 4 * row + col
+FLIPPED = {"none": GRID, "hflip": [r[::-1] for r in GRID], "vflip": GRID[::-1], "hvflip": [r[::-1] for r in GRID[::-1]]}
+
+
+@pytest.mark.parametrize("name", FLIPS)
+def test_flip_direction_known_answer(name):
+    (t,) = [v for v in tta.parse(name) if v.name == name]
+    x = torch.zeros(1, 1, 3, 4)
+    x[0, 0, 0, 0] = 1.0
+    y = t.forward(x)
+    assert tuple(torch.nonzero(y[0, 0])[0].tolist()) == CORNER[name] and y.sum() == 1
+    grid = torch.tensor(GRID, dtype=torch.float32).view(1, 1, 3, 4)
+    assert t.forward(grid)[0, 0].tolist() == FLIPPED[name]
+    # The inverse sends the model's answer at the moved pixel back to the top-left corner.
+    assert t.inverse(y, (3, 4))[0, 0, 0, 0] == 1.0
 
 
 @pytest.mark.parametrize("name,size", [("scale0.75", (64, 64)), ("scale1.5", (96, 128)), ("scale2", (128, 192))])
