@@ -51,6 +51,8 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "fast-no-ema": (FAST, ["train.ema=false"], "fast without EMA (the recipe before this study)"),
     "fast-e2": (FAST, ["train.epochs=2"], "fast with 2 epochs"),
     "fast-e4": (FAST, ["train.epochs=4"], "fast with 4 epochs"),
+    "fast-320-e2": (FAST, ["prepare.height=320", "prepare.width=320", "train.epochs=2", "train.val_every=2"],
+                    "fast at 320 px with 2 epochs, validated once (~the same minutes as 3 epochs at 256)"),
     "c384-slim-ema": (FAST, ["prepare.height=384", "prepare.width=384", "train.decoder_channels=128,64,32,16,16"],
                       "fast at 384 with the slim decoder"),
     "slim-decoder": (FAST, ["train.decoder_channels=128,64,32,16,16"], "fast with the decoder halved"),
