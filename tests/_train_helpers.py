@@ -14,6 +14,10 @@ import pandas as pd
 
 from pipeline import config
 
+# Size of the tiny raw set in the Kaggle layout shared by the prepare-validation and hostile-input
+# tests (conftest: raw_base, raw).
+RAW_H, RAW_W = 64, 96
+
 
 def make_prepared(root: Path, cars: int = 4, views: int = 4, height: int = 64, width: int = 96,
                   orig: tuple[int, int] = (80, 120), n_folds: int = 2, seed: int = 0) -> Path:

@@ -7,6 +7,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import pytest  # noqa: E402
 
+from _train_helpers import RAW_H, RAW_W  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
@@ -17,3 +19,19 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def raw_base(tmp_path_factory) -> Path:
+    """2 train cars (32 pairs: 2 folds) and 1 test car (16 images) at RAW_H x RAW_W, generated once
+    per session. Never modified: a test that changes files takes its own copy (``raw``)."""
+    from pipeline import synth
+    return synth.generate(tmp_path_factory.mktemp("base") / "raw", train_cars=2, test_cars=1,
+                          height=RAW_H, width=RAW_W, seed=3, workers=1)
+
+
+@pytest.fixture
+def raw(raw_base, tmp_path) -> Path:
+    """This test's own copy of ``raw_base``."""
+    import shutil
+    return Path(shutil.copytree(raw_base, tmp_path / "raw"))

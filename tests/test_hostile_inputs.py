@@ -15,23 +15,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import cli, config, ingest, prepare, submit, synth, validate
+from _train_helpers import RAW_H, RAW_W
+from pipeline import cli, config, ingest, prepare, submit, validate
 from pipeline.cache import read_json
 from pipeline.config import ConfigError, PipelineError, load
 
-H, W = 64, 96
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    # 2 train cars (32 pairs) fill 2 folds; 1 test car (16 images). As test_prepare_validation.
-    return synth.generate(tmp_path_factory.mktemp("base") / "raw", train_cars=2, test_cars=1,
-                          height=H, width=W, seed=3, workers=1)
-
-
-@pytest.fixture
-def raw(base, tmp_path) -> Path:
-    return Path(shutil.copytree(base, tmp_path / "raw"))
+H, W = RAW_H, RAW_W     # the shared raw set (conftest: raw_base, raw)
 
 
 def _over(raw: Path) -> dict:
@@ -175,13 +164,13 @@ def test_symlink_loops_are_named_and_good_files_kept(raw):
 
 # ---------------------------------------------------------------------------- 3. odd file names
 
-def test_non_utf8_space_and_newline_names_are_shown_escaped(base, tmp_path, capsys):
+def test_non_utf8_space_and_newline_names_are_shown_escaped(raw_base, tmp_path, capsys):
     """Through the command line (console and stage log): a name with bytes that are not UTF-8
     used to crash after the work was done (a strict console or the UTF-8 stage log cannot
     write lone surrogates); a name ending in a newline used to pass the id check ('$' matches
     before it) and print as two lines. Now both are bad_id lines with \\x escapes; a name with
     a space is a plain bad_id; a raw folder whose path has a space works; every good pair is kept."""
-    raw = Path(shutil.copytree(base, tmp_path / "my data" / "raw"))
+    raw = Path(shutil.copytree(raw_base, tmp_path / "my data" / "raw"))
     good = (raw / "train" / f"{_ids(raw, 'train')[0]}.jpg").read_bytes()
     with open(os.fsencode(raw / "train") + b"/\xff\xfe_01.jpg", "wb") as f:
         f.write(good)

@@ -12,25 +12,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import prepare, synth
+from _train_helpers import RAW_H, RAW_W
+from pipeline import prepare
 from pipeline.cache import read_json
 from pipeline.data import read_mask
 from pipeline.config import PipelineError, load
 
 REPO = Path(__file__).resolve().parents[1]
-H, W = 64, 96
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    # 2 train cars (32 pairs) fill 2 folds; 1 test car (16 images).
-    return synth.generate(tmp_path_factory.mktemp("base") / "raw", train_cars=2, test_cars=1,
-                          height=H, width=W, seed=3, workers=1)
-
-
-@pytest.fixture
-def raw(base, tmp_path) -> Path:
-    return Path(shutil.copytree(base, tmp_path / "raw"))
+H, W = RAW_H, RAW_W     # the shared raw set (conftest: raw_base, raw)
 
 
 def _cfg(raw: Path, **over):
