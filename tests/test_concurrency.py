@@ -115,7 +115,7 @@ def test_two_folds_at_once_both_finish_into_one_run(prepared, tmp_path):
     for k in (0, 1):
         d = run / f"fold{k}"
         assert cache.is_complete(d) and cache.read_manifest(d)["fold"] == k
-        assert torch.load(d / "last.pt", map_location="cpu", weights_only=False)["fold"] == k
+        assert torch.load(d / "last.pt", map_location="cpu", weights_only=True)["fold"] == k
         assert not locks.record_path(locks.lock_path(cache_root, d)).exists()      # released: no holder record left
     log = (run / "train.log").read_text()                              # above the folds, appended by both
     assert log.count("=== ok") == 2 and log.count("python -m pipeline train") == 2
@@ -137,7 +137,7 @@ def test_same_fold_twice_trains_once_the_other_waits_then_finds_it_cached(prepar
     assert f"on host {socket.gethostname()}" in line
     assert "fold 0: cached" in waited[0] and "epoch 1/1" not in waited[0]
     out = train.fold_dir(_cfg(raw, cache_root, seed=12), 0)
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 0 and len(last["history"]) == 1 and cache.is_complete(out)
     assert len(pd.read_csv(out / "metrics.csv")) == 1
 

@@ -95,8 +95,8 @@ def test_equals_one_process_with_the_same_global_batch(ddp, tmp_path, monkeypatc
     np.testing.assert_allclose(got[cols].to_numpy(float), want[cols].to_numpy(float), rtol=1e-5, atol=1e-6)
     # Dice thresholds at 0.5: a pixel within rounding of it may flip (one pixel ~ 1e-3 of an image's Dice).
     np.testing.assert_allclose(got["val_dice"], want["val_dice"], atol=3e-3)
-    a = torch.load(train.fold_dir(ddp.cfg(), 0, ddp.prepared) / "last.pt", map_location="cpu", weights_only=False)
-    b = torch.load(train.fold_dir(one, 0, ddp.prepared) / "last.pt", map_location="cpu", weights_only=False)
+    a = torch.load(train.fold_dir(ddp.cfg(), 0, ddp.prepared) / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(train.fold_dir(one, 0, ddp.prepared) / "last.pt", map_location="cpu", weights_only=True)
     pa, pb = _param_state(a["model"]), _param_state(b["model"])
     assert pa.keys() == pb.keys() and len(pa) > 10
     steps = {int(st["step"]) for st in a["optimizer"]["state"].values()}

@@ -130,7 +130,7 @@ def _same_file(a: Path, b: Path, rel: str, stage: str) -> None:
     """``b`` (after kill + rerun) holds what ``a`` (uninterrupted) holds; see the module docstring."""
     name = a.name
     if name == "last.pt":
-        x, y = (torch.load(p, map_location="cpu", weights_only=False) for p in (a, b))
+        x, y = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
         for ckpt in (x, y):
             ckpt["history"] = [{k: v for k, v in row.items() if k not in TIMING} for row in ckpt["history"]]
         _same_value(x, y, rel)

@@ -40,8 +40,8 @@ def test_two_nodes_equal_one_node_with_the_same_world_size(tmp_path_factory):
     oa, ob = cache.read_json(a / "oof.json"), cache.read_json(b / "oof.json")
     assert ob["world_size"] == 2 and ob["images"] == oa["images"]
     assert (ob["dice_model"], ob["dice_original"]) == (oa["dice_model"], oa["dice_original"])
-    wa = torch.load(a / "last.pt", map_location="cpu", weights_only=False)["model"]
-    wb = torch.load(b / "last.pt", map_location="cpu", weights_only=False)["model"]
+    wa = torch.load(a / "last.pt", map_location="cpu", weights_only=True)["model"]
+    wb = torch.load(b / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
