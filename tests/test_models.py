@@ -1,8 +1,11 @@
 """Model registry: names, smp options, local encoder weights, checkpoint round trip."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import ConfigError, PipelineError
 from pipeline.models import build_model, check_names, load_checkpoint, model_kwargs
@@ -31,7 +34,8 @@ def test_smp_and_timm_encoders_give_one_logit_map(arch):
 
 
 def test_model_kwargs_parsing():
-    assert model_kwargs(5, "") == {}
+    assert model_kwargs(5, "") == {} and model_kwargs(5, "", 1.0) == {}   # old checkpoints' kwargs
+    assert model_kwargs(5, "", 0.5) == {"input_scale": 0.5}
     assert model_kwargs(3, "64, 32,16") == {"encoder_depth": 3, "decoder_channels": [64, 32, 16]}
     assert model_kwargs(5, "128") == {"decoder_channels": 128}
     with pytest.raises(ConfigError, match="decoder_channels='a,b'"):
@@ -110,3 +114,30 @@ def test_timm_imagenet_weights_offline_is_a_clear_error(monkeypatch, recwarn, tm
         with pytest.raises(PipelineError, match=f"encoder_weights='imagenet' for '{enc}' could not be downloaded"):
             build_model("Unet", enc, "imagenet", **TINY)
     assert not [w for w in recwarn if "encoder_weights" in str(w.message)]
+
+
+def test_input_scale_runs_the_network_small_and_answers_at_full_size(tmp_path):
+    """input_scale=0.5: the network sees the image at half size and its logits come back at the
+    input's size; the parameters are the plain model's (same state_dict keys), and a checkpoint,
+    an EMA copy (deepcopy) and a channels_last input keep the behaviour."""
+    torch.manual_seed(0)
+    plain = build_model("Unet", "tu-resnet18", "none", **TINY).eval()
+    kw = model_kwargs(3, "32,16,8", 0.5)
+    scaled = build_model("Unet", "tu-resnet18", "none", **kw).eval()
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        got = scaled(x)
+        small = F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False, antialias=True)
+        want = F.interpolate(plain(small), size=(64, 96), mode="bilinear", align_corners=False)
+        assert got.shape == (2, 1, 64, 96)
+        torch.testing.assert_close(got, want)
+        assert not torch.equal(got, plain(x))        # not the plain model at full size
+        torch.testing.assert_close(copy.deepcopy(scaled)(x), got)
+        torch.testing.assert_close(scaled(x.contiguous(memory_format=torch.channels_last)), got)
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": scaled.state_dict(), "arch": "Unet", "encoder": "tu-resnet18", "model_kwargs": kw,
+                "height": 64, "width": 96}, ckpt)
+    loaded, _ = load_checkpoint(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), got)

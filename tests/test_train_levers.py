@@ -92,6 +92,9 @@ def test_new_levers_at_their_defaults_keep_the_train_key(prepared, tmp_path):
                    {"train.boundary_weight": 2.0}, {"train.loss_final": "lovasz", "train.epochs": 2},
                    {"train.val_every": 2, "train.epochs": 3}):
         assert train.train_key(tiny_cfg(tmp_path, **change), prepared) != key, change
+    square = {"prepare.height": 64, "prepare.width": 64}   # 0.5 of 64x96 is not a multiple of 32
+    assert (train.train_key(tiny_cfg(tmp_path, **square, **{"train.input_scale": 0.5}), prepared)
+            != train.train_key(tiny_cfg(tmp_path, **square), prepared))
 
 
 def test_lever_options_are_checked_by_name(tmp_path):
@@ -100,7 +103,11 @@ def test_lever_options_are_checked_by_name(tmp_path):
                       ({"train.ema_decay": 1.5}, "train.ema_decay"),
                       ({"train.boundary_weight": -1.0}, "train.boundary_weight"),
                       ({"train.val_every": 0}, "train.val_every"),
-                      ({"train.progressive": "33:1", "train.epochs": 2}, "train.progressive")]:
+                      ({"train.progressive": "33:1", "train.epochs": 2}, "train.progressive"),
+                      ({"train.input_scale": 0.0}, "train.input_scale"),
+                      ({"train.input_scale": 1.5}, "train.input_scale"),
+                      # 64x96 at 0.5 is 32x48: 48 is not a multiple of 32
+                      ({"train.input_scale": 0.5}, "input_scale=0.5: 64x96 inputs would run at 32x48")]:
         with pytest.raises(ConfigError, match=what):
             train.check_config(tiny_cfg(tmp_path, **bad))
 
@@ -208,3 +215,23 @@ def test_ema_never_changes_the_raw_trajectory(prepared, levers_run, tmp_path):
     cols = ["train_loss", "val_loss", "val_dice"]
     pd.testing.assert_frame_equal(with_ema[cols], without[cols], check_exact=True)
     assert without["val_dice_ema"].isna().all()
+
+
+def test_input_scale_trains_small_and_scores_at_full_size(tmp_path):
+    """A fold with input_scale=0.5 on 64x64 images: the network runs at 32x32, but validation,
+    OOF maps and the checkpoint's answers are at 64x64 and the run learns the masks."""
+    prep = make_prepared(tmp_path / "p64", height=64, width=64)
+    cfg = tiny_cfg(tmp_path / "cache", **{"prepare.height": 64, "prepare.width": 64, "train.input_scale": 0.5,
+                                          "train.epochs": 3})
+    summary = train.run(cfg, prepared_dir=prep)[0]
+    out = train.fold_dir(cfg, 0, prep)
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["model_kwargs"]["input_scale"] == 0.5 and (best["height"], best["width"]) == (64, 64)
+    from pipeline.models import load_checkpoint
+    model, _ = load_checkpoint(out / "best.pt")
+    seen = []
+    model.encoder.register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[-2:])))
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert seen == [(32, 32)]
+    assert summary["dice_model"] > 0.6      # the demo shapes are learnt through the half-size network
