@@ -45,6 +45,8 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "fast": (FAST, [], "configs/carvana512.yaml: 256, Lite0 ImageNet, EMA, 3 epochs (the 10-minute recipe)"),
     "best": (BEST, [], "configs/carvana512-best.yaml: 512 (epochs 1-3 at 256, 4 at 384, 5-8 at 512), slim decoder, "
                        "EMA, validated once"),
+    "best-lovasz": (BEST, ["train.loss_final=lovasz", "train.loss_final_epochs=1"],
+                    "best with its last 512 epoch on the Lovasz hinge (edges decide Dice at 512)"),
     "best-384x3": (BEST, ["train.epochs=7", "train.progressive=384:3", "train.val_every=1"],
                    "the first best recipe: 512 (first 3 of 7 epochs at 384), slim decoder, EMA, validated every epoch"),
     # one lever of the fast recipe at a time
@@ -52,6 +54,9 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "fast-e2": (FAST, ["train.epochs=2"], "fast with 2 epochs"),
     "scale-0.5": (FAST, ["prepare.height=512", "prepare.width=512", "train.input_scale=0.5"],
                   "fast with the loss at 512: the network sees 256, its logits are resized to 512 in training"),
+    "scale-0.5-p384": (FAST, ["prepare.height=512", "prepare.width=512", "train.input_scale=0.5",
+                              "train.progressive=384:1", "train.val_every=3"],
+                       "scale-0.5 with epoch 1 on 384 batches (network at 192), validated once: under 10 min"),
     "scale-0.625-e2": (FAST, ["prepare.height=512", "prepare.width=512", "train.input_scale=0.625", "train.epochs=2",
                               "train.val_every=2"],
                        "fast-320-e2 with the loss at 512 (network at 320, logits resized to 512 in training)"),

@@ -124,9 +124,20 @@ def test_two_folds_at_once_both_finish_into_one_run(prepared, tmp_path):
     assert summary["complete"] and sorted(summary["folds"]) == ["0", "1"] and summary["images"] == 32
 
 
+SLOW_EPOCH = """
+real_epoch = train.train_one_epoch
+def slow_epoch(*args, **kwargs):  # the holder's epoch lasts well past the other process's start
+    time.sleep(3)
+    return real_epoch(*args, **kwargs)
+train.train_one_epoch = slow_epoch
+"""
+
+
 def test_same_fold_twice_trains_once_the_other_waits_then_finds_it_cached(prepared, tmp_path):
     raw, cache_root = prepared
-    outs = _together(tmp_path, "from pipeline import cli, train",
+    # Without the slow epoch, a starved second process could reach the lock after the first had
+    # finished (then it finds the fold cached without waiting, and the test cannot see the wait).
+    outs = _together(tmp_path, "from pipeline import cli, train\n" + SLOW_EPOCH,
                      [_train_body(raw, cache_root, 0, seed=12), _train_body(raw, cache_root, 0, seed=12)])
     both = "".join(outs)
     assert both.count("fold 0 epoch 1/1: lr ") == 1, both              # exactly one process trained
