@@ -191,15 +191,11 @@ def build_model(arch: str, encoder: str, encoder_weights: str = "none", **kwargs
     return scale_input(model, input_scale)
 
 
-def scaled_size(hw: tuple[int, int], scale: float) -> tuple[int, int]:
-    """The (H, W) a model with ``input_scale`` = scale runs at for inputs of size ``hw``."""
-    return round(hw[0] * scale), round(hw[1] * scale)
-
-
 def scale_input(model: torch.nn.Module, scale: float) -> torch.nn.Module:
     """Make ``model`` see its input shrunk by ``scale`` and answer at the input's own size.
 
-    (N, 3, H, W) -> antialiased bilinear resize to :func:`scaled_size` -> the network ->
+    (N, 3, H, W) -> antialiased bilinear resize to (h, w) = (H, W) x scale (rounded to a multiple
+    of 32, for inputs such as TTA scales that the config did not check) -> the network ->
     (N, 1, h, w) logits -> bilinear back to (N, 1, H, W). So the loss, validation, OOF and
     predictions are all computed against masks at full size: the network learns logits whose
     upsampling lands the edges where the full-size mask has them, instead of a mask at the small
@@ -209,20 +205,21 @@ def scale_input(model: torch.nn.Module, scale: float) -> torch.nn.Module:
     if scale == 1.0:
         return model
 
+    from .tta import scaled_size
+
     def shrink(module, args):
         x = args[0]
-        hw = scaled_size(tuple(x.shape[-2:]), scale)
-        small = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
-        module._full_size = tuple(x.shape[-2:])
-        return (small.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-            memory_format=torch.channels_last) else small, *args[1:])
+        small = F.interpolate(x, size=scaled_size(x.shape[-2:], scale), mode="bilinear", align_corners=False,
+                              antialias=True)
+        module._full_size = tuple(x.shape[-2:])   # read by grow() after this forward
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return (small.contiguous(memory_format=layout), *args[1:])
 
     def grow(module, args, logits):
         return F.interpolate(logits, size=module._full_size, mode="bilinear", align_corners=False)
 
     model.register_forward_pre_hook(shrink)
     model.register_forward_hook(grow)
-    model.input_scale = scale
     return model
 
 

@@ -125,19 +125,21 @@ def test_input_scale_runs_the_network_small_and_answers_at_full_size(tmp_path):
     kw = model_kwargs(3, "32,16,8", 0.5)
     scaled = build_model("Unet", "tu-resnet18", "none", **kw).eval()
     scaled.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 64, 96)
+    x = torch.randn(2, 3, 64, 128)
     with torch.no_grad():
         got = scaled(x)
-        small = F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False, antialias=True)
-        want = F.interpolate(plain(small), size=(64, 96), mode="bilinear", align_corners=False)
-        assert got.shape == (2, 1, 64, 96)
+        small = F.interpolate(x, size=(32, 64), mode="bilinear", align_corners=False, antialias=True)
+        want = F.interpolate(plain(small), size=(64, 128), mode="bilinear", align_corners=False)
+        assert got.shape == (2, 1, 64, 128)
         torch.testing.assert_close(got, want)
         assert not torch.equal(got, plain(x))        # not the plain model at full size
         torch.testing.assert_close(copy.deepcopy(scaled)(x), got)
         torch.testing.assert_close(scaled(x.contiguous(memory_format=torch.channels_last)), got)
+        # a size the config never checked (a TTA scale): the network runs at the nearest multiple of 32
+        assert scaled(torch.randn(1, 3, 80, 112)).shape == (1, 1, 80, 112)
     ckpt = tmp_path / "best.pt"
     torch.save({"model": scaled.state_dict(), "arch": "Unet", "encoder": "tu-resnet18", "model_kwargs": kw,
-                "height": 64, "width": 96}, ckpt)
+                "height": 64, "width": 128}, ckpt)
     loaded, _ = load_checkpoint(ckpt)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), got)
