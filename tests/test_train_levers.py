@@ -218,8 +218,8 @@ def test_ema_never_changes_the_raw_trajectory(prepared, levers_run, tmp_path):
 
 
 def test_input_scale_trains_small_and_scores_at_full_size(tmp_path):
-    """A fold with input_scale=0.5 on 64x64 images: the network runs at 32x32, but validation,
-    OOF maps and the checkpoint's answers are at 64x64 and the run learns the masks."""
+    """A fold with input_scale=0.5 on 64x64 images: the network runs at 32x32, but the epochs
+    train and validate on 64x64 batches, the checkpoint answers at 64x64 and the run learns."""
     prep = make_prepared(tmp_path / "p64", height=64, width=64)
     cfg = tiny_cfg(tmp_path / "cache", **{"prepare.height": 64, "prepare.width": 64, "train.input_scale": 0.5,
                                           "train.epochs": 3})
@@ -234,4 +234,5 @@ def test_input_scale_trains_small_and_scores_at_full_size(tmp_path):
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     assert seen == [(32, 32)]
+    assert pd.read_csv(out / "metrics.csv")["size"].tolist() == ["64x64"] * 3
     assert summary["dice_model"] > 0.6      # the demo shapes are learnt through the half-size network
