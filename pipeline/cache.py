@@ -145,7 +145,7 @@ def sweep_temps(dirs, max_age_s: float = STALE_TEMP_S) -> int:
             p = Path(d) / name
             m = _TEMP.fullmatch(name)
             try:
-                if m and m["host"] == _HOST and int(m["pid"]) != me and not _alive(int(m["pid"])):
+                if m and m["host"] == _HOST and int(m["pid"]) != me and not pid_alive(int(m["pid"])):
                     p.unlink()
                 elif p.stat().st_mtime < cutoff and not (m and int(m["pid"]) == me and m["host"] == _HOST):
                     p.unlink()
@@ -157,17 +157,20 @@ def sweep_temps(dirs, max_age_s: float = STALE_TEMP_S) -> int:
     return n
 
 
-def _alive(pid: int) -> bool:
-    """Does process ``pid`` exist on this host? (A zombie counts as alive: it is not reaped yet.)"""
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host. A zombie (exited, not yet reaped) counts as dead: it
+    will never finish a write or release a lock. When it cannot be told, alive (keep, wait)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:          # exists, another user's
+    except OSError:                  # PermissionError: another user's process
         return True
-    except OSError:
-        return True                  # unknown: keep the temp
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

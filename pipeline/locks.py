@@ -86,21 +86,6 @@ def read_holder(lock: str | Path) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs on this host (a zombie, dead but not yet reaped, counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # another user's process
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def describe(lock: str | Path, rec: dict | None) -> str:
     """'pid P on host H since T (what)', with what can be known about a holder on another host."""
     if not rec:
@@ -116,7 +101,7 @@ def describe(lock: str | Path, rec: dict | None) -> str:
 def _stale_note(lock: Path, rec: dict) -> str:
     host, pid = rec.get("host", "?"), rec.get("pid", "?")
     if host == socket.gethostname() and isinstance(pid, int):
-        fate = "exited" if not pid_alive(pid) else "is running but no longer holds it (pid reused?)"
+        fate = "exited" if not cache.pid_alive(pid) else "is running but no longer holds it (pid reused?)"
     else:
         fate = "released it (another host: it died, or its lock lease expired)"
     return (f"taking over {lock}: its last holder, pid {pid} on host {host} since {rec.get('started', '?')} "

@@ -66,7 +66,6 @@ PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]           # level 1: ~fastest, larger lev
 TRAIN_COLS = ["id", "car_id", "view", "image", "mask", "mask_full", "orig_height", "orig_width",
               "mask_area", *GEOM_COLS, "fold"]
 SUMMARY_ISSUES = 10                 # issues printed in the summary; the report has all
-STALE_TEMP_S = 600                  # a temp file this old was left by a killed run (writes take ms)
 
 
 # ---------------------------------------------------------------------------- scanning & key
@@ -278,8 +277,9 @@ def _build(cfg: Config, scan: Scan, params: dict, inputs: dict, key: str, out: P
                                                  "prepare_report.json")},
                          config=cfg.to_dict(), extra={"code_version": CODE_VERSION, "stats": stats})
     _print_summary(out, report, stats, issues)
-    _sweep_temps([root / "files" / "full", root / Path(jobs[0]["image_out"]).parent,
-                  root / "files" / "test_checks" / CODE_VERSION, out])
+    # Temps that killed runs left (a dead writer's, or stale); never a live writer's.
+    cache.sweep_temps([root / "files" / "full", root / Path(jobs[0]["image_out"]).parent,
+                       root / "files" / "test_checks" / CODE_VERSION, out])
     _strict(cfg, len(issues), out)
     return Result(out, stats)
 
@@ -308,13 +308,6 @@ def _converted_masks(jobs: list[dict], records: dict[str, dict]) -> dict:
     ok = [(j, records[j["id"]]) for j in jobs if records[j["id"]]["status"] == "ok"]
     return {"masks_0_255": sorted(j["rel_mask"] for j, r in ok if r.get("mask_0_255")),
             "unrecorded": sum("mask_0_255" not in r for _, r in ok)}
-
-
-def _sweep_temps(dirs: list[Path]) -> int:
-    """Remove temp files (``.<name>.tmp.*``) that killed runs left behind: those of a dead writer
-    of this host, and any older than STALE_TEMP_S; never a live writer's (``cache.sweep_temps``).
-    Returns how many were removed."""
-    return cache.sweep_temps(dirs, STALE_TEMP_S)
 
 
 def _pair_stem(file: str, train_dir: str) -> str | None:
