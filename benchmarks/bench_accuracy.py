@@ -60,6 +60,10 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "scale-0.625-e2": (FAST, ["prepare.height=512", "prepare.width=512", "train.input_scale=0.625", "train.epochs=2",
                               "train.val_every=2"],
                        "fast-320-e2 with the loss at 512 (network at 320, logits resized to 512 in training)"),
+    "scale-0.625-e2-noema": (FAST, ["prepare.height=512", "prepare.width=512", "train.input_scale=0.625",
+                                    "train.epochs=2", "train.val_every=2", "train.ema=false"],
+                             "scale-0.625-e2 without EMA (equal to the raw weights at the end of every schedule so "
+                             "far): one validation pass at 512 instead of two"),
     "aug-hflip-bc": (FAST, ["train.augment=hflip,bc"], "fast without the affine (its nearest-neighbour mask resampling moves edges)"),
     "fast-e4": (FAST, ["train.epochs=4"], "fast with 4 epochs"),
     "fast-320-e2": (FAST, ["prepare.height=320", "prepare.width=320", "train.epochs=2", "train.val_every=2"],

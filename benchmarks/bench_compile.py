@@ -9,6 +9,7 @@ per step (inf when compiling is not faster).
     python benchmarks/bench_compile.py                    # Unet/Lite0 at 256, batch 8
     python benchmarks/bench_compile.py --size 512 --decoder 128,64,32,16,16
     python benchmarks/bench_compile.py --quick            # tiny model, seconds (make bench --quick)
+    python benchmarks/bench_compile.py --device cuda --size 512 --precision fp32,fp16   # on a GPU
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from pipeline import loop  # noqa: E402
 from pipeline.distributed import Dist  # noqa: E402
 from pipeline.losses import BceDiceLoss  # noqa: E402
 from pipeline.models import build_model, model_kwargs  # noqa: E402
-from pipeline.precision import autocast_factory, resolve_precision  # noqa: E402
+from pipeline.precision import autocast_factory, resolve_device, resolve_precision  # noqa: E402
 
 
 def batches(n: int, bs: int, size: int) -> list:
@@ -42,23 +43,31 @@ def batches(n: int, bs: int, size: int) -> list:
     return out
 
 
-def time_epochs(compiled: bool, args, data) -> list[float]:
+def time_epochs(compiled: bool, args, data, device: torch.device, precision: str) -> list[float]:
+    """Seconds per epoch of ``args.steps`` steps; the first epoch includes compiling (and CUDA warm-up)."""
     torch.manual_seed(0)
     model = build_model("Unet", args.encoder, "none", **model_kwargs(args.depth, args.decoder))
-    model = model.to(memory_format=torch.channels_last)
-    device = torch.device("cpu")
-    precision = resolve_precision("auto", device)
+    model = model.to(device, memory_format=torch.channels_last)
     net = torch.compile(model) if compiled else model
     opt = loop.build_optimizer(model, 1e-3, 1e-4)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    # As in train: a GradScaler only where fp16 needs one (CUDA); a disabled one is a pass-through.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     guard = loop.NonFiniteGuard(10, Dist(), device)
     times = []
     for epoch in range(args.epochs):
+        _sync(device)
         t0 = time.perf_counter()
         loop.train_one_epoch(net, data, BceDiceLoss(), opt, None, scaler, autocast=autocast_factory(device, precision),
                              device=device, guard=guard, epoch=epoch)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: a wall-clock time is only a time once the queue is drained.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> int:
@@ -70,27 +79,40 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default="tu-tf_efficientnet_lite0")
     ap.add_argument("--decoder", default="")
     ap.add_argument("--depth", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (as train.device)")
+    ap.add_argument("--precision", default="auto",
+                    help="comma-separated train.precision values to time, e.g. fp32,fp16 (auto: bf16 on a "
+                         "native-bf16 CPU, fp16 + GradScaler on CUDA)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    device = resolve_device(args.device)
     if args.quick:
         args.size, args.batch, args.steps, args.epochs = 64, 2, 3, 2
         args.encoder, args.depth, args.decoder = "tu-resnet18", 3, "32,16,8"
     data = batches(args.steps, args.batch, args.size)
+    precisions = [resolve_precision(p.strip(), device) for p in args.precision.split(",")]
     res = {"size": args.size, "batch": args.batch, "steps": args.steps, "encoder": args.encoder,
-           "decoder": args.decoder or "default", "precision": resolve_precision("auto", torch.device("cpu")),
-           "threads": torch.get_num_threads()}
-    for name, compiled in (("eager", False), ("compiled", True)):
-        t = time_epochs(compiled, args, data)
-        res[name] = {"epoch_seconds": [round(v, 2) for v in t], "step_s": min(t[1:]) / args.steps}
-        print(f"{name:9s} epochs {[round(v, 1) for v in t]} s  -> {res[name]['step_s']:.3f} s/step", flush=True)
-    saved = res["eager"]["step_s"] - res["compiled"]["step_s"]
-    compile_s = res["compiled"]["epoch_seconds"][0] - res["compiled"]["step_s"] * args.steps
-    res["compile_seconds"] = round(compile_s, 1)
-    res["speedup"] = round(res["eager"]["step_s"] / res["compiled"]["step_s"], 3)
-    res["break_even_steps"] = round(compile_s / saved, 1) if saved > 0 else float("inf")
-    print(f"compile {compile_s:.0f} s, speedup x{res['speedup']}, break-even after {res['break_even_steps']} steps")
-    write_result("compile", res)
+           "decoder": args.decoder or "default", "device": _device_name(device), "threads": torch.get_num_threads()}
+    for precision in precisions:
+        r = res.setdefault(precision, {})
+        for name, compiled in (("eager", False), ("compiled", True)):
+            t = time_epochs(compiled, args, data, device, precision)
+            r[name] = {"epoch_seconds": [round(v, 2) for v in t], "step_s": min(t[1:]) / args.steps}
+            print(f"{precision:5s} {name:9s} epochs {[round(v, 2) for v in t]} s  -> {r[name]['step_s']:.4f} s/step",
+                  flush=True)
+        saved = r["eager"]["step_s"] - r["compiled"]["step_s"]
+        compile_s = r["compiled"]["epoch_seconds"][0] - r["compiled"]["step_s"] * args.steps
+        r["compile_seconds"] = round(compile_s, 1)
+        r["speedup"] = round(r["eager"]["step_s"] / r["compiled"]["step_s"], 3)
+        r["break_even_steps"] = round(compile_s / saved, 1) if saved > 0 else float("inf")
+        print(f"{precision}: compile {compile_s:.0f} s, speedup x{r['speedup']}, "
+              f"break-even after {r['break_even_steps']} steps", flush=True)
+    write_result("compile" if device.type == "cpu" else f"compile-{device.type}", res)
     return 0
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 if __name__ == "__main__":
