@@ -56,6 +56,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
                     "best with its last 512 epoch on the Lovasz hinge (edges decide Dice at 512)"),
     "best-384x3": (BEST, ["train.epochs=7", "train.progressive=384:3", "train.val_every=1"],
                    "the first best recipe: 512 (first 3 of 7 epochs at 384), slim decoder, EMA, validated every epoch"),
+    "fast-lr2e-3": (FAST, ["train.lr=0.002"], "fast with twice the learning rate (2e-3): 2 epochs is a short schedule"),
     # one lever of the earlier fast recipe (256 px, 3 epochs) at a time
     "fast-256": (FAST, FAST256, "the fast recipe until this study's last change: 256 px, 3 epochs, EMA"),
     "fast-no-ema": (FAST, [*FAST256, "train.ema=false"], "fast-256 without EMA (the recipe before this study)"),
