@@ -44,9 +44,11 @@ step() {  # step NAME COMMAND...: run, log, record the exit status and seconds
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'smp', smp.__version__, 'albumentations', A.__version__)"
   nproc; } 2>&1 | tee "$LOG/env.txt"
 
-step config $PY -m pipeline config "${ARGS[@]}" || exit 2
-read -r CACHE SUBS H < <($PY -m pipeline config "${ARGS[@]}" 2>/dev/null | $PY -c "import sys, yaml
-c = yaml.safe_load(sys.stdin); print(c['data']['cache'], c['data']['submissions'], c['prepare']['height'])")
+# The resolved config, once: kept beside the logs, and where the cache, submissions and size come from.
+$PY -m pipeline config "${ARGS[@]}" >"$LOG/config.yaml" || exit 2
+read -r CACHE SUBS H < <($PY -c "import sys, yaml
+c = yaml.safe_load(open(sys.argv[1])); print(c['data']['cache'], c['data']['submissions'], c['prepare']['height'])" \
+    "$LOG/config.yaml")
 step prepare $PY scripts/prepare.py "${ARGS[@]}"
 # Killed in epoch 3 (0-based), batch 20: the resumed run must pick up after epoch 2's checkpoint.
 PIPELINE_TRAIN_KILL_AT=${KILL_AT:-3:20} step train-killed $PY scripts/train.py "${ARGS[@]}"
