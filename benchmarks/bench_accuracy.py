@@ -56,6 +56,14 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
                     "best with its last 512 epoch on the Lovasz hinge (edges decide Dice at 512)"),
     "best-384x3": (BEST, ["train.epochs=7", "train.progressive=384:3", "train.val_every=1"],
                    "the first best recipe: 512 (first 3 of 7 epochs at 384), slim decoder, EMA, validated every epoch"),
+    "crop-320": (FAST, ["prepare.height=512", "prepare.width=512", "train.progressive=c320:2", "train.ema=false"],
+                 "fast on random 320 crops of the 512 images (native scale, the cost of 320 px), no EMA "
+                 "(one validation pass at 512)"),
+    "crop-288": (FAST, ["prepare.height=512", "prepare.width=512", "train.progressive=c288:2", "train.ema=false"],
+                 "crop-320 with 288 crops (0.81 of the cost): fits 10 minutes with the validation pass at 512"),
+    "best-crop": (BEST, ["train.epochs=10", "train.progressive=256:3,c384:6"],
+                  "best with six 384 crops of the 512 images (native scale at ~0.55 of a 512 epoch's cost) "
+                  "before one whole 512 epoch: 10 epochs"),
     "fast-lr2e-3": (FAST, ["train.lr=0.002"], "fast with twice the learning rate (2e-3): 2 epochs is a short schedule"),
     # one lever of the earlier fast recipe (256 px, 3 epochs) at a time
     "fast-256": (FAST, FAST256, "the fast recipe until this study's last change: 256 px, 3 epochs, EMA"),

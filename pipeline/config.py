@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import typing
+from typing import NamedTuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +111,7 @@ class TrainConfig:
     # Added after train-3; at these defaults they leave the train key (and so old runs) unchanged.
     ema: bool = False                # also keep an EMA of the weights (timm ModelEmaV3), scored each epoch
     ema_decay: float = 0.999         # EMA decay cap (warmed up from 0: short runs still average)
-    progressive: str = ""            # "256:2,384:1": first epochs at these sizes (resized on the fly)
+    progressive: str = ""            # "256:2,384:1": first epochs at these sizes (resized on the fly); "c320:2": random crops
     loss_final: str = ""             # "" | "lovasz": loss of the last loss_final_epochs epochs
     loss_final_epochs: int = 1       # epochs at the end trained with train.loss_final
     val_every: int = 1               # validate every N epochs and always the last (skipped: NaN, never best)
@@ -388,12 +389,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: must lie in (0, 1)")
     if t.boundary_weight < 0:
         raise ConfigError(f"train.boundary_weight={t.boundary_weight}: must be >= 0")
-    sizes = parse_progressive(t.progressive, t.epochs, (p.height, p.width))
+    shapes = parse_progressive(t.progressive, t.epochs, (p.height, p.width))
     if not 0.0 < t.input_scale <= 1.0:
         raise ConfigError(f"train.input_scale={t.input_scale}: must lie in (0, 1] (1 = the network sees the "
                           f"prepared size)")
     if t.input_scale != 1.0:
-        for h, w in sorted(set(sizes)):
+        for h, w, _ in sorted(set(shapes)):
             sh, sw = round(h * t.input_scale), round(w * t.input_scale)
             if sh % 32 or sw % 32:
                 raise ConfigError(f"train.input_scale={t.input_scale}: {h}x{w} inputs would run at {sh}x{sw}; "
@@ -410,30 +411,51 @@ def validate(cfg: Config) -> None:
     cache_location(cfg)
 
 
-def parse_progressive(spec: str, epochs: int, full_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """``train.progressive`` -> the (H, W) of each epoch's training batches.
+class EpochShape(NamedTuple):
+    """One epoch's training input: (h, w) of each batch, ``crop`` True for random crops of the
+    prepared images at their own resolution, False for the whole image resized to (h, w)."""
+    h: int
+    w: int
+    crop: bool = False
+
+    def __str__(self) -> str:
+        return f"{'c' if self.crop else ''}{self.h}x{self.w}"
+
+
+def parse_progressive(spec: str, epochs: int, full_hw: tuple[int, int]) -> list[EpochShape]:
+    """``train.progressive`` -> each epoch's training input (:class:`EpochShape`).
 
     spec: comma list of ``SIZE:EPOCHS`` where SIZE is ``S`` (square) or ``HxW``, each side a
-    multiple of 32, e.g. ``"256:2,384:1"``; the epochs after the listed ones train at
-    ``full_hw`` (the prepared size; validation is always there). "" -> every epoch at full_hw.
+    multiple of 32: the whole image resized to SIZE, e.g. ``"256:2,384:1"``. A ``c`` before SIZE
+    (``c320:2``) trains on random SIZE crops of the prepared images instead: the network sees
+    the objects at their own scale (edges as sharp as at inference) for a fraction of the full
+    size's cost. The epochs after the listed ones train on whole images at ``full_hw`` (the
+    prepared size; validation is always there). Resized epochs must leave at least the last
+    epoch at the prepared scale; crops keep that scale, so crop items may cover every epoch.
+    "" -> every epoch at full_hw.
     """
-    sizes: list[tuple[int, int]] = []
+    shapes: list[EpochShape] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         try:
             size, n = part.split(":")
+            crop = size.lower().startswith("c")
+            size = size[1:] if crop else size
             h, w = (int(v) for v in size.lower().split("x")) if "x" in size.lower() else (int(size), int(size))
             n = int(n)
         except ValueError:
-            raise ConfigError(f"train.progressive='{spec}': expected SIZE:EPOCHS items like 256:2 or "
-                              f"320x480:1, got '{part}'") from None
+            raise ConfigError(f"train.progressive='{spec}': expected SIZE:EPOCHS items like 256:2, "
+                              f"320x480:1 or c320:2 (crops), got '{part}'") from None
         if h % 32 or w % 32 or h < 32 or w < 32 or n < 1:
             raise ConfigError(f"train.progressive='{spec}': '{part}' needs sides that are multiples of 32 "
                               f"and at least 1 epoch")
-        sizes += [(h, w)] * n
-    if sizes and len(sizes) >= epochs:
-        raise ConfigError(f"train.progressive='{spec}' covers {len(sizes)} epochs but train.epochs={epochs}: "
-                          f"leave at least the last epoch at the prepared size")
-    return sizes + [tuple(full_hw)] * (epochs - len(sizes))
+        if crop and (h > full_hw[0] or w > full_hw[1]):
+            raise ConfigError(f"train.progressive='{spec}': crop '{part}' is larger than the prepared "
+                              f"{full_hw[0]}x{full_hw[1]} images")
+        shapes += [EpochShape(h, w, crop)] * n
+    if len(shapes) > epochs or (len(shapes) == epochs and not shapes[-1].crop):
+        raise ConfigError(f"train.progressive='{spec}' covers {len(shapes)} epochs but train.epochs={epochs}: "
+                          f"leave at least the last epoch at the prepared size (or end on a crop item)")
+    return shapes + [EpochShape(*full_hw)] * (epochs - len(shapes))
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

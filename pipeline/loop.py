@@ -184,11 +184,25 @@ def resize_batch(x: torch.Tensor, y: torch.Tensor, hw: tuple[int, int]) -> tuple
     return x.contiguous(memory_format=torch.channels_last), y
 
 
-def _inputs(batch, device: torch.device, channels_last: bool, stats: tuple, size) -> tuple:
-    """A loader batch -> (x, y) on ``device``, resized to ``size`` when given (progressive resizing)."""
+def crop_batch(x: torch.Tensor, y: torch.Tensor, hw: tuple[int, int],
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, 3, H, W), y: (N, 1, H, W) -> (N, 3, h, w), (N, 1, h, w): one random crop per image,
+    the same window in image and mask, offsets drawn uniformly from ``generator`` (CPU)."""
+    (h, w), (H, W) = hw, x.shape[-2:]
+    tops = torch.randint(0, H - h + 1, (x.shape[0],), generator=generator).tolist()
+    lefts = torch.randint(0, W - w + 1, (x.shape[0],), generator=generator).tolist()
+    xs = torch.stack([x[i, :, t:t + h, l:l + w] for i, (t, l) in enumerate(zip(tops, lefts))])
+    ys = torch.stack([y[i, :, t:t + h, l:l + w] for i, (t, l) in enumerate(zip(tops, lefts))])
+    return xs.contiguous(memory_format=torch.channels_last), ys
+
+
+def _inputs(batch, device: torch.device, channels_last: bool, stats: tuple, size,
+            crop_rng: torch.Generator | None) -> tuple:
+    """A loader batch -> (x, y) on ``device`` at ``size`` when given: random crops of that size
+    when ``crop_rng`` is given, else resized (progressive resizing)."""
     x, y = to_device(batch[0], batch[1], device, channels_last, stats)
     if size is not None and tuple(x.shape[-2:]) != tuple(size):
-        x, y = resize_batch(x, y, size)
+        x, y = crop_batch(x, y, size, crop_rng) if crop_rng is not None else resize_batch(x, y, size)
     return x, y
 
 
@@ -196,12 +210,14 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
                     autocast, device: torch.device, accum_steps: int = 1, grad_clip: float = 0.0,
                     channels_last: bool = True, guard: NonFiniteGuard, max_steps: int = 0,
                     epoch: int = 0, progress: bool = False, desc: str = "", stats: tuple = IMAGENET_STATS,
-                    size: tuple[int, int] | None = None, ema=None, ema_step: int = 0) -> dict:
+                    size: tuple[int, int] | None = None, crop_seed: int | None = None, ema=None,
+                    ema_step: int = 0) -> dict:
     """One pass over ``loader`` (batches of (images (N,H,W,3) uint8, masks (N,H,W) uint8, ...)).
 
     Optimizer updates every ``accum_steps`` micro-batches and after the last one;
     ``max_steps`` > 0 caps the number of updates. ``size``: train at this (H, W) instead
-    (progressive resizing, :func:`resize_batch`); ``ema``: a timm ModelEmaV3 of the bare model,
+    (progressive resizing, :func:`resize_batch`), or on random crops of that size when
+    ``crop_seed`` is given (:func:`crop_batch`, offsets from a generator with that seed); ``ema``: a timm ModelEmaV3 of the bare model,
     updated after every applied update (its step: ``ema_step`` + updates so far). Returns
     {loss (mean over the images whose loss was finite), images, seconds, updates (steps applied),
     nonfinite (updates dropped for a non-finite loss or gradient), lr (of the last applied update)}.
@@ -213,6 +229,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
     full = (n // accum_steps) * accum_steps   # micro-batches in complete groups
     ddp = is_ddp(model)
     kill = _kill_point()
+    crop_rng = None if crop_seed is None else torch.Generator().manual_seed(crop_seed)
     loss_sum, images, seen, updates, nonfinite0 = 0.0, 0, 0, 0, guard.total
     lr = optimizer.param_groups[0]["lr"]
     group_bad = False
@@ -228,7 +245,7 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
         group = accum_steps if i < full else n - full
         images += batch[0].shape[0]
         if not group_bad:   # a group with a non-finite loss is dropped whole: no more work on it
-            x, y = _inputs(batch, device, channels_last, stats, size)
+            x, y = _inputs(batch, device, channels_last, stats, size, crop_rng)
             value = _backward(model, x, y, loss_fn, autocast, scaler, guard, group, ddp and not need_update)
             group_bad = value is None
             if not group_bad:

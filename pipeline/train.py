@@ -42,7 +42,7 @@ import yaml
 from torch.utils.data import DistributedSampler
 
 from . import cache, checkpoint, locks, prepare, tboard
-from .config import Config, ConfigError, PipelineError, parse_progressive, stable_hash, validate
+from .config import Config, ConfigError, EpochShape, PipelineError, parse_progressive, stable_hash, validate
 from .data import SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image
 from .distributed import Dist, ShardSampler, all_sum, barrier, dist_close, dist_init, gather, sync_buffers, wrap
 from .loop import (NonFiniteGuard, build_optimizer, build_scheduler, check_output_size, evaluate, make_loader,
@@ -146,7 +146,7 @@ class Parts:
     stats: tuple
     meta: dict
     final_loss: torch.nn.Module          # the last train.loss_final_epochs epochs' loss (loss_fn without one)
-    sizes: list[tuple[int, int]]         # each epoch's training size (train.progressive)
+    shapes: list[EpochShape]             # each epoch's training input (train.progressive)
     ema: object = None                   # timm ModelEmaV3 of the bare model (train.ema)
 
 
@@ -278,6 +278,12 @@ def _title(f: Fold) -> str:
     return f"fold {f.k} {f.cfg.train.arch}/{f.cfg.train.encoder} [{f.key}]"
 
 
+def _crop_seed(seed: int, epoch: int, rank: int) -> int:
+    """The crop offsets' seed of one epoch on one rank: fixed by (seed, epoch, rank), so a
+    resumed epoch draws the windows an uninterrupted run would have."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
 def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epoch: int, board) -> None:
     """Train one epoch, validate (every ``train.val_every`` epochs and the last), record the
     metrics row, save (rank 0) and log."""
@@ -286,12 +292,13 @@ def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epo
     parts.guard.where = f"fold {f.k} epoch {epoch + 1}"
     data.sampler.set_epoch(epoch)
     final = bool(t.loss_final) and epoch >= t.epochs - t.loss_final_epochs
-    size = parts.sizes[epoch]
+    shape = parts.shapes[epoch]
     tr = train_one_epoch(parts.net, data.train_dl, parts.final_loss if final else parts.loss_fn, parts.optimizer,
                          parts.scheduler, parts.scaler, autocast=f.autocast, device=device,
                          accum_steps=t.accum_steps, grad_clip=t.grad_clip, channels_last=t.channels_last,
                          guard=parts.guard, max_steps=t.max_train_steps, epoch=epoch, progress=d.main,
-                         desc=f"fold {f.k} epoch {epoch + 1}/{t.epochs}", stats=parts.stats, size=size,
+                         desc=f"fold {f.k} epoch {epoch + 1}/{t.epochs}", stats=parts.stats,
+                         size=(shape.h, shape.w), crop_seed=_crop_seed(t.seed, epoch, d.rank) if shape.crop else None,
                          ema=parts.ema, ema_step=epoch * data.steps_per_epoch)
     loss_sum, scored, seen_img, seconds = all_sum(
         [tr["loss"] * tr["scored"] if tr["scored"] else 0.0, tr["scored"], tr["images"], tr["seconds"]], d, device)
@@ -307,7 +314,7 @@ def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epo
         ema_dice = _score_ema(f, data, parts)
     row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": loss_sum / scored if scored else float("nan"),
            "val_loss": v_loss / v_n, "val_dice": v_dice / v_n, "val_dice_ema": ema_dice,
-           "size": f"{size[0]}x{size[1]}", "seconds": time.perf_counter() - t0,
+           "size": str(shape), "seconds": time.perf_counter() - t0,
            "images_per_s": seen_img / max(seconds / d.world, 1e-9), "nonfinite": tr["nonfinite"], "best": False}
     use_ema = ema_dice > row["val_dice"]      # False without EMA (NaN compares False)
     score = ema_dice if use_ema else row["val_dice"]

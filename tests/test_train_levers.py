@@ -1,4 +1,4 @@
-"""Accuracy levers of the train stage: EMA, progressive resizing, boundary-weighted BCE, a final
+"""Accuracy levers of the train stage: EMA, progressive resizing and crops, boundary-weighted BCE, a final
 Lovasz phase, torch.compile — and that none of them moves the key of a run trained without them."""
 from __future__ import annotations
 
@@ -23,10 +23,16 @@ def prepared(tmp_path_factory):
 # ------------------------------------------------------------------ pure pieces, known answers
 
 def test_parse_progressive_known_answers():
-    assert parse_progressive("", 3, (64, 96)) == [(64, 96)] * 3
-    assert parse_progressive("32:1,32x64:1", 3, (64, 96)) == [(32, 32), (32, 64), (64, 96)]
+    assert parse_progressive("", 3, (64, 96)) == [(64, 96, False)] * 3
+    assert parse_progressive("32:1,32x64:1", 3, (64, 96)) == [(32, 32, False), (32, 64, False), (64, 96, False)]
+    # crops keep the prepared scale, so they may cover every epoch
+    assert parse_progressive("32:1,c32x64:2", 3, (64, 96)) == [(32, 32, False), (32, 64, True), (32, 64, True)]
+    assert parse_progressive("C64:1", 2, (64, 96)) == [(64, 64, True), (64, 96, False)]
+    assert [str(s) for s in parse_progressive("c32:1,32:1", 3, (64, 96))] == ["c32x32", "32x32", "64x96"]
     for bad, what in [("31:1", "multiples of 32"), ("32:0", "at least 1"), ("32", "SIZE:EPOCHS"),
-                      ("32:3", "leave at least the last epoch"), ("ax32:1", "SIZE:EPOCHS")]:
+                      ("32:3", "leave at least the last epoch"), ("ax32:1", "SIZE:EPOCHS"),
+                      ("c32:2,32:1", "leave at least the last epoch"), ("c32:4", "covers 4 epochs"),
+                      ("c96:1", "larger than the prepared 64x96"), ("cc32:1", "SIZE:EPOCHS")]:
         with pytest.raises(ConfigError, match=what):
             parse_progressive(bad, 3, (64, 96))
 
@@ -43,6 +49,25 @@ def test_resize_batch_moves_image_and_mask_together():
     assert set(ys.unique().tolist()) <= {0.0, 1.0}
     assert ys[0, 0, :16, :24].min() == 1 and ys[0, 0, 16:, :].max() == 0 and ys[0, 0, :, 24:].max() == 0
     assert torch.equal(xs[0, 0] > 0.5, ys[0, 0] > 0.5)
+
+
+def test_crop_batch_takes_the_same_window_from_image_and_mask():
+    # Each pixel's value encodes its position, so a crop's top-left value names its offset: every
+    # image gets its own window, the mask the same one, and the seed fixes the windows.
+    pos = torch.arange(64 * 96, dtype=torch.float32).reshape(1, 1, 64, 96)
+    x = pos.expand(6, 3, 64, 96).clone()
+    y = pos.expand(6, 1, 64, 96).clone()
+    xs, ys = loop.crop_batch(x, y, (32, 64), torch.Generator().manual_seed(3))
+    assert xs.shape == (6, 3, 32, 64) and ys.shape == (6, 1, 32, 64)
+    assert xs.is_contiguous(memory_format=torch.channels_last)
+    for i in range(6):
+        top, left = divmod(int(xs[i, 0, 0, 0]), 96)
+        assert 0 <= top <= 32 and 0 <= left <= 32
+        assert torch.equal(xs[i, 1], pos[0, 0, top:top + 32, left:left + 64])
+        assert torch.equal(ys[i, 0], xs[i, 0])
+    assert len({int(v) for v in xs[:, 0, 0, 0]}) > 1          # not one window for the whole batch
+    again, _ = loop.crop_batch(x, y, (32, 64), torch.Generator().manual_seed(3))
+    assert torch.equal(again, xs)
 
 
 def test_edge_band_is_the_ring_around_the_mask_edge():
@@ -117,8 +142,8 @@ def test_lever_options_are_checked_by_name(tmp_path):
 @pytest.fixture(scope="module")
 def levers_run(prepared, tmp_path_factory):
     cfg = tiny_cfg(tmp_path_factory.mktemp("cache"), **{
-        "train.epochs": 3, "train.ema": True, "train.ema_decay": 0.9, "train.progressive": "32x64:1",
-        "train.boundary_weight": 2.0, "train.loss_final": "lovasz", "train.loss_final_epochs": 1})
+        "train.epochs": 3, "train.ema": True, "train.ema_decay": 0.9,
+        "train.progressive": "32x64:1,c32x64:2", "train.boundary_weight": 2.0, "train.loss_final": "lovasz", "train.loss_final_epochs": 1})
     summary = train.run(cfg, prepared_dir=prepared)[0]
     return cfg, summary, train.fold_dir(cfg, 0, prepared)
 
@@ -127,7 +152,7 @@ def test_ema_is_scored_and_checkpointed_beside_the_raw_weights(levers_run):
     cfg, summary, out = levers_run
     m = pd.read_csv(out / "metrics.csv")
     assert list(m.columns) == checkpoint.METRIC_COLUMNS
-    assert m["size"].tolist() == ["32x64", "64x96", "64x96"]
+    assert m["size"].tolist() == ["32x64", "c32x64", "c32x64"]   # resized, then crops
     assert m["val_dice_ema"].notna().all() and ((m["val_dice_ema"] >= 0) & (m["val_dice_ema"] <= 1)).all()
     # EMA weights are not the raw ones (else scoring both would be pointless).
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
@@ -145,7 +170,8 @@ def test_ema_is_scored_and_checkpointed_beside_the_raw_weights(levers_run):
 
 def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path):
     """Kill-free resume check: stop after epoch 2 (epochs=2 run), then continue to 3 from last.pt.
-    EMA state and progressive sizes must carry over: the metrics equal the uninterrupted run's."""
+    EMA state and progressive sizes must carry over, and the rerun crop epoch must draw the same
+    windows: the metrics equal the uninterrupted run's."""
     cfg, _, out = levers_run
     ref = pd.read_csv(out / "metrics.csv")
     import shutil
@@ -158,7 +184,7 @@ def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path):
         "import sys; sys.path.insert(0, 'tests');"
         "from _train_helpers import tiny_cfg; from pipeline import train;"
         f"cfg = tiny_cfg({str(work)!r}, **{{'train.epochs': 3, 'train.ema': True, 'train.ema_decay': 0.9,"
-        "'train.progressive': '32x64:1', 'train.boundary_weight': 2.0, 'train.loss_final': 'lovasz',"
+        "'train.progressive': '32x64:1,c32x64:2', 'train.boundary_weight': 2.0, 'train.loss_final': 'lovasz',"
         "'train.loss_final_epochs': 1});"
         f"train.run(cfg, prepared_dir={str(prepared)!r})")
     env = {**os.environ, loop.KILL_ENV: "2:0"}
@@ -207,7 +233,8 @@ def test_ema_never_changes_the_raw_trajectory(prepared, levers_run, tmp_path):
     """The EMA is a bystander: with it off, the raw weights train bit for bit the same (so a
     recipe can drop EMA when the raw weights win, and keep the run's measured score)."""
     cfg, _, out = levers_run
-    off = tiny_cfg(tmp_path, **{"train.epochs": 3, "train.progressive": "32x64:1", "train.boundary_weight": 2.0,
+    off = tiny_cfg(tmp_path, **{"train.epochs": 3, "train.progressive": "32x64:1,c32x64:2",
+                                "train.boundary_weight": 2.0,
                                 "train.loss_final": "lovasz", "train.loss_final_epochs": 1})
     train.run(off, prepared_dir=prepared)
     with_ema = pd.read_csv(out / "metrics.csv")
