@@ -70,6 +70,18 @@ def test_crop_batch_takes_the_same_window_from_image_and_mask():
     assert torch.equal(again, xs)
 
 
+def test_crop_offsets_reach_the_borders():
+    # 288 windows in 512: the centre is uniform, so a start of 0 (the top border in view) has
+    # probability 144/512 = 0.28, the same for the last start, the rest spread between.
+    starts = torch.tensor(loop.crop_offsets(20000, 512, 288, torch.Generator().manual_seed(0)))
+    assert starts.min() == 0 and starts.max() == 512 - 288
+    for edge in (0, 512 - 288):
+        assert abs((starts == edge).float().mean().item() - 144 / 512) < 0.02
+    inner = starts[(starts > 0) & (starts < 224)]
+    assert abs(len(inner) / len(starts) - 223 / 512) < 0.02
+    assert loop.crop_offsets(3, 64, 64, torch.Generator()) == [0, 0, 0]     # a crop of the whole side
+
+
 def test_edge_band_is_the_ring_around_the_mask_edge():
     y = torch.zeros(1, 1, 20, 20)
     y[..., 5:15, 5:15] = 1
