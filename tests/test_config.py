@@ -98,3 +98,23 @@ def test_no_test_module_defines_a_test_twice():
                         dupes.append(f"{path.name}:{node.lineno} {node.name}")
                     seen.add(node.name)
     assert not dupes, f"tests defined twice (the first never runs): {dupes}"
+
+
+def test_every_shipped_config_and_accuracy_variant_validates():
+    """The recipes users run and the benchmark rows that reproduce README numbers are configs
+    too: each must load and pass validation (e.g. a crop no larger than the prepared images)."""
+    import importlib.util
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    shipped = sorted((repo / "configs").glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"default.yaml", "carvana512.yaml", "carvana512-best.yaml", "kaggle.yaml"}
+    for path in shipped:
+        config.validate(config.load(path))
+    spec = importlib.util.spec_from_file_location("bench_accuracy", repo / "benchmarks" / "bench_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, (path, overrides, _) in bench.VARIANTS.items():
+        try:
+            config.validate(config.load(repo / path, overrides))
+        except ConfigError as e:
+            raise AssertionError(f"bench_accuracy variant {name}: {e}") from None
