@@ -21,9 +21,9 @@ import json
 import os
 import sys
 import typing
-from typing import NamedTuple
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -111,7 +111,7 @@ class TrainConfig:
     # Added after train-3; at these defaults they leave the train key (and so old runs) unchanged.
     ema: bool = False                # also keep an EMA of the weights (timm ModelEmaV3), scored each epoch
     ema_decay: float = 0.999         # EMA decay cap (warmed up from 0: short runs still average)
-    progressive: str = ""            # "256:2,384:1": first epochs at these sizes (resized on the fly); "c320:2": random crops
+    progressive: str = ""            # "256:2,384:1": first epochs resized to these sizes; "c320:2": random crops
     loss_final: str = ""             # "" | "lovasz": loss of the last loss_final_epochs epochs
     loss_final_epochs: int = 1       # epochs at the end trained with train.loss_final
     val_every: int = 1               # validate every N epochs and always the last (skipped: NaN, never best)

@@ -229,8 +229,8 @@ def train_one_epoch(model: torch.nn.Module, loader, loss_fn, optimizer, schedule
     Optimizer updates every ``accum_steps`` micro-batches and after the last one;
     ``max_steps`` > 0 caps the number of updates. ``size``: train at this (H, W) instead
     (progressive resizing, :func:`resize_batch`), or on random crops of that size when
-    ``crop_seed`` is given (:func:`crop_batch`, offsets from a generator with that seed); ``ema``: a timm ModelEmaV3 of the bare model,
-    updated after every applied update (its step: ``ema_step`` + updates so far). Returns
+    ``crop_seed`` is given (:func:`crop_batch`, windows from a generator with that seed);
+    ``ema``: a timm ModelEmaV3 of the bare model, updated after every applied update (its step: ``ema_step`` + updates so far). Returns
     {loss (mean over the images whose loss was finite), images, seconds, updates (steps applied),
     nonfinite (updates dropped for a non-finite loss or gradient), lr (of the last applied update)}.
     """

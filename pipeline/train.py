@@ -298,7 +298,8 @@ def _epoch(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, epo
                          accum_steps=t.accum_steps, grad_clip=t.grad_clip, channels_last=t.channels_last,
                          guard=parts.guard, max_steps=t.max_train_steps, epoch=epoch, progress=d.main,
                          desc=f"fold {f.k} epoch {epoch + 1}/{t.epochs}", stats=parts.stats,
-                         size=(shape.h, shape.w), crop_seed=_crop_seed(t.seed, epoch, d.rank) if shape.crop else None,
+                         size=(shape.h, shape.w),
+                         crop_seed=_crop_seed(t.seed, epoch, d.rank) if shape.crop else None,
                          ema=parts.ema, ema_step=epoch * data.steps_per_epoch)
     loss_sum, scored, seen_img, seconds = all_sum(
         [tr["loss"] * tr["scored"] if tr["scored"] else 0.0, tr["scored"], tr["images"], tr["seconds"]], d, device)

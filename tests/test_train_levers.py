@@ -155,7 +155,8 @@ def test_lever_options_are_checked_by_name(tmp_path):
 def levers_run(prepared, tmp_path_factory):
     cfg = tiny_cfg(tmp_path_factory.mktemp("cache"), **{
         "train.epochs": 3, "train.ema": True, "train.ema_decay": 0.9,
-        "train.progressive": "32x64:1,c32x64:2", "train.boundary_weight": 2.0, "train.loss_final": "lovasz", "train.loss_final_epochs": 1})
+        "train.progressive": "32x64:1,c32x64:2", "train.boundary_weight": 2.0, "train.loss_final": "lovasz",
+        "train.loss_final_epochs": 1})
     summary = train.run(cfg, prepared_dir=prepared)[0]
     return cfg, summary, train.fold_dir(cfg, 0, prepared)
 
