@@ -7,12 +7,13 @@ import math
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from _train_helpers import make_prepared, tiny_cfg
 from pipeline import checkpoint, loop, train
 from pipeline.config import parse_progressive
 from pipeline.config import ConfigError
-from pipeline.losses import BceDiceLoss, LovaszLoss, edge_band
+from pipeline.losses import BceDiceLoss, LovaszLoss, dilate, edge_band
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,19 @@ def test_edge_band_is_the_ring_around_the_mask_edge():
     expected[4:16, 4:16] = 1
     expected[6:14, 6:14] = 0
     assert torch.equal(band[0, 0], expected)
+
+
+def test_dilate_equals_max_pool_at_every_pixel_and_border():
+    torch.manual_seed(0)
+    for shape, px in [((2, 1, 37, 29), 3), ((1, 1, 5, 9), 1), ((1, 1, 4, 4), 3)]:
+        x = (torch.rand(shape) > 0.7).float()
+        assert torch.equal(dilate(x, px), F.max_pool2d(x, 2 * px + 1, stride=1, padding=px))
+        assert torch.equal(-dilate(-x, px), -F.max_pool2d(-x, 2 * px + 1, stride=1, padding=px))
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 0, 8] = 1                                   # a corner pixel grows into a 2x2 square at px=1
+    expected = torch.zeros(9, 9)
+    expected[0:2, 7:9] = 1
+    assert torch.equal(dilate(x, 1)[0, 0], expected)
 
 
 def test_boundary_weight_puts_the_loss_where_the_edges_are():
