@@ -46,8 +46,12 @@ FAST256 = ["prepare.height=256", "prepare.width=256", "train.input_scale=1", "tr
            "train.ema=true", "train.progressive="]
 # The fast recipe after that (320 px whole images x 2 epochs, EMA, validated once), pinned the same way.
 FAST320 = ["prepare.height=320", "prepare.width=320", "train.progressive=", "train.ema=true"]
+# The best config before boundary BCE (EMA on, hflip TTA), under each earlier best row, pinned the same way.
+BEST_EMA = ["train.ema=true", "train.boundary_weight=0", "predict.tta=hflip"]
 # The best recipe before crops: 3 epochs at 256, 1 at 384, 4 at 512 (whole images), validated once.
-BEST512X4 = ["train.epochs=8", "train.progressive=256:3,384:1", "train.val_every=8"]
+BEST512X4 = [*BEST_EMA, "train.epochs=8", "train.progressive=256:3,384:1", "train.val_every=8"]
+# The best recipe with 384 crops: 3 epochs at 256, 6 on 384 crops, 1 whole at 512.
+BEST384C = [*BEST_EMA, "train.epochs=10", "train.progressive=256:3,c384:6"]
 
 # name -> (config file, overrides, what it tests). Screening rows change one lever of the fast
 # recipe; the two recipes are rows of their own. Every row trains fold 0 only.
@@ -55,17 +59,17 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "fast": (FAST, [], "configs/carvana512.yaml: 512 prepare, 2 epochs on random 288 crops, Lite0 ImageNet, "
                        "no EMA, validated once (the 10-minute recipe)"),
     "fast-320": (FAST, FAST320, "the fast recipe before crops: whole images at 320 px, 2 epochs, EMA"),
-    "best": (BEST, [], "configs/carvana512-best.yaml: 512 prepare, epochs 1-3 whole at 256, 4-9 on random 384 "
-                       "crops, 10 whole at 512, slim decoder, EMA, validated once"),
-    "best-crop": (BEST, ["train.val_every=8"],
-                  "best as measured: with one more validation pass, after epoch 8 (72 s; validation does not "
-                  "change the weights)"),
-    "best-c288x15": (BEST, ["train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17"],
+    "best": (BEST, [], "configs/carvana512-best.yaml: 512 prepare, epochs 1-2 whole at 256, 3-17 on random 288 "
+                       "crops, slim decoder, boundary-weighted BCE, no EMA, validated once, TTA hflip + 640 px"),
+    "best-crop": (BEST, [*BEST384C, "train.val_every=8"],
+                  "the best recipe with 384 crops (epochs 1-3 whole at 256, 4-9 on 384 crops, 10 whole at 512, "
+                  "EMA), as measured: validated after epochs 8 and 10"),
+    "best-c288x15": (BEST, [*BEST_EMA, "train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17"],
                      "best with more, cheaper epochs: 2 whole at 256, then 15 on random 288 crops (each ~0.3 of "
                      "a 512 epoch), no whole-512 epoch"),
-    "best-c288x15-tta125": (BEST, ["train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17",
+    "best-c288x15-tta125": (BEST, [*BEST_EMA[:2], "train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17",
                                    "predict.tta=hflip,scale1.25"],
-                            "best-c288x15's trained run, predicted (OOF and test) with hflip + a 640 px view"),
+                            "best-c288x15's trained run, test predicted with hflip + a 640 px view (OOF maps have no TTA)"),
     "best-c288x15-bce": (BEST, ["train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17",
                                 "train.ema=false", "train.boundary_weight=2", "predict.tta=hflip,scale1.25"],
                          "best-c288x15 with BCE weighted x3 within 3 px of the edge (~4% slower per step), EMA off "
@@ -74,7 +78,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
                                     "5-8 at 512, validated once"),
     "best-lovasz": (BEST, [*BEST512X4, "train.loss_final=lovasz", "train.loss_final_epochs=1"],
                     "best-512x4 with its last 512 epoch on the Lovasz hinge (edges decide Dice at 512)"),
-    "best-384x3": (BEST, ["train.epochs=7", "train.progressive=384:3", "train.val_every=1"],
+    "best-384x3": (BEST, [*BEST_EMA, "train.epochs=7", "train.progressive=384:3", "train.val_every=1"],
                    "the first best recipe: 512 (first 3 of 7 epochs at 384), slim decoder, EMA, validated every epoch"),
     "crop-320": (FAST, ["prepare.height=512", "prepare.width=512", "train.progressive=c320:2", "train.ema=false"],
                  "fast with 320 crops instead of 288 (the cost of 320 px whole images; over 10 minutes)"),
