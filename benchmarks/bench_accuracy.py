@@ -54,6 +54,8 @@ BEST_EMA = ["train.ema=true", "train.boundary_weight=0", "predict.tta=hflip"]
 BEST512X4 = [*BEST_EMA, "train.epochs=8", "train.progressive=256:3,384:1", "train.val_every=8"]
 # The best recipe with 384 crops: 3 epochs at 256, 6 on 384 crops, 1 whole at 512.
 BEST384C = [*BEST_EMA, "train.epochs=10", "train.progressive=256:3,c384:6"]
+# The schedule of the best config since: 2 epochs whole at 256, 15 on 288 crops, validated once.
+BEST17 = ["train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17"]
 
 # name -> (config file, overrides, what it tests). Screening rows change one lever of the fast
 # recipe; the two recipes are rows of their own. Every row trains fold 0 only.
@@ -67,16 +69,15 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "best-crop": (BEST, [*BEST384C, "train.val_every=8"],
                   "the best recipe with 384 crops (epochs 1-3 whole at 256, 4-9 on 384 crops, 10 whole at 512, "
                   "EMA), as measured: validated after epochs 8 and 10"),
-    "best-c288x15": (BEST, [*BEST_EMA, "train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17"],
+    "best-c288x15": (BEST, [*BEST_EMA, *BEST17],
                      "best with more, cheaper epochs: 2 whole at 256, then 15 on random 288 crops (each ~0.3 of "
                      "a 512 epoch), no whole-512 epoch"),
-    "best-c288x15-tta125": (BEST, ["train.ema=true", "train.boundary_weight=0", "train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17",
-                                   "predict.tta=hflip,scale1.25"],
-                            "best-c288x15's trained run, test predicted with hflip + a 640 px view (OOF maps have no TTA)"),
-    "best-c288x15-bce": (BEST, ["train.epochs=17", "train.progressive=256:2,c288:15", "train.val_every=17",
-                                "train.ema=false", "train.boundary_weight=2", "predict.tta=hflip,scale1.25"],
-                         "best-c288x15 with BCE weighted x3 within 3 px of the edge (measured with the max_pool2d band), EMA off "
-                         "(one validation pass at 512, not two), TTA hflip + a 640 px view"),
+    "best-c288x15-tta125": (BEST, [*BEST_EMA, *BEST17, "predict.tta=hflip,scale1.25"],   # the later tta wins
+                            "best-c288x15's trained run, test predicted with hflip + a 640 px view (OOF maps have "
+                            "no TTA)"),
+    "best-c288x15-bce": (BEST, [*BEST17, "train.ema=false", "train.boundary_weight=2", "predict.tta=hflip,scale1.25"],
+                         "best-c288x15 with BCE weighted x3 within 3 px of the edge (measured with the max_pool2d "
+                         "band), EMA off (one validation pass at 512, not two), TTA hflip + a 640 px view"),
     "best-512x4": (BEST, BEST512X4, "the best recipe before crops: whole images, epochs 1-3 at 256, 4 at 384, "
                                     "5-8 at 512, validated once"),
     "best-lovasz": (BEST, [*BEST512X4, "train.loss_final=lovasz", "train.loss_final_epochs=1"],
