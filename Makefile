@@ -142,6 +142,7 @@ tensorboard: venv ## serve the TensorBoard events of every fold in CACHE on PORT
 
 download: venv ## fetch the competition data with the kaggle CLI into RAW (FILES=, HQ=1), then prepare
 	$(PY) scripts/kaggle_cli.py download $(STAGE_ARGS) $(if $(FILES),--files $(FILES)) $(if $(HQ),--hq)
+	$(PY) scripts/prepare.py $(STAGE_ARGS)
 
 kaggle-submit: venv ## validate SUB=file, then submit it to Kaggle (MSG="..." else from the sidecar)
 	$(PY) scripts/kaggle_cli.py submit $(SUB) $(STAGE_ARGS) $(if $(MSG),--message "$(MSG)")

@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 
 from _common import write_result  # noqa: E402
 from pipeline import config, prepare, synth, tboard, train  # noqa: E402
+from pipeline.graph import Graph  # noqa: E402
 
 
 def one_run(base: dict, prepared: Path, cache: Path, on: bool) -> dict:
@@ -47,11 +48,11 @@ def one_run(base: dict, prepared: Path, cache: Path, on: bool) -> dict:
     tboard.open_fold = spy
     try:
         t0 = time.perf_counter()
-        train.run(cfg, prepared_dir=prepared)
+        train.run(cfg, Graph(cfg, prepared=prepared))
         wall = time.perf_counter() - t0
     finally:
         tboard.open_fold = real_open
-    m = pd.read_csv(train.fold_dir(cfg, 0, prepared) / "metrics.csv")
+    m = pd.read_csv(Graph(cfg, prepared=prepared).fold_dir(0) / "metrics.csv")
     board_s = sum(b.seconds for b in boards)
     epochs = len(m)
     timing = {k: sum(b.timing[k] for b in boards) for k in ("open", "scalars", "overlays", "n_overlays")}

@@ -50,6 +50,7 @@ from pipeline.data import SeededSampler, SegDataset, build_transform, cv2_single
 from pipeline.losses import BceDiceLoss  # noqa: E402
 from pipeline.models import build_model, model_kwargs  # noqa: E402
 from pipeline.precision import autocast_factory, resolve_precision  # noqa: E402
+from pipeline.graph import Graph  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "carvana512"
 CPU = torch.device("cpu")
@@ -182,7 +183,7 @@ def real_fold(args, cfg, tp: dict, prepared: Path) -> dict:
                          tp["eval_images_per_s"])
     cfg = make_cfg(args, {"train.epochs": budget["epochs"], "train.max_train_steps": budget["max_train_steps"],
                           "train.warmup_epochs": 0.3 if budget["epochs"] > 1 else 0.0})
-    out = train.fold_dir(cfg, 0)
+    out = Graph(cfg).fold_dir(0)
     cached = cache.is_complete(out)
     print(f"\n3. Real data: fold 0 of 5 of {args.raw} ({n_train} train / {n_val} val images) at "
           f"{args.size}x{args.size}, budget {args.minutes} min -> {budget['epochs']} epoch(s)"

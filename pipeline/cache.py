@@ -178,6 +178,16 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_png(path: str | Path, arr, level: int = 1) -> None:
+    """Encode ``arr`` ((H, W) or (H, W, 3) BGR uint8) as PNG at zlib ``level`` and write it atomically.
+    Level 1 is ~3x faster than the default for ~10% more bytes on these smooth images and masks."""
+    import cv2
+    ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, level])
+    if not ok:
+        raise PipelineError(f"{path}: PNG encoding failed")
+    write_bytes(path, buf.tobytes())
+
+
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode())
 

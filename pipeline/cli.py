@@ -1,6 +1,7 @@
 """Command line for every stage: ``python -m pipeline <stage> [--config F] [key=value ...]``.
 
-Only parses arguments and calls ``pipeline.<stage>.run(cfg)``. Configuration and
+Only parses arguments, resolves the runtime context (``pipeline.runtime``) and the stage graph
+(``pipeline.graph``) once, and calls ``pipeline.<stage>.run(cfg, graph[, rt])``. Configuration and
 input errors print one line naming the problem and exit 2 (never a bare traceback).
 Each stage's console output is also appended to ``<stage>.log`` beside its artifacts
 (``pipeline/stagelog.py``).
@@ -14,12 +15,43 @@ import argparse
 import importlib
 import sys
 
-from . import explain, stagelog
-from .config import ConfigError, PipelineError, load
+from . import explain, runtime, stagelog
+from .config import Config, ConfigError, PipelineError, load
+from .graph import Graph
 
 STAGES = ("synth", "prepare", "train", "oof", "predict", "submit", "inspect")
 COMMANDS = (*STAGES, "config")
 MODULES = {"inspect": "inspection"}      # stage -> module where the names differ
+WITH_RUNTIME = ("train", "predict")      # stages handed the runtime context (device, precision, ranks)
+WITH_PRECISION = ("predict", "submit")   # stages whose graph needs predict's resolved precision
+
+
+def _stage(stage: str):
+    return importlib.import_module(f"pipeline.{MODULES.get(stage, stage)}")
+
+
+def _predict_members(cfg: Config) -> None:
+    """submit.runs: predict what each member run lacks first (cached maps are reused)."""
+    from .ensemble import load_runs
+    for r in load_runs(cfg):
+        try:
+            _stage("predict").run(r.cfg, Graph(r.cfg), runtime.resolve(r.cfg, "predict"))
+        except PipelineError as e:     # say which run: its config file is what the user fixes
+            raise PipelineError(f"submit.runs: {r.config_file}: {e}") from None
+
+
+def run_stage(stage: str, cfg: Config, argv: list[str] | None = None) -> None:
+    """One stage, with its log: the runtime and graph resolved here, once, for the stage and its log."""
+    rt = runtime.resolve(cfg, stage) if stage in WITH_RUNTIME + WITH_PRECISION else runtime.from_env()
+    graph = Graph(cfg, precision=rt.precision if stage in WITH_PRECISION else None)
+    with stagelog.capture(stage, cfg, argv, graph=graph, main=rt.main):
+        if stage == "synth":
+            _stage(stage).run(cfg)
+            return
+        if stage == "submit" and cfg.submit.runs.strip():
+            _predict_members(cfg)
+        extra = {"rt": rt} if stage in WITH_RUNTIME else {}
+        _stage(stage).run(cfg, graph, **extra)
 
 
 def _parser(stage: str | None) -> argparse.ArgumentParser:
@@ -62,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(explain.resolved_yaml(cfg), end="")
         return 0
     try:
-        with stagelog.capture(stage, cfg, rest):
-            importlib.import_module(f"pipeline.{MODULES.get(stage, stage)}").run(cfg)
+        run_stage(stage, cfg, rest)
     except (ConfigError, PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,12 +6,13 @@ one process, so train has a single code path.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from .runtime import Runtime
 
 
 @dataclass
@@ -20,6 +21,8 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     owns_group: bool = False     # this run initialised the process group (and destroys it)
+    device: str = "cpu"          # the runtime context's resolved device and precision
+    precision: str = "fp32"
 
     @property
     def main(self) -> bool:
@@ -30,19 +33,18 @@ class Dist:
         return self.world > 1
 
 
-def dist_init(device_type: str) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+def dist_init(rt: Runtime) -> Dist:
+    """Join the torchrun process group when the runtime has several processes (gloo on CPU,
+    nccl on CUDA)."""
+    if not rt.active:
+        return Dist(device=rt.device, precision=rt.precision)
     owns = False
     if not dist.is_initialized():
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        if rt.device_type == "cuda":
+            torch.cuda.set_device(rt.local_rank)
+        dist.init_process_group("nccl" if rt.device_type == "cuda" else "gloo")
         owns = True
-    return Dist(rank, world, local_rank, owns)
+    return Dist(rt.rank, rt.world, rt.local_rank or 0, owns, rt.device, rt.precision)
 
 
 def dist_close(d: Dist) -> None:

@@ -5,11 +5,11 @@ Two sources, one output:
   brought back to the image's original size exactly as submit does it
   (``geometry.to_original`` of the uint8 map, then ``probmaps.binarize`` at t) and
   compared with prepare's full-size mask; t is the threshold submit would use
-  (``submit.threshold_info``: submit.threshold, else the OOF best threshold, else 0.5);
+  (``probmaps.resolve_threshold``: submit.threshold, else the OOF best threshold, else 0.5);
 - a submission (``inspect.submission=FILE inspect.masks=DIR``): each row's RLE against the
   true mask, for the rows that have one (photos from ``data.raw/data.test_dir``).
 
-Writes under :func:`out_dir` (``<train run>/inspect/`` or ``<submission>.inspect/``):
+Writes under ``graph.inspect_dir`` (``<train run>/inspect/`` or ``<submission>.inspect/``):
 - ``per_image.csv``: id, car, view, fold, dice, threshold, true_area and pred_area (pixels
   at original size), wrong (= missed + extra), missed (car pixels predicted background),
   extra (background predicted car), make, model, year (``metadata.csv``); worst first;
@@ -37,7 +37,8 @@ from .config import Config, ConfigError, PipelineError
 # Geometry/threshold helpers, imported here only (one place to re-point if they move).
 from .data import read_mask
 from .geometry import GEOM_COLS, to_original
-from .probmaps import binarize, read_prob
+from .graph import Graph, inspect_dir, named_run, other_runs_text, run_folds
+from .probmaps import binarize, read_prob, resolve_threshold
 
 TILE_H, TILE_W = 320, 480          # Carvana's 1918x1280 aspect (3:2)
 CAPTION_H = 40
@@ -122,70 +123,31 @@ def read_metadata(raw: str | Path) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------- sources
 
-def out_dir(cfg: Config) -> Path:
-    """``inspect.out``, else ``<submission>.inspect`` or ``<train run dir>/inspect``."""
-    if cfg.inspect.out:
-        return Path(cfg.inspect.out)
-    if cfg.inspect.submission:
-        sub = Path(cfg.inspect.submission)
-        return sub.with_name(re.sub(r"\.csv(\.gz)?$", "", sub.name) + ".inspect")
-    if cfg.inspect.run:
-        return _run_root(cfg) / "inspect"
-    from . import train
-    return train.run_dir(cfg) / "inspect"
-
-
-def _run_root(cfg: Config) -> Path:
-    """``inspect.run``: a folder, or a key under ``<cache>/train``."""
-    p = Path(cfg.inspect.run)
-    root = p if p.is_dir() else Path(cfg.data.cache) / "train" / cfg.inspect.run
-    if not root.is_dir():
-        raise PipelineError(f"inspect.run={cfg.inspect.run}: neither a folder nor a run under "
-                            f"{Path(cfg.data.cache) / 'train'} (`make runs` lists them)")
-    return root
-
-
 def _named_run(cfg: Config) -> tuple[Path, Path, list[int], dict]:
     """(run dir, prepare artifact, finished folds, threshold info) of ``inspect.run``, from its manifests.
 
     Any run in the cache, whatever config (or code version) trained it: the fold manifests name
-    the prepare artifact; the threshold follows submit's rule on this run's own oof_summary.json.
-    """
-    root = _run_root(cfg)
-    done = {int(d.name[4:]): cache.read_manifest(d) for d in sorted(root.glob("fold*"))
-            if d.name[4:].isdigit() and cache.is_complete(d)}
+    the prepare artifact; the threshold follows submit's rule on this run's own oof_summary.json."""
+    root = named_run(cfg, cfg.inspect.run)
+    done = {k: cache.read_manifest(d) for k, d in run_folds(root).items() if cache.is_complete(d)}
     if not done:
-        raise PipelineError(f"no finished fold under {root}")
+        raise PipelineError(f"no finished fold under {root}" + other_runs_text(cfg, root))
     prepared = Path(next(iter(done.values()))["inputs"]["prepare"])
     if not (prepared / "train_index.csv").is_file():
         raise PipelineError(f"{root}: its prepare artifact {prepared} is gone (run `make prepare` with its config)")
-    summary = root / "oof_summary.json"
-    if cfg.submit.threshold >= 0:
-        thr = {"threshold": cfg.submit.threshold, "threshold_source": "config submit.threshold"}
-    elif summary.is_file():
-        thr = {"threshold": cache.read_json(summary)["best_threshold"], "threshold_source": str(summary)}
-    else:
-        thr = {"threshold": 0.5, "threshold_source": "default (no oof_summary.json)"}
-    return root, prepared, sorted(done), thr
+    return root, prepared, sorted(done), resolve_threshold(cfg.submit.threshold, root)
 
 
-def oof_rows(cfg: Config) -> tuple[list[dict], float, str]:
+def oof_rows(cfg: Config, g: Graph) -> tuple[list[dict], float, str]:
     """Jobs for every image of every finished fold: (rows, threshold, what)."""
-    from . import prepare, submit, train
     from .data import load_index
     if cfg.inspect.run:
         root, prepared, done, thr = _named_run(cfg)
-        index = load_index(prepared)
-        folds = sorted(index["fold"].unique().tolist())
     else:
-        prepared = Path(prepare.load(cfg))
-        index = load_index(prepared)
-        root = train.run_dir(cfg, prepared)
-        folds = sorted(index["fold"].unique().tolist())
-        done = [k for k in folds if cache.is_complete(root / f"fold{k}")]
-        if not done:
-            raise PipelineError(f"no finished fold under {root} (run `make train` first)")
-        thr = submit.threshold_info(cfg)
+        root, prepared, done = g.train_dir, g.prepared_dir, g.require_finished()
+        thr = resolve_threshold(cfg.submit.threshold, root)
+    index = load_index(prepared)
+    folds = sorted(index["fold"].unique().tolist())
     if len(done) < len(folds):
         print(f"inspect: folds {sorted(set(folds) - set(done))} not finished, left out")
     raw_dir = Path(cfg.data.raw) / cfg.data.train_dir
@@ -350,12 +312,13 @@ def _model_photo(row: dict, shape: tuple[int, int]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- the tool
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, graph: Graph | None = None) -> Path:
     """Write the tables and pictures; returns the output folder."""
     if cfg.inspect.worst < 1:
         raise ConfigError(f"inspect.worst={cfg.inspect.worst}: must be >= 1")
-    rows, threshold, what = submission_rows(cfg) if cfg.inspect.submission else oof_rows(cfg)
-    out = out_dir(cfg)
+    g = graph or Graph(cfg)
+    rows, threshold, what = submission_rows(cfg) if cfg.inspect.submission else oof_rows(cfg, g)
+    out = inspect_dir(cfg, g)
     print(f"inspect: {what}")
     if "oof" in rows[0]:
         stats = _parallel(_oof_chunk, rows, cfg.inspect.workers, "inspect", threshold)

@@ -11,7 +11,7 @@ to a temporary name and renamed. After an archive is complete its record
 are all there at those sizes is skipped (no download), one that is not is unpacked again
 from the kept zip, or downloaded when the zip is gone or unreadable. The HQ archives
 (``train_hq.zip``, ``test_hq.zip``, 40 GB) only when asked (``--hq`` or ``--files``).
-Then prepare's checks run on the result (``prepare.run``), unless ``--no-prepare``.
+`make download` then runs prepare's checks on the result (``make prepare``).
 
 Submit: the file is validated first (``pipeline.validate``: header, ids and order against
 the sample, every RLE within its image); then ``kaggle competitions submit -c ... -f FILE
@@ -339,12 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parsers = {}
     d = parsers["download"] = argparse.ArgumentParser(
-        prog="scripts/kaggle_cli.py download", description="fetch and unpack the competition data into data.raw, "
-        "then run prepare's checks\n\n" + __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="scripts/kaggle_cli.py download", description="fetch and unpack the competition data into data.raw "
+        "(`make download` runs prepare's checks after it)\n\n" + __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--files", default="", help=f"comma list of archives (default: {','.join(DEFAULT_FILES)})")
     d.add_argument("--hq", action="store_true", help="also the HQ archives (train_hq.zip, test_hq.zip)")
     d.add_argument("--delete-zips", action="store_true", help="delete each zip once unpacked")
-    d.add_argument("--no-prepare", action="store_true", help="skip prepare's checks afterwards")
     s = parsers["submit"] = argparse.ArgumentParser(
         prog="scripts/kaggle_cli.py submit", description="validate a submission, then submit it\n\n" + __doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -362,9 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(a.config, a.overrides)
         if a.cmd == "download":
             download(cfg.data.raw, choose_files(a.files, a.hq), keep_zips=not a.delete_zips)
-            if not a.no_prepare:
-                from . import prepare
-                prepare.run(cfg)
         else:
             submit(a.submission, cfg.data.raw, a.message, test_dir=cfg.data.test_dir)
     except (ConfigError, PipelineError) as e:

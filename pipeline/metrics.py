@@ -7,6 +7,19 @@ from __future__ import annotations
 import numpy as np
 
 
+def dice_from_counts(inter, pred, true):
+    """Dice from pixel counts, elementwise: 2 inter / (pred + true), 1 where both are empty.
+
+    inter, pred, true: arrays (NumPy or torch) of the same shape; the one formula every
+    Dice in the pipeline reduces to (per image, per threshold, per histogram bin)."""
+    denom = pred + true
+    if hasattr(denom, "clamp_min"):       # torch: stays on its device, float64 like the NumPy path
+        denom = denom.double()
+        return (2 * inter.double() / denom.clamp_min(1)).where(denom > 0, denom.new_ones(()))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom == 0, 1.0, 2.0 * np.asarray(inter) / np.maximum(denom, 1)).astype(np.float64)
+
+
 def dice(pred: np.ndarray, true: np.ndarray) -> float:
     """pred, true: (H, W) binary masks. 2|A∩B| / (|A|+|B|); 1.0 when both are empty."""
     p = np.asarray(pred).astype(bool)

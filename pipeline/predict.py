@@ -28,31 +28,30 @@ is ``pipeline.probmaps``.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import cache, locks, prepare, tta as tta_mod
-from .config import Config, ConfigError, PipelineError, check_max_forward, stable_hash
+from . import cache, locks, runtime, tta as tta_mod
+from .config import Config, ConfigError, PipelineError, check_max_forward
+from .graph import STAGES, Graph, file_sha16, predict_dir
 from .data import cv2_single_thread, read_image, to_device
 from .geometry import jpeg_reduction, row_geometry, to_model
-from .precision import DTYPES, autocast, resolve_device, resolve_precision
-from .probmaps import done_ids, prob_path
+from .precision import autocast, resolve_device, resolve_precision
+from .probmaps import done_ids, prob_path, write_prob
+from .testset import read_test_index
+from .runtime import Runtime
 
-CODE_VERSION = "predict-2"
-TEST_INDEX_COLUMNS = ("img", "id", "path", "orig_height", "orig_width")
+CODE_VERSION = STAGES["predict"].code
 
 
 # ----------------------------------------------------------------------------- small pure helpers
@@ -74,42 +73,6 @@ def shard_positions(n_rows: int, shard: tuple[int, int]) -> np.ndarray:
     """Row positions of shard (i, N): every N-th row from i. Disjoint, and together they cover all rows."""
     i, n = shard
     return np.arange(i, n_rows, n)
-
-
-def checkpoint_hash(path: str | Path) -> str:
-    """sha256[:16] of the checkpoint's bytes: a retrained or replaced best.pt gets a new cache dir."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def tta_key(ttas: list[tta_mod.TTA], precision: str) -> str:
-    """Hash of what changes the maps besides the checkpoint: TTA views, precision, code version.
-    Batch size, max_forward, workers and sharding do not enter: they leave each map unchanged."""
-    if precision not in DTYPES:
-        raise ValueError(f"precision '{precision}': expected one of {list(DTYPES)} "
-                         "(see precision.resolve_precision)")
-    return stable_hash({"tta": tta_mod.names(ttas), "precision": precision, "code": CODE_VERSION}, n=8)
-
-
-def fold_cache_dir(cache_root: str | Path, ckpt_hash: str, ttas: list[tta_mod.TTA], precision: str) -> Path:
-    """precision: resolved, as from ``precision.resolve_precision`` ('fp32', 'bf16' or 'fp16')."""
-    return cache.stage_dir(cache_root, "predict", f"{ckpt_hash}-{tta_key(ttas, precision)}")
-
-
-def read_test_index(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: test index missing (run `make prepare` first)")
-    df = pd.read_csv(path, dtype={"img": str, "id": str, "path": str}, keep_default_na=False)
-    missing = [c for c in TEST_INDEX_COLUMNS if c not in df.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing columns {missing}")
-    if df["id"].duplicated().any():
-        raise PipelineError(f"{path}: duplicate ids, e.g. {df.loc[df['id'].duplicated(), 'id'].iloc[0]}")
-    return df
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -140,14 +103,6 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def _write_png(path: Path, prob_u8: np.ndarray) -> None:
-    # Fast zlib level: these are smooth maps, level 1 is ~3x faster than the default for ~10% more bytes.
-    ok, buf = cv2.imencode(".png", prob_u8, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise PipelineError(f"{path}: PNG encoding failed")
-    cache.write_bytes(path, buf.tobytes())
-
-
 def write_meta(fold_dir: Path, info: dict) -> None:
     p = fold_dir / "meta.json"
     if not p.is_file():
@@ -168,9 +123,10 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
     """:func:`_predict_fold` (its docstring has the arguments) under the shard's lock: a second
     process on the same shard of the same directory waits (pipeline.locks), then finds its
     images cached; other shards run in parallel."""
-    ckpt_hash = ckpt_hash or checkpoint_hash(ckpt_path)
+    ckpt_hash = ckpt_hash or file_sha16(ckpt_path)
     dev = resolve_device(device, "predict.device")
-    fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, resolve_precision(precision, dev, "predict.precision"))
+    fold_dir = predict_dir(cache_root, ckpt_hash, tta_mod.names(ttas), resolve_precision(precision, dev,
+                                                                                          "predict.precision"))
     with locks.stage_lock(locks.lock_path(cache_root, fold_dir, f".shard{shard[0]}of{shard[1]}"),
                           f"predict shard {shard[0]}/{shard[1]}", log=log):
         return _predict_fold(index, ckpt_path, cache_root, ttas, shard=shard, device=device, precision=precision,
@@ -194,10 +150,10 @@ def _predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | 
     t0 = time.time()
     check_max_forward(max_forward)
     ckpt_path = Path(ckpt_path)
-    ckpt_hash = ckpt_hash or checkpoint_hash(ckpt_path)
-    dev = resolve_device(device, "predict.device", _torchrun_local_rank())
+    ckpt_hash = ckpt_hash or file_sha16(ckpt_path)
+    dev = resolve_device(device, "predict.device")
     resolved = resolve_precision(precision, dev, "predict.precision")
-    fold_dir = fold_cache_dir(cache_root, ckpt_hash, ttas, resolved)
+    fold_dir = predict_dir(cache_root, ckpt_hash, tta_mod.names(ttas), resolved)
     fold_dir.mkdir(parents=True, exist_ok=True)
     cache.sweep_temps([fold_dir, fold_dir / "shards"])   # killed runs' temps; a live shard's stay
     rows = index.iloc[shard_positions(len(index), shard)]
@@ -282,7 +238,7 @@ def _predict_images(model, todo: pd.DataFrame, geoms: list[dict], size: tuple[in
             prob = fitting.proba(model, x, ttas)[:, 0]
             prob_u8 = (prob * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
             for k, p in zip(pos.tolist(), prob_u8):
-                pending.append(pool.submit(_write_png, prob_path(fold_dir, ids[k]), p))
+                pending.append(pool.submit(write_prob, prob_path(fold_dir, ids[k]), p))
             while len(pending) > max_pending:
                 pending.popleft().result()
         while pending:
@@ -344,35 +300,22 @@ def _write_manifest(fold_dir: Path, index: pd.DataFrame, ckpt_path: Path, ckpt_h
 SHARD_WAIT = datetime.timedelta(hours=2)
 
 
-def _torchrun_world() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) under torchrun, else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
-
-
-def _torchrun_local_rank() -> int | None:
-    """This process's GPU on its node under torchrun (LOCAL_RANK), else None (the configured device)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) if _torchrun_world()[1] > 1 else None
-
-
-def rank_shard(spec: str) -> tuple[int, int]:
-    """The shard this process predicts: (RANK, WORLD_SIZE) under torchrun, else ``parse_shard(spec)``.
+def rank_shard(spec: str, rt: Runtime) -> tuple[int, int]:
+    """The shard this process predicts: (rank, world) under torchrun, else ``parse_shard(spec)``.
 
     predict.shard together with torchrun is refused: the two would split the same rows twice."""
-    rank, world = _torchrun_world()
-    if world == 1:
+    if not rt.active:
         return parse_shard(spec)
     if spec:
-        raise ConfigError(f"predict.shard='{spec}' under torchrun (WORLD_SIZE={world}): each rank predicts "
+        raise ConfigError(f"predict.shard='{spec}' under torchrun (WORLD_SIZE={rt.world}): each rank predicts "
                           "shard RANK/WORLD_SIZE already; leave predict.shard empty")
-    return rank, world
+    return rt.rank, rt.world
 
 
-def wait_for_all_shards(fold_dirs: list[Path], index: pd.DataFrame) -> None:
+def wait_for_all_shards(fold_dirs: list[Path], index: pd.DataFrame, rt: Runtime) -> None:
     """Under torchrun: a barrier over every rank (a gloo group: CPU only, also beside GPUs), then
     rank 0 checks that every fold directory holds every test image. A no-op in one process."""
-    rank, world = _torchrun_world()
-    if world == 1:
+    if not rt.active:
         return
     import torch.distributed as dist
     owns = not dist.is_initialized()
@@ -383,64 +326,32 @@ def wait_for_all_shards(fold_dirs: list[Path], index: pd.DataFrame) -> None:
     finally:
         if owns:
             dist.destroy_process_group()
-    if rank == 0:
+    if rt.main:
         for d in fold_dirs:
             missing = set(index["id"]) - done_ids(d)
             if missing:
                 raise PipelineError(f"{d}: every rank finished but {len(missing)} test images are missing, "
                                     f"e.g. {sorted(missing)[:3]} (is data.cache shared by every node?)")
-        print(f"predict: all {world} shards written", flush=True)
+        print(f"predict: all {rt.world} shards written", flush=True)
 
 
-# ----------------------------------------------------------------------------- stage wiring
+# ----------------------------------------------------------------------------- the stage
 
-@dataclass
-class Plan:
-    """What predict and submit work on: the test index and one checkpoint per fold."""
-    test_index: Path
-    folds: list[int]
-    checkpoints: list[Path]
-    ttas: list[tta_mod.TTA]
-
-
-def parse_folds(spec: str, n_folds: int) -> list[int]:
-    if spec.strip() in ("", "all"):
-        return list(range(n_folds))
-    try:
-        folds = sorted({int(s) for s in spec.split(",") if s.strip()})
-    except ValueError:
-        raise ConfigError(f"predict.folds='{spec}': 'all' or a comma list of fold numbers") from None
-    bad = [k for k in folds if not 0 <= k < n_folds]
-    if bad or not folds:
-        raise ConfigError(f"predict.folds='{spec}': folds must be in 0..{n_folds - 1}")
-    return folds
-
-
-def plan(cfg: Config) -> Plan:
-    """Resolve the prepare artifact and the trained checkpoints; errors name what is missing."""
-    from . import train
-    prepared = prepare.locate(cfg)     # scanned once: fold_dir would rescan the raw folders per fold
-    test_index = prepared / "test_index.csv"
-    folds = parse_folds(cfg.predict.folds, cfg.prepare.n_folds)
-    ckpts = [Path(train.fold_dir(cfg, k, prepared)) / "best.pt" for k in folds]
-    missing = [f"fold {k}: {c}" for k, c in zip(folds, ckpts) if not c.is_file()]
-    if missing:
-        raise PipelineError(f"no trained checkpoint for {'; '.join(missing)} (run `make train`, "
-                            "or choose folds with predict.folds=...)")
-    return Plan(test_index, folds, ckpts, tta_mod.parse(cfg.predict.tta))
-
-
-def run(cfg: Config) -> list[FoldResult]:
-    p = plan(cfg)
-    index = read_test_index(p.test_index)
-    shard = rank_shard(cfg.predict.shard)
+def run(cfg: Config, graph: Graph | None = None, rt: Runtime | None = None) -> list[FoldResult]:
+    """Predict every test image with each fold's best.pt (``predict.folds``) into the folders the
+    graph resolves."""
+    g = graph or Graph(cfg)
+    rt = rt or runtime.resolve(cfg, "predict")
+    index = read_test_index(g.prepared_dir / "test_index.csv")
+    ckpts, ttas = g.checkpoints(), tta_mod.parse(cfg.predict.tta)
+    shard = rank_shard(cfg.predict.shard, rt)
     out = []
-    for k, ckpt in zip(p.folds, p.checkpoints):
-        out.append(predict_fold(index, ckpt, cfg.data.cache, p.ttas, shard=shard,
+    for ckpt in ckpts:
+        out.append(predict_fold(index, ckpt, cfg.data.cache, ttas, shard=shard, ckpt_hash=g.checkpoint_hash(ckpt),
                                 batch_size=cfg.predict.batch_size, num_workers=cfg.predict.num_workers,
-                                device=cfg.predict.device, precision=cfg.predict.precision,
+                                device=rt.device, precision=cfg.predict.precision,
                                 max_forward=cfg.predict.max_forward, config=cfg.to_dict()))
-    wait_for_all_shards([r.fold_dir for r in out], index)
+    wait_for_all_shards([r.fold_dir for r in out], index, rt)
     print(json.dumps({"predict": [str(r.fold_dir) for r in out], "shard": f"{shard[0]}/{shard[1]}",
-                      "tta": tta_mod.names(p.ttas)}))
+                      "tta": tta_mod.names(ttas)}))
     return out

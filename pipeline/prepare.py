@@ -7,8 +7,8 @@
 Caching (the DVC idea, in-process):
 - ``key`` hashes the stage parameters (``cfg.prepare`` minus run-only knobs, plus the
   train/test directory names), ``CODE_VERSION`` and stat-only fingerprints (name,
-  size, mtime) of every raw file. ``artifact_dir(cfg)`` computes it without reading
-  any pixel. A complete dir for the key means: no work, one line "cached". A second process
+  size, mtime) of every raw file, declared in ``pipeline.graph`` (``Graph(cfg).prepare_dir``
+  resolves it without reading any pixel). A complete dir for the key means: no work, one line "cached". A second process
   on a key being built waits for the key's lock (pipeline.locks), then reports it cached.
 - Per-image outputs are content-addressed under ``<cache>/prepare/files/``:
   ``full/<id>.<h>.png`` (full-size mask, keyed by the mask file and code),
@@ -41,17 +41,17 @@ old cache stays valid) lack it and are counted in ``counts.masks_0_255_unrecorde
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from . import cache, ingest, locks, rle
-from .config import Config, PipelineError, stable_hash, validate
+from . import cache, locks, rle
+from .config import Config, PipelineError, stable_hash
+from .graph import STAGES, Graph, params, raw_inputs, train_data_key
 from .folds import make_folds
 from .geometry import GEOM_COLS, geometry, jpeg_reduction, resize_mask, to_model
 from .ingest import IMAGE_EXTS, MASK_SUFFIX, BadFile, Issue, Scan, decode_image, decode_mask, read_csv
@@ -60,68 +60,11 @@ from .testset import TEST_COLS, test_checks, test_index
 from .validate import rle_problem
 
 STAGE = "prepare"
-CODE_VERSION = "prepare-3"          # bump when outputs change for the same inputs
-RUN_ONLY = ("workers", "strict", "chunk_size")   # knobs that never change the artifacts
+CODE_VERSION = STAGES[STAGE].code
 PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]           # level 1: ~fastest, larger levels gain <5% here
 TRAIN_COLS = ["id", "car_id", "view", "image", "mask", "mask_full", "orig_height", "orig_width",
               "mask_area", *GEOM_COLS, "fold"]
 SUMMARY_ISSUES = 10                 # issues printed in the summary; the report has all
-
-
-# ---------------------------------------------------------------------------- scanning & key
-
-def _params(cfg: Config) -> dict:
-    p = {k: v for k, v in asdict(cfg.prepare).items() if k not in RUN_ONLY}
-    p.update(train_dir=cfg.data.train_dir, test_dir=cfg.data.test_dir)
-    return p
-
-
-def _inputs(scan: Scan) -> dict:
-    return {"raw": str(scan.raw.resolve()),
-            "train": scan.train.fingerprint(),
-            "train_masks": scan.masks.fingerprint(),
-            "test": scan.test.fingerprint(),
-            "csv": {n: (cache.file_fingerprint(p) if p else None) for n, p in scan.csvs.items()}}
-
-
-def train_data_key(prepared_dir: str | Path) -> str:
-    """Hash of the two files the train stage reads from a prepare artifact.
-
-    ``train_index.csv`` names content-addressed files (keyed by each train image's and
-    mask's fingerprint, the prepare parameters and CODE_VERSION, never an absolute path)
-    and ``folds.csv`` the split, so this changes with the training data and nothing
-    else: a new or larger test set (``test_hq``), or the same data at another path on
-    another machine (copied with mtimes kept, e.g. ``rsync -a``), finds the folds it
-    already trained.
-    """
-    d = Path(prepared_dir)
-    h = hashlib.sha256()
-    for name in ("train_index.csv", "folds.csv"):
-        path = d / name
-        if not path.is_file():
-            raise PipelineError(f"{path}: missing (run `make prepare` first)")
-        h.update(name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def artifact_dir(cfg: Config) -> Path:
-    """``<cache>/prepare/<key>`` for this config and the raw files as they are now (stat only)."""
-    validate(cfg)
-    scan = ingest.scan(cfg)
-    return cache.stage_dir(cfg.data.cache, STAGE, cache.stage_key(_params(cfg), CODE_VERSION, _inputs(scan)))
-
-
-def load(cfg: Config) -> Path:
-    """The complete artifact dir for ``cfg``, or PipelineError telling the user to prepare first."""
-    d = artifact_dir(cfg)
-    if not cache.is_complete(d):
-        raise PipelineError(f"no prepared data for this config and raw data at {d}: run `make prepare` first")
-    return d
-
-
-def locate(cfg: Config, prepared_dir: str | Path | None = None) -> Path:
-    """The artifact the later stages read: ``prepared_dir`` when given (tests), else :func:`load`."""
-    return Path(prepared_dir) if prepared_dir is not None else Path(load(cfg))
 
 
 # ---------------------------------------------------------------------------- per-image work
@@ -206,28 +149,25 @@ class Result:
     stats: dict   # processed / reused / train_ok / left_out / test_ok / test_checked / test_reused / problems / cached
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, graph: Graph | None = None) -> Path:
     """The stage: returns the complete artifact dir (see module docstring)."""
-    return execute(cfg).dir
+    return execute(cfg, graph).dir
 
 
-def execute(cfg: Config) -> Result:
+def execute(cfg: Config, graph: Graph | None = None) -> Result:
     """``run`` that also returns what it did (tests and benchmarks assert on ``stats``)."""
-    validate(cfg)
-    scan = ingest.scan(cfg)
-    params, inputs = _params(cfg), _inputs(scan)
-    key = cache.stage_key(params, CODE_VERSION, inputs)
-    out = cache.stage_dir(cfg.data.cache, STAGE, key)
+    graph = graph or Graph(cfg)
+    scan, key, out = graph.scan, graph.prepare_key, graph.prepare_dir
     if cache.is_complete(out):
         return _cached(cfg, out)
     # One process builds a key at a time; another waits for the lock, then finds it cached.
     with locks.stage_lock(locks.lock_path(cfg.data.cache, out), f"prepare {key}"):
         if cache.is_complete(out):
             return _cached(cfg, out)
-        return _build(cfg, scan, params, inputs, key, out)
+        return _build(cfg, scan, key, out)
 
 
-def _build(cfg: Config, scan: Scan, params: dict, inputs: dict, key: str, out: Path) -> Result:
+def _build(cfg: Config, scan: Scan, key: str, out: Path) -> Result:
     """:func:`execute`'s work for a key not yet cached, under the key's lock."""
     p = cfg.prepare
     root = cache.stage_dir(cfg.data.cache, STAGE, "")
@@ -272,10 +212,10 @@ def _build(cfg: Config, scan: Scan, params: dict, inputs: dict, key: str, out: P
              "left_out": counts["train_left_out"], "test_ok": len(test), "test_checked": test_checked,
              "test_reused": test_reused, "problems": len(issues), "masks_0_255": counts["masks_0_255"],
              "cached": False}
-    cache.write_manifest(out, stage=STAGE, key=key, params=params, inputs=inputs,
-                         outputs={n: n for n in ("train_index.csv", "folds.csv", "test_index.csv",
-                                                 "prepare_report.json")},
-                         config=cfg.to_dict(), extra={"code_version": CODE_VERSION, "stats": stats})
+    # train's key reads train_data from here (recorded, not recomputed downstream)
+    cache.write_manifest(out, stage=STAGE, key=key, params=params(cfg, STAGE), inputs=raw_inputs(scan),
+                         outputs={n: n for n in STAGES[STAGE].outputs}, config=cfg.to_dict(),
+                         extra={"code_version": CODE_VERSION, "stats": stats, "train_data": train_data_key(out)})
     _print_summary(out, report, stats, issues)
     # Temps that killed runs left (a dead writer's, or stale); never a live writer's.
     cache.sweep_temps([root / "files" / "full", root / Path(jobs[0]["image_out"]).parent,

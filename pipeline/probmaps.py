@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import cache
 from .config import PipelineError
 
 
@@ -38,6 +39,11 @@ def to_uint8(prob: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(prob, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
+def write_prob(path: str | Path, prob_u8: np.ndarray) -> None:
+    """Write one (h, w) uint8 map (255 = 1.0) atomically: predict's maps and train's OOF maps alike."""
+    cache.write_png(path, prob_u8, level=1)
+
+
 def read_prob(path: str | Path) -> np.ndarray:
     """(h, w) uint8 probability map (255 = 1.0) written by this stage."""
     p = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -48,6 +54,25 @@ def read_prob(path: str | Path) -> np.ndarray:
 
 DEFAULT_THRESHOLD = 0.5        # submit's threshold without an OOF summary; OOF Dice is reported at it
 THRESHOLDS = np.round(np.arange(0.30, 0.7001, 0.01), 2)   # the OOF threshold search grid (oof stage)
+
+
+def resolve_threshold(fixed: float, run_dir: str | Path) -> dict:
+    """The threshold every consumer of a run's maps uses, and its provenance: ``fixed`` when >= 0
+    (``submit.threshold``), else the run's ``oof_summary.json`` best threshold, else the default.
+
+    Returns ``threshold``, ``threshold_source`` and, from an OOF summary, ``oof_complete`` and
+    ``oof_folds_missing`` (a threshold tuned on some folds only is worth knowing about)."""
+    if fixed >= 0:
+        return {"threshold": float(fixed), "threshold_source": "config submit.threshold"}
+    summary = Path(run_dir) / "oof_summary.json"
+    if summary.is_file():
+        data = cache.read_json(summary)
+        if "best_threshold" not in data:
+            raise PipelineError(f"{summary}: no 'best_threshold' key")
+        # Summaries written before oof recorded completeness say nothing: None, not a guess.
+        return {"threshold": float(data["best_threshold"]), "threshold_source": str(summary),
+                "oof_complete": data.get("complete"), "oof_folds_missing": data.get("folds_missing")}
+    return {"threshold": DEFAULT_THRESHOLD, "threshold_source": "default (no oof_summary.json)"}
 
 
 def binarize(prob255: np.ndarray, threshold: float) -> np.ndarray:
@@ -116,3 +141,30 @@ def hist_dice(pos: np.ndarray, all_: np.ndarray, thresholds) -> np.ndarray:
     denom = pred + true
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))
+
+
+def pool_oof(fold_dirs: dict[int, Path], thresholds=THRESHOLDS) -> dict:
+    """Pool the finished folds' OOF histograms. fold_dirs: fold -> its directory."""
+    done = {k: d for k, d in fold_dirs.items() if cache.is_complete(d)}
+    missing = sorted(set(fold_dirs) - set(done))
+    if not done:
+        raise PipelineError(f"no finished fold under {next(iter(fold_dirs.values())).parent} "
+                            f"(run `make train` first)")
+    per_fold, ids, pos, all_ = {}, [], [], []
+    for k, d in sorted(done.items()):
+        h = np.load(d / "oof" / "hist.npz")
+        fd = hist_dice(h["pos"], h["all"], [DEFAULT_THRESHOLD])[:, 0]
+        info = cache.read_json(d / "oof.json")
+        per_fold[str(k)] = {"images": int(len(fd)), "dice": float(fd.mean()),
+                            "dice_model": float(info["dice_model"])}
+        ids += h["ids"].tolist()
+        pos.append(h["pos"])
+        all_.append(h["all"])
+    if len(set(ids)) != len(ids):
+        raise PipelineError("an image appears in more than one fold's OOF predictions (folds.csv changed?)")
+    grid = hist_dice(np.concatenate(pos), np.concatenate(all_), np.asarray(thresholds)).mean(0)
+    at_half = float(hist_dice(np.concatenate(pos), np.concatenate(all_), [DEFAULT_THRESHOLD]).mean())
+    best = int(np.argmax(grid))
+    return {"dice": at_half, "best_threshold": float(thresholds[best]), "dice_at_best": float(grid[best]),
+            "images": len(ids), "folds": per_fold, "folds_missing": missing, "complete": not missing,
+            "curve": {f"{t:.2f}": float(v) for t, v in zip(thresholds, grid)}}

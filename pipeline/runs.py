@@ -2,7 +2,7 @@
 
 Reads ``<cache>/train/<key>/fold<k>/`` only (config.yaml, manifest.json, metrics.csv,
 oof/hist.npz): nothing is recomputed but the pooled OOF Dice, from the finished folds'
-histograms exactly as ``make oof`` pools them (``oof.summarize``), so the table is right
+histograms exactly as ``make oof`` pools them (``probmaps.pool_oof``), so the table is right
 even where ``make oof`` was not rerun after the last fold.
 
 Columns: key, arch, encoder, size (HxW, fit), epochs, weights, folds (``done/n`` plus each
@@ -21,18 +21,12 @@ import pandas as pd
 import yaml
 
 from . import cache
+from .graph import run_folds
+from .probmaps import pool_oof
 from .config import PipelineError
 
 COLUMNS = ["key", "arch", "encoder", "size", "epochs", "weights", "folds", "oof_dice", "oof_dice_best", "threshold",
            "train_min", "date"]
-
-
-def _fold_dirs(run: Path) -> dict[int, Path]:
-    out = {}
-    for d in run.glob("fold*"):
-        if d.is_dir() and d.name[4:].isdigit():
-            out[int(d.name[4:])] = d
-    return out
 
 
 def _metrics(d: Path) -> pd.DataFrame:
@@ -45,8 +39,7 @@ def _metrics(d: Path) -> pd.DataFrame:
 
 def run_row(run: Path) -> dict | None:
     """One leaderboard row for ``<cache>/train/<key>``; None when it holds no fold."""
-    from .oof import summarize
-    folds = _fold_dirs(run)
+    folds = run_folds(run)
     if not folds:
         return None
     cfg_path = next((d / "config.yaml" for _, d in sorted(folds.items()) if (d / "config.yaml").is_file()), None)
@@ -73,7 +66,7 @@ def run_row(run: Path) -> dict | None:
     oof = {}
     if done:
         try:
-            oof = summarize({k: run / f"fold{k}" for k in range(n_folds)})
+            oof = pool_oof({k: run / f"fold{k}" for k in range(n_folds)})
         except (PipelineError, OSError, KeyError, ValueError) as e:
             unfinished.append(f"OOF unreadable: {e}")
     folds_txt = f"{len(done)}/{n_folds}" + ("; " + ", ".join(unfinished) if unfinished else "")

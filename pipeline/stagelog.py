@@ -2,7 +2,7 @@
 
 :func:`capture` tees ``sys.stdout``/``sys.stderr`` into memory while a stage runs (the
 console still sees everything as it happens). At the end, success or failure, the text is
-appended to ``<stage>.log`` in the stage's artifact directory (:func:`log_dirs`), known only
+appended to ``<stage>.log`` in the stage's artifact directory (``Graph.log_dirs``), known only
 then: keys need the stage's inputs, and prepare's artifact exists only after prepare ran.
 Appending (not atomic) is deliberate: a log accumulates the runs of one artifact, and a
 killed stage that never reaches the end simply writes no log, as with any other artifact.
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
 from .config import Config
+from .graph import Graph
 
 _CR = re.compile(r"[^\n]*\r(?!\n)")
 
@@ -56,42 +56,20 @@ def clean(text: str) -> str:
     return _CR.sub("", text)
 
 
-def log_dirs(stage: str, cfg: Config) -> list[Path]:
-    """Where ``stage``'s log goes: its artifact directory (several for predict: one per fold)."""
-    if stage == "prepare":
-        from . import prepare
-        return [prepare.artifact_dir(cfg)]
-    if stage in ("train", "oof"):
-        from . import train
-        return [train.run_dir(cfg)]
-    if stage == "predict":
-        from . import predict
-        p = predict.plan(cfg)
-        from .precision import resolve_precision
-        precision = resolve_precision(cfg.predict.precision, cfg.predict.device, "predict.precision")
-        return [predict.fold_cache_dir(cfg.data.cache, predict.checkpoint_hash(c), p.ttas, precision)
-                for c in p.checkpoints]
-    if stage == "submit":
-        return [Path(cfg.data.submissions)]
-    if stage == "inspect":
-        from . import inspection
-        return [inspection.out_dir(cfg)]
-    return [Path(cfg.data.cache) / "logs"]      # synth: data.raw is input data, kept clean
-
-
 def log_name(stage: str, cfg: Config) -> str:
     return f"{cfg.submit.name}.log" if stage == "submit" else f"{stage}.log"
 
 
 @contextlib.contextmanager
-def capture(stage: str, cfg: Config, argv: list[str] | None = None):
+def capture(stage: str, cfg: Config, argv: list[str] | None = None, graph: Graph | None = None,
+            main: bool = True):
     """Tee the console while the block runs; append it to ``<artifact dir>/<stage>.log`` after.
 
     Under torchrun only rank 0 writes (the other ranks print nothing of note). A log that
     cannot be placed (the stage failed before its directory could be named) goes to
     ``<cache>/logs/<stage>.log``; failing to write a log never hides the stage's own result.
     """
-    if os.environ.get("RANK", "0") != "0":
+    if not main:
         yield
         return
     sink = io.StringIO()
@@ -111,7 +89,7 @@ def capture(stage: str, cfg: Config, argv: list[str] | None = None):
                 f"{' '.join(argv or [])}\n{body}{'' if body.endswith(chr(10)) or not body else chr(10)}"
                 f"=== {status} ({time.time() - t0:.1f}s)\n")
         try:
-            dirs = log_dirs(stage, cfg)
+            dirs = (graph or Graph(cfg)).log_dirs(stage)     # the stage's own graph: resolved already
         except Exception:       # noqa: BLE001 - e.g. no prepare artifact yet: the fallback place
             dirs = [Path(cfg.data.cache) / "logs"]
         for d in dirs:

@@ -44,12 +44,14 @@ from tqdm import tqdm  # issue 11
 
 from . import cache, faults, probmaps, rle
 from .config import Config, PipelineError, stable_hash
-from .ensemble import weighted_map
+from .ensemble import choose, load_runs, weighted_map
+from .graph import STAGES, Graph
 from .geometry import GEOM_COLS, to_original
-from .probmaps import DEFAULT_THRESHOLD
+from .probmaps import resolve_threshold
+from .testset import read_test_index
 from .validate import read_ids, sizes_from, validate_submission
 
-CODE_VERSION = "submit-1"   # bump when the CSV changes for the same inputs
+CODE_VERSION = STAGES["submit"].code
 
 
 @dataclass
@@ -219,24 +221,6 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
     return {"rows": len(imgs), "seconds": round(time.time() - t0, 2)}
 
 
-def threshold_info(cfg: Config) -> dict:
-    """The threshold and its provenance, as the sidecar records them: ``threshold``,
-    ``threshold_source``, and when it is the OOF summary's best threshold, ``oof_complete`` and
-    ``oof_folds_missing`` (a threshold tuned on some folds only is worth knowing about)."""
-    if cfg.submit.threshold >= 0:
-        return {"threshold": float(cfg.submit.threshold), "threshold_source": "config submit.threshold"}
-    from . import train
-    summary = Path(train.run_dir(cfg)) / "oof_summary.json"
-    if summary.is_file():
-        data = cache.read_json(summary)
-        if "best_threshold" not in data:
-            raise PipelineError(f"{summary}: no 'best_threshold' key")
-        # Summaries written before oof recorded completeness say nothing: None, not a guess.
-        return {"threshold": float(data["best_threshold"]), "threshold_source": str(summary),
-                "oof_complete": data.get("complete"), "oof_folds_missing": data.get("folds_missing")}
-    return {"threshold": DEFAULT_THRESHOLD, "threshold_source": "default (no oof_summary.json)"}
-
-
 def sidecar_path(out_path: Path) -> Path:
     name = out_path.name
     for ext in (".csv.gz", ".csv"):
@@ -251,51 +235,45 @@ class Resolved:
     index: pd.DataFrame            # the submission's test index, in sample order
     test_index: Path
     runs: list[RunMaps]
-    thr: dict                      # threshold and its provenance (threshold_info / the ensemble choice)
+    thr: dict                      # threshold and its provenance (probmaps.resolve_threshold / the ensemble choice)
     key: dict                      # what the CSV depends on besides test index, sample, gzip and code
     sidecar: dict                  # models, folds, TTA, precision (and the ensemble's runs)
 
 
-def _maps_of(cfg: Config) -> dict:
-    """One config's trained folds and where predict wrote their maps (precision resolved as predict
-    resolves it, 'auto' by device type, without needing that device here)."""
-    from . import predict  # imports torch: only here, never in the workers
-    from .precision import resolve_precision
-    p = predict.plan(cfg)
-    hashes = [predict.checkpoint_hash(c) for c in p.checkpoints]
-    precision = resolve_precision(cfg.predict.precision, cfg.predict.device, "predict.precision")
-    dirs = [predict.fold_cache_dir(cfg.data.cache, h, p.ttas, precision) for h in hashes]
+def _maps_of(cfg: Config, g: Graph) -> dict:
+    """One config's trained folds and where predict wrote their maps (the graph resolves predict's
+    precision by device type, as predict did, without needing that device here)."""
+    ckpts, dirs = g.checkpoints(), g.predict_dirs()
+    hashes = [g.checkpoint_hash(c) for c in ckpts]
     models = []
-    for k, c, h, d in zip(p.folds, p.checkpoints, hashes, dirs):
+    for k, c, h, d in zip(g.predict_folds, ckpts, hashes, dirs):
         meta = cache.read_json(d / "meta.json") if (d / "meta.json").is_file() else {}
         models.append({"fold": k, "checkpoint": str(c), "checkpoint_sha256_16": h, "predictions": str(d),
                        **{key: meta.get(key) for key in ("arch", "encoder", "height", "width", "precision")}})
-    return {"plan": p, "hashes": hashes, "precision": precision, "dirs": dirs, "models": models,
-            "tta": [t.name for t in p.ttas], "index": predict.read_test_index(p.test_index)}
+    test_index = g.prepared_dir / "test_index.csv"
+    return {"test_index": test_index, "folds": g.predict_folds, "hashes": hashes, "precision": g.predict_precision,
+            "dirs": dirs, "models": models, "tta": g.view_names, "index": read_test_index(test_index)}
 
 
-def _single(cfg: Config) -> Resolved:
-    m = _maps_of(cfg)
-    thr = threshold_info(cfg)
+def _single(cfg: Config, g: Graph) -> Resolved:
+    m = _maps_of(cfg, g)
+    thr = resolve_threshold(cfg.submit.threshold, g.train_dir)
     key = {"checkpoints": m["hashes"], "tta": m["tta"], "precision": m["precision"], "threshold": thr["threshold"]}
-    return Resolved(m["index"], m["plan"].test_index, [RunMaps([str(d) for d in m["dirs"]])], thr, key,
-                    {"precision": m["precision"], "folds": m["plan"].folds, "tta": m["tta"], "models": m["models"]})
+    return Resolved(m["index"], m["test_index"], [RunMaps([str(d) for d in m["dirs"]])], thr, key,
+                    {"precision": m["precision"], "folds": m["folds"], "tta": m["tta"], "models": m["models"]})
 
 
 def _ensemble(cfg: Config) -> Resolved:
-    """submit.runs: predict what each run lacks (cached maps are reused), choose weights and
-    threshold on the runs' common OOF images (ensemble.choose), weight their maps."""
-    from . import predict, train
-    from .ensemble import choose, load_runs
+    """submit.runs: the runs' maps (the command line predicted what each lacked), weights and
+    threshold chosen on the runs' common OOF images (ensemble.choose), their maps weighted."""
     members, maps = load_runs(cfg), []
     for r in members:
+        g = Graph(r.cfg)
         try:
-            predict.run(r.cfg)
-            m = _maps_of(r.cfg)
+            m = _maps_of(r.cfg, g)
         except PipelineError as e:     # say which run: its config file is what the user fixes
             raise PipelineError(f"submit.runs: {r.config_file}: {e}") from None
-        r.prepared = m["plan"].test_index.parent      # plan found it: no second scan of the raw folders
-        r.train_dir, r.folds = train.run_dir(r.cfg, r.prepared), m["plan"].folds
+        r.prepared, r.train_dir, r.folds = g.prepared_dir, g.train_dir, m["folds"]
         maps.append(m)
     choice = choose(cfg, members, cfg.submit.ensemble_images)
     fixed = cfg.submit.threshold >= 0
@@ -303,17 +281,17 @@ def _ensemble(cfg: Config) -> Resolved:
            "threshold_source": "config submit.threshold" if fixed else f"ensemble OOF search {choice['path']}"}
     runs = [RunMaps([str(d) for d in m["dirs"]], w, m["index"]) for m, w in zip(maps, choice["weights"])]
     key = {"runs": [{"checkpoints": m["hashes"], "tta": m["tta"], "precision": m["precision"], "weight": w,
-                     "test_index": cache.file_fingerprint(m["plan"].test_index)}
+                     "test_index": cache.file_fingerprint(m["test_index"])}
                     for m, w in zip(maps, choice["weights"])], "threshold": thr["threshold"]}
     side = {"runs": [{"config": r.config_file, "weight": w, "train_dir": str(r.train_dir), "folds": r.folds,
                       "tta": m["tta"], "precision": m["precision"], "models": m["models"]}
                      for r, m, w in zip(members, maps, choice["weights"])],
             "ensemble": {k: choice[k] for k in ("weights", "oof_dice", "images", "solo", "grid_size")}}
-    return Resolved(maps[0]["index"], maps[0]["plan"].test_index, runs, thr, key, side)
+    return Resolved(maps[0]["index"], maps[0]["test_index"], runs, thr, key, side)
 
 
-def run(cfg: Config) -> Path:
-    r = _ensemble(cfg) if cfg.submit.runs.strip() else _single(cfg)
+def run(cfg: Config, graph: Graph | None = None) -> Path:
+    r = _ensemble(cfg) if cfg.submit.runs.strip() else _single(cfg, graph or Graph(cfg))
     sample = Path(cfg.data.raw) / "sample_submission.csv"
     sample_ids = read_ids(sample)
     threshold, source = r.thr["threshold"], r.thr["threshold_source"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import cache
-from .config import Config, stable_hash
+from .config import Config, PipelineError, stable_hash
 from .geometry import GEOM_COLS, geometry
 from .ingest import BadFile, Issue, Scan, check_test_image
 from .parallel import chunks, run_chunks
@@ -137,3 +137,19 @@ def test_index(cfg: Config, scan: Scan, sample: pd.DataFrame | None,
                      "orig_height": hd["height"], "orig_width": hd["width"],
                      **geometry(hd["height"], hd["width"], p.height, p.width, p.fit)})
     return pd.DataFrame(rows, columns=TEST_COLS), issues
+
+
+TEST_INDEX_COLUMNS = ("img", "id", "path", "orig_height", "orig_width")   # what predict and submit read
+
+
+def read_test_index(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: test index missing (run `make prepare` first)")
+    df = pd.read_csv(path, dtype={"img": str, "id": str, "path": str}, keep_default_na=False)
+    missing = [c for c in TEST_INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing columns {missing}")
+    if df["id"].duplicated().any():
+        raise PipelineError(f"{path}: duplicate ids, e.g. {df.loc[df['id'].duplicated(), 'id'].iloc[0]}")
+    return df

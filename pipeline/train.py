@@ -7,7 +7,7 @@ Each fold writes under ``<cache>/train/<train_key>/fold<k>/`` (see docs/design.m
 ``oof/<id>.png``, ``oof/hist.npz``, ``oof.json`` and, last, ``manifest.json``.
 
 - Key: the train parameters except fold/num_workers/device (they do not change
-  results), the training data key (prepare.train_data_key: train-side files and
+  results), the training data key (graph.train_data_key: train-side files and
   prepare parameters, not the test set) and CODE_VERSION. A changed config trains
   anew under a new key; a fold with a manifest is not trained again.
 - Many processes: folds train in parallel (``make train FOLD=0`` and ``FOLD=1`` at once); a
@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,61 +41,21 @@ import torch
 import yaml
 from torch.utils.data import DistributedSampler
 
-from . import cache, checkpoint, locks, prepare, tboard
-from .config import Config, ConfigError, EpochShape, PipelineError, parse_progressive, stable_hash, validate
+from . import cache, checkpoint, locks, runtime, tboard
+from .config import Config, ConfigError, EpochShape, PipelineError, parse_progressive
+from .graph import STAGES, Graph, params, recorded_hash
+from .runtime import Runtime
 from .data import SegDataset, SeededSampler, build_transform, cv2_single_thread, load_index, read_image
 from .distributed import Dist, ShardSampler, all_sum, barrier, dist_close, dist_init, gather, sync_buffers, wrap
 from .loop import (NonFiniteGuard, build_optimizer, build_scheduler, check_output_size, evaluate, make_loader,
                    predict_oof, train_one_epoch)
 from .losses import BceDiceLoss, LovaszLoss
 from .models import build_model, input_stats, model_kwargs
-from .precision import autocast_factory, resolve_device, resolve_precision
+from .precision import autocast_factory
 from .probmaps import DEFAULT_THRESHOLD, hist_dice
 
 STAGE = "train"
-CODE_VERSION = "train-3"              # bump when results change for the same config (3: OOF threshold rule)
-RUN_ONLY = ("fold", "num_workers", "device", "compile")   # never change results, so not in the key
-# Keys added after train-3, at the values that reproduce train-3: left out of the key, so every run
-# trained before them keeps its key and its cache.
-NEUTRAL = {"ema": False, "ema_decay": 0.999, "progressive": "", "loss_final": "", "loss_final_epochs": 1,
-           "boundary_weight": 0.0, "val_every": 1, "input_scale": 1.0}
-
-
-# ---------------------------------------------------------------------------- keys and paths
-
-def train_params(cfg: Config) -> dict:
-    """The train section minus RUN_ONLY, and minus NEUTRAL keys at their neutral values (a
-    setting that only qualifies an unused option counts as neutral: ema_decay without EMA)."""
-    t = asdict(cfg.train)
-    if not t["ema"]:
-        t["ema_decay"] = NEUTRAL["ema_decay"]
-    if not t["loss_final"]:
-        t["loss_final_epochs"] = NEUTRAL["loss_final_epochs"]
-    return {k: v for k, v in t.items() if k not in RUN_ONLY and not (k in NEUTRAL and v == NEUTRAL[k])}
-
-
-def train_key(cfg: Config, prepared_dir: str | Path | None = None) -> str:
-    """Hash of the train params (minus RUN_ONLY), the training data and CODE_VERSION.
-
-    The training data enters by ``prepare.train_data_key`` (the bytes of the artifact's
-    train_index.csv and folds.csv), not by the whole prepare key, so a changed test set or
-    raw path does not retrain. A local encoder-weights file enters by fingerprint (name,
-    size, mtime), so replacing the file trains anew.
-    """
-    weights = cfg.train.encoder_weights
-    inputs = {"train_data": prepare.train_data_key(prepare.locate(cfg, prepared_dir))}
-    if Path(weights).is_file():
-        inputs["encoder_weights"] = cache.file_fingerprint(weights)
-    return stable_hash({"params": train_params(cfg), **inputs, "code": CODE_VERSION})
-
-
-def run_dir(cfg: Config, prepared_dir: str | Path | None = None) -> Path:
-    """``<cache>/train/<train_key>``: the parent of every fold's directory (no training)."""
-    return cache.stage_dir(cfg.data.cache, STAGE, train_key(cfg, prepared_dir))
-
-
-def fold_dir(cfg: Config, k: int, prepared_dir: str | Path | None = None) -> Path:
-    return run_dir(cfg, prepared_dir) / f"fold{k}"
+CODE_VERSION = STAGES[STAGE].code
 
 
 # ---------------------------------------------------------------------------- one fold
@@ -150,13 +110,13 @@ class Parts:
     ema: object = None                   # timm ModelEmaV3 of the bare model (train.ema)
 
 
-def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist) -> dict:
+def train_fold(cfg: Config, g: Graph, index: pd.DataFrame, k: int, d: Dist) -> dict:
     """Train fold ``k`` (or resume it, or report it cached). Returns the fold summary (oof.json).
 
     One process (one DDP job) trains a fold at a time: another waits for its lock
     (pipeline.locks; under DDP rank 0 holds it for every rank), then finds the fold cached.
     """
-    out = fold_dir(cfg, k, prepared)
+    out = g.fold_dir(k)
     # Under DDP every decision is rank 0's (another job may finish the fold between two ranks' checks).
     agree = (lambda value: gather(value, d)[0]) if d.active else None
     if (agree or bool)(cache.is_complete(out)):
@@ -165,13 +125,13 @@ def train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist
         if (agree or bool)(cache.is_complete(out)):     # trained by the process this one waited for
             return _cached(out, k, d)
         cache.sweep_temps([out, out / "oof"])      # temps of killed runs (never a live rank's)
-        return _train_fold(cfg, prepared, index, k, d, out)
+        return _train_fold(cfg, g, index, k, d, out)
 
 
-def _train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist, out: Path) -> dict:
+def _train_fold(cfg: Config, g: Graph, index: pd.DataFrame, k: int, d: Dist, out: Path) -> dict:
     """:func:`train_fold`'s work, under the fold's lock."""
-    f = _setup(cfg, prepared, index, k, d, out)
-    data = _data(f, index, prepared)
+    f = _setup(cfg, g, index, k, d, out)
+    data = _data(f, index)
     parts = _build(f, data)
     progress = checkpoint.load_last(out, f.key, parts.model, parts.optimizer, parts.scheduler, parts.scaler,
                                     device=f.device, precision=f.precision, rank=d.rank, world=d.world,
@@ -191,7 +151,7 @@ def _train_fold(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dis
         _epoch(f, data, parts, progress, epoch, board)
     board.close()
     checkpoint.load_best(parts.model, out, f.what)
-    summary = _oof(f, data, parts, progress, prepared)
+    summary = _oof(f, data, parts, progress, g.prepared_dir)
     barrier(d)
     return summary
 
@@ -205,19 +165,18 @@ def _cached(out: Path, k: int, d: Dist) -> dict:
     return summary
 
 
-def _setup(cfg: Config, prepared: Path, index: pd.DataFrame, k: int, d: Dist, out: Path) -> Fold:
+def _setup(cfg: Config, g: Graph, index: pd.DataFrame, k: int, d: Dist, out: Path) -> Fold:
     """Device, precision and the model size (from the first training image)."""
-    device = resolve_device(cfg.train.device, "train.device", d.local_rank if d.active else None)
-    precision = resolve_precision(cfg.train.precision, device)
+    device, precision = torch.device(d.device), d.precision     # the runtime context's
     first = index.loc[index["fold"] != k, "image"]
     if first.empty or (index["fold"] == k).sum() == 0:
-        raise PipelineError(f"{prepared / 'folds.csv'}: fold {k} leaves no training or no validation images")
+        raise PipelineError(f"{g.prepared_dir / 'folds.csv'}: fold {k} leaves no training or no validation images")
     h, w = read_image(first.iloc[0]).shape[:2]
-    return Fold(cfg, k, out, train_key(cfg, prepared), d, device, precision,
+    return Fold(cfg, k, out, g.train_key, d, device, precision,
                 autocast_factory(device, precision), h, w)
 
 
-def _data(f: Fold, index: pd.DataFrame, prepared: Path) -> Data:
+def _data(f: Fold, index: pd.DataFrame) -> Data:
     """The fold's split, datasets and loaders (training shuffled and sharded, validation sharded)."""
     t, k, d = f.cfg.train, f.k, f.d
     train_df = index[index["fold"] != k].reset_index(drop=True)
@@ -371,11 +330,13 @@ def _oof(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, prepa
                "best_epoch_val_dice": progress.best, "epochs": t.epochs, "nonfinite": parts.guard.total,
                "height": f.height, "width": f.width, "world_size": d.world, "precision": f.precision}
     cache.write_json(out / "oof.json", summary)
-    cache.write_manifest(out, stage=STAGE, key=f.key, params=train_params(f.cfg),
+    # predict reads best.pt's hash from here while the file is unchanged (recorded, not recomputed)
+    cache.write_manifest(out, stage=STAGE, key=f.key, params=params(f.cfg, STAGE),
                          inputs={"prepare": str(prepared), "fold": k},
                          outputs={"best": "best.pt", "last": "last.pt", "metrics": "metrics.csv",
                                   "curve": "curve.png", "oof": "oof/", "oof_summary": "oof.json"},
-                         config=parts.meta["config"], extra={"fold": k, "oof": summary})
+                         config=parts.meta["config"],
+                         extra={"fold": k, "oof": summary, "hashes": {"best.pt": recorded_hash(out / "best.pt")}})
     f.log(f"fold {k}: OOF Dice {summary['dice_model']:.4f} at {f.height}x{f.width}, {summary['dice_original']:.4f} "
           f"at original size ({len(ids)} images) -> {out}")
     return summary
@@ -384,29 +345,29 @@ def _oof(f: Fold, data: Data, parts: Parts, progress: checkpoint.Progress, prepa
 # ---------------------------------------------------------------------------- the stage
 
 def check_config(cfg: Config) -> None:
-    """Fail fast, before any data is read: the config's ranges (config.validate) and the names
-    only the model and augmentation libraries know."""
+    """Fail fast, before any data is read: the names only the model and augmentation libraries
+    know (config.load has checked the ranges)."""
     from .data import parse_augment
     from .models import check_names
-    validate(cfg)
     t = cfg.train
     check_names(t.arch, t.encoder)
     parse_augment(t.augment)
     model_kwargs(t.encoder_depth, t.decoder_channels, t.input_scale)
 
 
-def run(cfg: Config, prepared_dir: str | Path | None = None) -> list[dict]:
-    """Train the configured fold(s). ``prepared_dir`` overrides the prepare artifact (tests)."""
+def run(cfg: Config, graph: Graph | None = None, rt: Runtime | None = None) -> list[dict]:
+    """Train the configured fold(s) of the prepare artifact ``graph`` resolves."""
     check_config(cfg)
-    prepared = prepare.locate(cfg, prepared_dir)
+    g = graph or Graph(cfg)
+    prepared = g.prepared_dir
     index = load_index(prepared)
     folds = sorted(index["fold"].unique().tolist())
     if cfg.train.fold >= 0 and cfg.train.fold not in folds:
         raise ConfigError(f"train.fold={cfg.train.fold}: {prepared / 'folds.csv'} has folds {folds}")
     todo = folds if cfg.train.fold < 0 else [cfg.train.fold]
-    d = dist_init(resolve_device(cfg.train.device, "train.device").type)
+    d = dist_init(rt or runtime.resolve(cfg, STAGE))
     try:
         with cv2_single_thread():
-            return [train_fold(cfg, prepared, index, k, d) for k in todo]
+            return [train_fold(cfg, g, index, k, d) for k in todo]
     finally:
         dist_close(d)

@@ -29,27 +29,45 @@ What is exact and what is not:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
+import difflib
+from dataclasses import dataclass
 
 from .config import ConfigError
 
 STRIDE = 32
+# name -> the image axes it flips ((N, C, H, W): -1 = width, -2 = height). Each flip is its own inverse.
+FLIPS: dict[str, tuple[int, ...]] = {"none": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
+SCALE_RANGE = (0.25, 4.0)
 
 
 @dataclass(frozen=True)
 class TTA:
+    """One view as data: the axes it flips and the factor it scales by (one of the two)."""
     name: str
-    forward: Callable[[torch.Tensor], torch.Tensor] = field(compare=False)
-    inverse: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] = field(compare=False)
+    flip: tuple[int, ...] = ()
     scale: float = 1.0  # views with the same scale share one batched forward pass
 
+    def forward(self, x):
+        """(N, C, H, W) -> what the model sees."""
+        import torch
+        import torch.nn.functional as F
+        if self.flip:
+            return torch.flip(x, self.flip)
+        if self.scale != 1.0:
+            return F.interpolate(x, size=scaled_size(x.shape[-2:], self.scale), mode="bilinear",
+                                 align_corners=False, antialias=self.scale < 1)
+        return x
 
-def _flip(dims: tuple[int, ...]) -> Callable:
-    return lambda x, size=None: torch.flip(x, dims)
+    def inverse(self, y, size=None):
+        """The model's (N, 1, H', W') output for this view -> the original (H, W) grid."""
+        import torch
+        import torch.nn.functional as F
+        if self.flip:
+            return torch.flip(y, self.flip)
+        if self.scale != 1.0:
+            return F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False,
+                                 antialias=y.shape[-2] > size[0])
+        return y
 
 
 def scaled_size(size: tuple[int, int], s: float) -> tuple[int, int]:
@@ -57,44 +75,29 @@ def scaled_size(size: tuple[int, int], s: float) -> tuple[int, int]:
     return tuple(max(STRIDE, int(round(v * s / STRIDE)) * STRIDE) for v in size)
 
 
-def _scale(s: float) -> tuple[Callable, Callable]:
-    def fwd(x):
-        return F.interpolate(x, size=scaled_size(x.shape[-2:], s), mode="bilinear", align_corners=False,
-                             antialias=s < 1)
-
-    def inv(y, size):
-        return F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False,
-                             antialias=y.shape[-2] > size[0])
-    return fwd, inv
-
-
-def _make(name: str) -> TTA:
-    if name == "none":
-        return TTA("none", lambda x: x, lambda y, size=None: y)
-    if name == "hflip":
-        return TTA(name, _flip((-1,)), _flip((-1,)))
-    if name == "vflip":
-        return TTA(name, _flip((-2,)), _flip((-2,)))
-    if name == "hvflip":
-        return TTA(name, _flip((-2, -1)), _flip((-2, -1)))
+def view(name: str) -> TTA:
+    """A view by name: ``none``, ``hflip``, ``vflip``, ``hvflip`` or ``scale<S>``."""
+    if name in FLIPS:
+        return TTA(name, FLIPS[name])
     if name.startswith("scale"):
         try:
             s = float(name[len("scale"):])
         except ValueError:
             s = -1.0
-        if not 0.25 <= s <= 4.0:
+        if not SCALE_RANGE[0] <= s <= SCALE_RANGE[1]:
             raise ConfigError(f"predict.tta: bad scale '{name}' (use e.g. scale0.75, factor in [0.25, 4])")
-        fwd, inv = _scale(s)
-        return TTA(f"scale{s:g}", fwd, inv, scale=s)
-    raise ConfigError(f"predict.tta: unknown transform '{name}'. Valid: none, hflip, vflip, hvflip, scale<S>")
+        return TTA(f"scale{s:g}", scale=s)
+    close = difflib.get_close_matches(name, list(FLIPS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"predict.tta: unknown transform '{name}'{hint}. Valid: {', '.join(FLIPS)}, scale<S>")
 
 
 def parse(spec: str) -> list[TTA]:
     """'hflip,scale0.75' -> [none, hflip, scale0.75]: identity first, duplicates dropped, order kept."""
-    names = ["none"] + [n.strip() for n in (spec or "").split(",") if n.strip()]
+    names_ = ["none"] + [n.strip() for n in (spec or "").split(",") if n.strip()]
     out, seen = [], set()
-    for n in names:
-        t = _make(n)
+    for n in names_:
+        t = view(n)
         if t.name not in seen:
             seen.add(t.name)
             out.append(t)
@@ -103,6 +106,11 @@ def parse(spec: str) -> list[TTA]:
 
 def names(ttas: list[TTA]) -> list[str]:
     return [t.name for t in ttas]
+
+
+def view_names(spec: str) -> list[str]:
+    """``predict.tta`` -> the names of its views, in order (what predict's key hashes)."""
+    return names(parse(spec))
 
 
 def _chunks(n_views: int, n: int, max_forward: int):
@@ -120,8 +128,7 @@ def _chunks(n_views: int, n: int, max_forward: int):
         yield pieces
 
 
-@torch.no_grad()
-def predict_proba(model: torch.nn.Module, x: torch.Tensor, ttas: list[TTA], max_forward: int = 0) -> torch.Tensor:
+def predict_proba(model, x, ttas: list[TTA], max_forward: int = 0):
     """x: (N, 3, H, W) normalised images. Returns (N, 1, H, W) float32: mean sigmoid over the views.
 
     Views of the same scale are concatenated into one batch (N * k images) so the model runs
@@ -130,8 +137,15 @@ def predict_proba(model: torch.nn.Module, x: torch.Tensor, ttas: list[TTA], max_
     views), so memory is bounded whatever the batch size and TTA; 0 = no cap. Each view's
     inputs are built per run, so a large N * k never exists as one input tensor either.
     """
+    import torch
     if max_forward < 0:
         raise ConfigError(f"predict.max_forward={max_forward}: must be >= 0 (0 = all views of a batch at once)")
+    with torch.no_grad():
+        return _predict_proba(model, x, ttas, max_forward)
+
+
+def _predict_proba(model, x, ttas: list[TTA], max_forward: int):
+    import torch
     n, size = x.shape[0], tuple(x.shape[-2:])
     total = torch.zeros((n, 1) + size, dtype=torch.float32, device=x.device)
     for s in sorted({t.scale for t in ttas}):

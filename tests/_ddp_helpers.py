@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from _ddp_helpers import no_running_stats
 from _train_helpers import tiny_cfg
 from pipeline import train
+from pipeline.graph import Graph
 no_sync, entered = DDP.no_sync, []
 DDP.no_sync = lambda self: entered.append(1) or no_sync(self)   # count the accumulate-locally micro-batches
 real_build = train.build_model
@@ -52,7 +53,8 @@ def open_(file, mode="r", *a, **k):
 builtins.open = io.open = open_
 os.replace = lambda src, dst, *a, **k: (rec(dst), _replace(src, dst, *a, **k))[1]
 torch.save = lambda obj, f, *a, **k: (rec(f), _save(obj, f, *a, **k))[1]
-summary = train.run(tiny_cfg({cache!r}, **{overrides!r}), prepared_dir={prepared!r})
+cfg = tiny_cfg({cache!r}, **{overrides!r})
+summary = train.run(cfg, Graph(cfg, prepared={prepared!r}))
 rank = os.environ['RANK']
 with _open(f"writes-{{rank}}.json", "w") as fh:
     json.dump(writes, fh)

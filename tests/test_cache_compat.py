@@ -16,6 +16,8 @@ import pytest
 
 from _train_helpers import make_prepared, tiny_cfg
 from pipeline import cache, config, ingest, predict, prepare, train, tta
+from pipeline.graph import Graph
+from pipeline import graph
 
 MTIME_NS = 1_600_000_000_000_000_000
 RAW_FILES = {"train/0cdf5b5d0ce1_01.jpg": b"a" * 100, "train/0cdf5b5d0ce1_02.jpg": b"b" * 120,
@@ -46,11 +48,11 @@ def _raw(root):
 def test_prepare_key_is_unchanged(tmp_path, fit):
     raw = _raw(tmp_path / "raw")
     cfg = config.load(None, {"data.raw": str(raw), "data.cache": str(tmp_path / "cache"), "prepare.fit": fit})
-    inputs = prepare._inputs(ingest.scan(cfg))
+    inputs = graph.raw_inputs(ingest.scan(cfg))
     assert inputs["raw"] == str(raw.resolve())
-    key = cache.stage_key(prepare._params(cfg), prepare.CODE_VERSION, {**inputs, "raw": "RAW"})
+    key = cache.stage_key(graph.params(cfg, 'prepare'), prepare.CODE_VERSION, {**inputs, "raw": "RAW"})
     assert key == OLD_PREPARE[fit]
-    assert prepare.artifact_dir(cfg).name == cache.stage_key(prepare._params(cfg), prepare.CODE_VERSION, inputs)
+    assert Graph(cfg).prepare_dir.name == cache.stage_key(graph.params(cfg, 'prepare'), prepare.CODE_VERSION, inputs)
 
 
 @pytest.mark.parametrize("name, overrides", [("tiny", {}), ("default", None),
@@ -60,14 +62,14 @@ def test_train_key_and_fold_dir_are_unchanged(tmp_path, name, overrides):
     cache_root = tmp_path / "cache"
     cfg = (tiny_cfg(cache_root, **overrides) if overrides is not None
            else config.load(None, {"data.cache": str(cache_root)}))
-    assert prepare.train_data_key(prepared) == OLD_TRAIN_DATA
-    assert train.train_key(cfg, prepared) == OLD_TRAIN[name]
-    assert train.fold_dir(cfg, 1, prepared) == cache_root / "train" / OLD_TRAIN[name] / "fold1"
+    assert graph.train_data_key(prepared) == OLD_TRAIN_DATA
+    assert Graph(cfg, prepared=prepared).train_key == OLD_TRAIN[name]
+    assert Graph(cfg, prepared=prepared).fold_dir(1) == cache_root / "train" / OLD_TRAIN[name] / "fold1"
 
 
 @pytest.mark.parametrize("spec, precision", sorted(OLD_PREDICT))
 def test_predict_dir_is_unchanged(tmp_path, spec, precision):
-    d = predict.fold_cache_dir(tmp_path, "0123456789abcdef", tta.parse(spec), precision)
+    d = graph.predict_dir(tmp_path, "0123456789abcdef", tta.names(tta.parse(spec)), precision)
     assert d == tmp_path / "predict" / f"0123456789abcdef-{OLD_PREDICT[spec, precision]}"
 
 

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from pipeline import cache, locks, oof, predict, prepare, probmaps, synth, train, tta
+from pipeline.graph import Graph
+from pipeline import graph, testset
 from pipeline.config import PipelineError, load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +113,7 @@ def test_two_folds_at_once_both_finish_into_one_run(prepared, tmp_path):
         assert "waiting for" not in out, out        # a fold's lock never blocks another fold
         assert out.count(f"fold {k} epoch 1/1: lr ") == 1 and f"fold {k}: OOF Dice" in out, out
     cfg = _cfg(raw, cache_root, seed=11)
-    run = train.run_dir(cfg)
+    run = Graph(cfg).train_dir
     for k in (0, 1):
         d = run / f"fold{k}"
         assert cache.is_complete(d) and cache.read_manifest(d)["fold"] == k
@@ -151,7 +153,7 @@ def test_same_fold_twice_trains_once_the_other_waits_then_finds_it_cached(prepar
     assert line is not None, lines
     assert f"on host {socket.gethostname()}" in line
     assert "fold 0: cached" in waited[0] and "epoch 1/1" not in waited[0]
-    out = train.fold_dir(_cfg(raw, cache_root, seed=12), 0)
+    out = Graph(_cfg(raw, cache_root, seed=12)).fold_dir(0)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 0 and len(last["history"]) == 1 and cache.is_complete(out)
     assert len(pd.read_csv(out / "metrics.csv")) == 1
@@ -167,8 +169,8 @@ def test_same_prepare_key_twice_builds_once(raw, tmp_path):
     waited = [o for o in outs if "waiting for" in o]
     assert len(built) == 1 and len(waited) == 1 and built[0] is not waited[0], outs
     assert "prepare: cached, nothing to do" in waited[0] and "processed" not in waited[0]
-    assert cache.is_complete(prepare.artifact_dir(load(None, {"data.raw": str(raw),
-                                                              "data.cache": str(tmp_path / "cache"), **PREPARE})))
+    assert cache.is_complete(Graph(load(None, {"data.raw": str(raw),
+                                                              "data.cache": str(tmp_path / "cache"), **PREPARE})).prepare_dir)
 
 
 SLOW_PNG = """
@@ -189,9 +191,9 @@ def test_same_predict_shard_twice_predicts_once(prepared, tmp_path):
     torch.save({"model": model.state_dict(), "arch": "Unet", "encoder": "resnet18", "height": H, "width": W,
                 "model_kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}, "config": {}, "epoch": 0,
                 "best_score": 0.0}, ckpt)
-    index_csv = prepare.load(load(None, {"data.raw": str(raw), "data.cache": str(cache_root), **PREPARE})) \
+    index_csv = Graph(load(None, {"data.raw": str(raw), "data.cache": str(cache_root), **PREPARE})).prepared_dir \
         / "test_index.csv"
-    body = (SLOW_PNG + f"index = predict.read_test_index({str(index_csv)!r})\n"
+    body = (SLOW_PNG + f"index = testset.read_test_index({str(index_csv)!r})\n"
             f"predict.predict_fold(index, {str(ckpt)!r}, {str(tmp_path / 'cache')!r}, tta.parse('hflip'), "
             "shard=(1, 2), batch_size=1, num_workers=0, precision='fp32', progress=False)")
     outs = _together(tmp_path, "from pipeline import predict, tta", [body, body])
@@ -199,8 +201,8 @@ def test_same_predict_shard_twice_predicts_once(prepared, tmp_path):
     waited = [o for o in outs if "waiting for" in o]
     assert len(waited) == 1 and ": 0 predicted, 8 cached (shard 1/2)" in waited[0], outs
     assert "predict shard 1/2: waiting for " in waited[0] and ".shard1of2.lock held by pid " in waited[0]
-    fold_dir = predict.fold_cache_dir(tmp_path / "cache", predict.checkpoint_hash(ckpt), tta.parse("hflip"), "fp32")
-    index = predict.read_test_index(index_csv)
+    fold_dir = graph.predict_dir(tmp_path / "cache", graph.file_sha16(ckpt), tta.names(tta.parse("hflip")), "fp32")
+    index = testset.read_test_index(index_csv)
     assert probmaps.done_ids(fold_dir) == set(index["id"].iloc[1::2])
 
 
@@ -210,6 +212,8 @@ HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from pipeline.locks import stage_lock
+from pipeline.graph import Graph
+from pipeline import graph, testset
 with stage_lock({path!r}, "holder"):
     print("held", flush=True)
     time.sleep({hold})

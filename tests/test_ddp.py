@@ -16,6 +16,7 @@ import torch
 from _ddp_helpers import OVERRIDES, no_running_stats, single_node
 from _train_helpers import tiny_cfg
 from pipeline import cache, train
+from pipeline.graph import Graph
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -32,7 +33,7 @@ def test_two_process_gloo_epoch(ddp):
     # Only rank 0 logs: one header line and one summary line for the epoch.
     assert out_text.count("fold 0 epoch 1/1:") == 1
     assert "2 process(es)" in out_text
-    out = train.fold_dir(ddp.cfg(), 0, ddp.prepared)
+    out = Graph(ddp.cfg(), prepared=ddp.prepared).fold_dir(0)
     assert cache.is_complete(out)
     m = pd.read_csv(out / "metrics.csv")
     assert len(m) == 1 and 0 <= m["val_dice"].iloc[0] <= 1
@@ -54,7 +55,7 @@ def test_two_process_gloo_epoch(ddp):
 def test_only_rank_0_writes_checkpoints_and_logs(ddp):
     """Rank 1 writes nothing in the cache but its own validation shard's OOF maps; the
     checkpoints, metrics, OOF summary and manifest come from rank 0 alone."""
-    out = train.fold_dir(ddp.cfg(), 0, ddp.prepared)
+    out = Graph(ddp.cfg(), prepared=ddp.prepared).fold_dir(0)
     mine = {0: [], 1: []}
     for rank in (0, 1):
         mine[rank] = [Path(p) for p in ddp.writes(rank) if p.startswith(str(ddp.cache))]
@@ -86,17 +87,17 @@ def test_equals_one_process_with_the_same_global_batch(ddp, tmp_path, monkeypatc
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train.run(one, prepared_dir=ddp.prepared)
+        train.run(one, Graph(one, prepared=ddp.prepared))
     finally:
         torch.set_num_threads(threads)
-    got = pd.read_csv(train.fold_dir(ddp.cfg(), 0, ddp.prepared) / "metrics.csv")
-    want = pd.read_csv(train.fold_dir(one, 0, ddp.prepared) / "metrics.csv")
+    got = pd.read_csv(Graph(ddp.cfg(), prepared=ddp.prepared).fold_dir(0) / "metrics.csv")
+    want = pd.read_csv(Graph(one, prepared=ddp.prepared).fold_dir(0) / "metrics.csv")
     cols = ["epoch", "lr", "train_loss", "val_loss"]
     np.testing.assert_allclose(got[cols].to_numpy(float), want[cols].to_numpy(float), rtol=1e-5, atol=1e-6)
     # Dice thresholds at 0.5: a pixel within rounding of it may flip (one pixel ~ 1e-3 of an image's Dice).
     np.testing.assert_allclose(got["val_dice"], want["val_dice"], atol=3e-3)
-    a = torch.load(train.fold_dir(ddp.cfg(), 0, ddp.prepared) / "last.pt", map_location="cpu", weights_only=True)
-    b = torch.load(train.fold_dir(one, 0, ddp.prepared) / "last.pt", map_location="cpu", weights_only=True)
+    a = torch.load(Graph(ddp.cfg(), prepared=ddp.prepared).fold_dir(0) / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(Graph(one, prepared=ddp.prepared).fold_dir(0) / "last.pt", map_location="cpu", weights_only=True)
     pa, pb = _param_state(a["model"]), _param_state(b["model"])
     assert pa.keys() == pb.keys() and len(pa) > 10
     steps = {int(st["step"]) for st in a["optimizer"]["state"].values()}

@@ -1,7 +1,7 @@
 """Hostile and odd inputs (issue 13): each gets one line naming the file and the problem, and
 nothing good is lost.
 
-The rule per case (README, "Hostile and odd inputs"): a bad *file* is left out with an error
+The rule per case (docs/reliability.md, "Hostile and odd inputs"): a bad *file* is left out with an error
 line and every good file is still prepared; a bad *folder or setting* that leaves nothing to
 do is refused before anything is written. One test per kind of input; each fails without
 the change it pins (or pins behaviour that was already right, where the docstring says so).
@@ -19,6 +19,7 @@ from _train_helpers import RAW_H, RAW_W
 from pipeline import cli, config, ingest, prepare, submit, validate
 from pipeline.cache import read_json
 from pipeline.config import ConfigError, PipelineError, load
+from pipeline.graph import Graph
 
 H, W = RAW_H, RAW_W     # the shared raw set (conftest: raw_base, raw)
 
@@ -180,7 +181,7 @@ def test_non_utf8_space_and_newline_names_are_shown_escaped(raw_base, tmp_path, 
     args = [f"{k}={v}" for k, v in _over(raw).items()]
     assert cli.main(["prepare", *args]) == 0
     out = capsys.readouterr().out
-    out_dir = prepare.artifact_dir(load(None, _over(raw)))
+    out_dir = Graph(load(None, _over(raw))).prepare_dir
     rep = read_json(out_dir / "prepare_report.json")
     issues = _by_file(rep)
     assert set(issues) == {"train/\\xff\\xfe_01.jpg", "train/with space_01.jpg", "train/0123456789ab_01\\n.jpg"}

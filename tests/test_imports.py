@@ -9,12 +9,13 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "pipeline"
 
-# docs/design.md, "Module map". A stage may import building blocks and other stages;
-# a building block imports building blocks only.
-STAGES = {"prepare", "testset", "train", "oof", "predict", "submit", "synth", "inspection", "runs", "kaggle_cli"}
-BLOCKS = {"config", "cache", "ingest", "parallel", "geometry", "probmaps", "precision", "data", "models",
-          "pretrained", "losses", "loop", "distributed", "checkpoint", "tta", "rle", "metrics", "folds",
-          "validate", "score", "ensemble", "overlay", "tboard", "explain", "faults", "locks"}
+# docs/design.md, "Module map". Stages are siblings: a stage imports building blocks, never another
+# stage (it asks pipeline.graph where its inputs are); a building block imports building blocks only.
+STAGES = {"synth", "prepare", "train", "oof", "predict", "submit", "inspection", "runs", "kaggle_cli", "export",
+          "cutout"}
+BLOCKS = {"config", "cache", "graph", "runtime", "ingest", "testset", "parallel", "geometry", "probmaps", "precision",
+          "data", "models", "pretrained", "losses", "loop", "distributed", "checkpoint", "tta", "rle", "metrics",
+          "folds", "validate", "score", "ensemble", "overlay", "tboard", "explain", "faults", "locks"}
 ENTRY = {"__init__", "__main__", "cli", "stagelog"}   # parse arguments, then import a stage by name
 
 
@@ -46,9 +47,24 @@ def test_building_blocks_never_import_stages():
     assert {m: s for m, s in bad.items() if s} == {}
 
 
+def test_no_stage_imports_another_stage():
+    bad = {m: sorted(_imports(PKG / f"{m}.py") & ((STAGES - {m}) | ENTRY)) for m in sorted(STAGES)}
+    assert {m: s for m, s in bad.items() if s} == {}
+
+
+def test_the_check_sees_a_stage_importing_a_stage(tmp_path):
+    """The rule above would catch the imports it forbids, in each form they are written."""
+    for line in ("from . import train", "from .train import run", "from pipeline import predict",
+                 "import pipeline.prepare", "def f():\n    from . import oof"):
+        f = tmp_path / "m.py"
+        f.write_text(line + "\n")
+        assert _imports(f) & STAGES, line
+
+
 def test_torch_free_modules_stay_torch_free():
     """submit's workers import submit, probmaps and geometry: no torch, no prepare stage."""
-    code = ("import sys; import pipeline.submit, pipeline.probmaps, pipeline.geometry; "
+    code = ("import sys; import pipeline.submit, pipeline.probmaps, pipeline.geometry, pipeline.graph, "
+            "pipeline.runtime, pipeline.tta; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m in "
             "('pipeline.prepare', 'pipeline.predict', 'pipeline.train', 'joblib.parallel_x')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=PKG.parent, capture_output=True, text=True, check=True)

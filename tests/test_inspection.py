@@ -9,6 +9,8 @@ from PIL import Image
 
 from pipeline import cli, inspection, metrics, oof, overlay, prepare, rle, runs, synth, train
 from pipeline.config import load
+from pipeline.graph import Graph
+from pipeline import graph
 
 
 def _cfg(root, **extra):
@@ -36,7 +38,7 @@ def demo(tmp_path_factory):
                                                 "decoder_channels": "32,16,8", "epochs": 1, "train.batch_size": 8,
                                                 "train.lr": 3e-3, "inspect.worst": 6,
                                                 "inspect.workers": 1}.items()]]) == 0
-    return root, cfg, summary, inspection.out_dir(cfg)
+    return root, cfg, summary, graph.inspect_dir(cfg)
 
 
 def _independent_dice(root, image_id, oof_png, threshold):
@@ -55,7 +57,7 @@ def test_per_image_values_match_an_independent_dice(demo):
     assert len(df) == 64 and df["id"].is_unique
     assert (df["threshold"] == summary["best_threshold"]).all()     # the threshold submit would use
     assert list(df["dice"]) == sorted(df["dice"])                    # worst first
-    run_dir = train.run_dir(cfg)
+    run_dir = Graph(cfg).train_dir
     for r in df.to_dict("records"):
         d, ta, pa = _independent_dice(root, r["id"], run_dir / f"fold{r['fold']}" / "oof" / f"{r['id']}.png",
                                       r["threshold"])
@@ -149,14 +151,14 @@ def test_submission_mode(demo, tmp_path):
 def test_runs_leaderboard(demo, tmp_path, capsys):
     root, cfg, summary, _ = demo
     df = runs.leaderboard(cfg.data.cache)
-    row = df[df["key"] == train.run_dir(cfg).name].iloc[0]
+    row = df[df["key"] == Graph(cfg).train_dir.name].iloc[0]
     assert row["folds"] == "2/2" and row["arch"] == "Unet" and row["encoder"] == "tu-resnet18"
     assert row["size"] == "64x96 stretch" and row["epochs"] == 1
     assert row["oof_dice"] == pytest.approx(summary["dice"]) and row["threshold"] == summary["best_threshold"]
     # an unfinished run (a second config, fold 0 only, no manifest) shows as such, after the finished one
-    other = train.run_dir(cfg).parent / "unfinished0000"
+    other = Graph(cfg).train_dir.parent / "unfinished0000"
     (other / "fold0").mkdir(parents=True)
-    (other / "fold0" / "config.yaml").write_text((train.run_dir(cfg) / "fold0" / "config.yaml").read_text())
+    (other / "fold0" / "config.yaml").write_text((Graph(cfg).train_dir / "fold0" / "config.yaml").read_text())
     (other / "fold0" / "metrics.csv").write_text("epoch,seconds\n1,30.0\n")
     try:
         df = runs.leaderboard(cfg.data.cache)
@@ -174,11 +176,11 @@ def test_runs_leaderboard(demo, tmp_path, capsys):
 def test_stage_logs_beside_artifacts(demo):
     _, cfg, _, _ = demo
     # the fixture ran prepare/train/oof in-process (no CLI, so no log) and inspect through the CLI
-    assert (inspection.out_dir(cfg) / "inspect.log").is_file()
+    assert (graph.inspect_dir(cfg) / "inspect.log").is_file()
     assert cli.main(["oof", f"data.raw={cfg.data.raw}", f"data.cache={cfg.data.cache}",
                      "prepare.height=64", "prepare.width=96", "n_folds=2", "train.encoder=tu-resnet18",
                      "encoder_depth=3", "decoder_channels=32,16,8", "epochs=1", "train.batch_size=8",
                      "train.lr=3e-3"]) == 0
-    log = (train.run_dir(cfg) / "oof.log").read_text()
+    log = (Graph(cfg).train_dir / "oof.log").read_text()
     assert "OOF Dice" in log and log.rstrip().splitlines()[-1].startswith("=== ok")
-    json.loads((train.run_dir(cfg) / "oof_summary.json").read_text())
+    json.loads((Graph(cfg).train_dir / "oof_summary.json").read_text())

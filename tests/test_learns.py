@@ -21,6 +21,7 @@ import pytest
 
 from pipeline import cache, config, data, predict, prepare, submit, synth, train
 from pipeline.config import PipelineError
+from pipeline.graph import Graph
 
 H, W = 64, 96                 # model input (the synthetic photos are twice that)
 # Calibrated on this config (fold-0 OOF Dice at the original size, fp32): 10 epochs gave 0.924,
@@ -112,7 +113,7 @@ def demo(tmp_path_factory):
     synth.generate(root / "raw", train_cars=4, test_cars=1, height=2 * H, width=2 * W, seed=0, workers=1)
     cfg = _cfg(root)
     prepared = prepare.run(cfg)
-    (summary,) = train.run(cfg, prepared_dir=prepared)
+    (summary,) = train.run(cfg, Graph(cfg, prepared=prepared))
     return root, cfg, prepared, summary
 
 
@@ -149,7 +150,7 @@ def test_misaligned_pairs_fall_below_the_bar(demo, monkeypatch, tmp_path):
     real = data.build_transform
     monkeypatch.setattr(train, "build_transform", lambda spec: _ImageOnlyVflip(real(spec)))
     cfg = _cfg(root, **{"data.cache": str(tmp_path / "cache")})
-    (summary,) = train.run(cfg, prepared_dir=prepared)
+    (summary,) = train.run(cfg, Graph(cfg, prepared=prepared))
     assert summary["dice_original"] < BAR - 0.1, summary
 
 

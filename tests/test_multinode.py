@@ -20,6 +20,8 @@ import torch
 from _ddp_helpers import REPO, free_port, launch_two_nodes, single_node
 from pipeline import cache, config, predict, prepare, probmaps, submit, synth, train
 from pipeline.config import ConfigError
+from pipeline.graph import Graph
+from pipeline import testset
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -30,8 +32,8 @@ def test_two_nodes_equal_one_node_with_the_same_world_size(tmp_path_factory):
     one = single_node(tmp_path_factory)
     two = launch_two_nodes(tmp_path_factory.mktemp("ddp2nodes"))
     assert "rank 0 of 2 done" in two.stdout and "rank 1 of 2 done" in two.stdout
-    a = train.fold_dir(one.cfg(), 0, one.prepared)
-    b = train.fold_dir(two.cfg(), 0, two.prepared)
+    a = Graph(one.cfg(), prepared=one.prepared).fold_dir(0)
+    b = Graph(two.cfg(), prepared=two.prepared).fold_dir(0)
     assert cache.is_complete(b)
     ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
     cols = [c for c in METRICS if c in ma.columns]
@@ -73,7 +75,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict_ddp")
     synth.generate(root / "raw", train_cars=4, test_cars=1, height=128, width=192, seed=2, workers=1)
     cfg = _cfg(root)
-    train.run(cfg, prepared_dir=prepare.run(cfg))
+    train.run(cfg, Graph(cfg, prepared=prepare.run(cfg)))
     return root, cfg
 
 
@@ -98,7 +100,7 @@ def test_predict_ddp_shards_by_rank_and_submit_is_byte_identical(trained, tmp_pa
     assert proc.stdout.count("8 predicted, 0 cached (shard 1/2)") == 1
     assert sorted(p.name for p in (fold_dir / "shards").iterdir()) == ["0of2.json", "1of2.json"]
     assert cache.is_complete(fold_dir)               # the manifest: the whole index is there
-    ids = predict.read_test_index(prepare.locate(cfg) / "test_index.csv")["id"]
+    ids = testset.read_test_index(Graph(cfg).prepared_dir / "test_index.csv")["id"]
     for i in ids:
         assert (probmaps.read_prob(probmaps.prob_path(fold_dir, i)) ==
                 probmaps.read_prob(probmaps.prob_path(moved, i))).all(), i

@@ -40,7 +40,7 @@ def _cpuinfo_flags() -> set[str] | None:
                     reason="oneDNN's ISA is capped by the environment")
 def test_without_override_the_answer_follows_the_cpu_flags(monkeypatch):
     """Known answer from the hardware itself: a CPU with AVX-512 core (all AVX512-BF16 / AMX CPUs
-    have it) runs bf16, an AVX2-only one (the 2-core EPYC of README's Measured table) gets fp32."""
+    have it) runs bf16, an AVX2-only one (the 2-core EPYC of docs/accuracy.md, "Measured earlier") gets fp32."""
     monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)
     flags = _cpuinfo_flags()
     want = AVX512_CORE <= flags

@@ -17,6 +17,7 @@ from pipeline import geometry, predict, probmaps, submit, tta
 from pipeline.config import ConfigError
 from pipeline.models import build_model
 from pipeline.precision import resolve_precision
+from pipeline import graph
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 64, 96  # model input size (divisible by 32)
@@ -81,19 +82,19 @@ def test_to_original_known_answers():
 
 
 def test_cache_key_depends_on_checkpoint_bytes_and_tta(ckpt, tmp_path):
-    h = predict.checkpoint_hash(ckpt)
+    h = graph.file_sha16(ckpt)
     copy = tmp_path / "copy.pt"
     copy.write_bytes(ckpt.read_bytes())
-    assert predict.checkpoint_hash(copy) == h            # content, not path or mtime
-    a = predict.fold_cache_dir("c", h, tta.parse("hflip"), "bf16")
-    assert a != predict.fold_cache_dir("c", h, tta.parse("hflip,vflip"), "bf16")
-    assert a == predict.fold_cache_dir("c", h, tta.parse("none,hflip"), "bf16")
+    assert graph.file_sha16(copy) == h            # content, not path or mtime
+    a = graph.predict_dir("c", h, tta.names(tta.parse("hflip")), "bf16")
+    assert a != graph.predict_dir("c", h, tta.names(tta.parse("hflip,vflip")), "bf16")
+    assert a == graph.predict_dir("c", h, tta.names(tta.parse("none,hflip")), "bf16")
     assert a.name.startswith(h)
     # The precision the maps were computed in is part of the key: fp32, bf16 and fp16 never mix.
-    dirs = {predict.fold_cache_dir("c", h, tta.parse("hflip"), p) for p in ("fp32", "bf16", "fp16")}
+    dirs = {graph.predict_dir("c", h, tta.names(tta.parse("hflip")), p) for p in ("fp32", "bf16", "fp16")}
     assert len(dirs) == 3
     with pytest.raises(ValueError, match="precision 'auto'"):  # only resolved precisions make a key
-        predict.fold_cache_dir("c", h, tta.parse("hflip"), "auto")
+        graph.predict_dir("c", h, tta.names(tta.parse("hflip")), "auto")
 
 
 def test_resolve_precision_by_device_type(monkeypatch):
@@ -117,7 +118,7 @@ def test_fp32_and_bf16_maps_get_their_own_dirs(ckpt, test_set, tmp_path, monkeyp
     f32 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), precision="fp32", **kw)
     b16 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), precision="auto", **kw)
     assert f32.fold_dir != b16.fold_dir and b16.predicted == 2          # bf16 did not reuse the fp32 maps
-    assert predict.fold_cache_dir(tmp_path, predict.checkpoint_hash(ckpt), tta.parse("hflip"), "bf16") == b16.fold_dir
+    assert graph.predict_dir(tmp_path, graph.file_sha16(ckpt), tta.names(tta.parse("hflip")), "bf16") == b16.fold_dir
     meta = json.loads((b16.fold_dir / "meta.json").read_text())
     assert (meta["precision"], meta["autocast"], meta["device_type"]) == ("bf16", "auto", "cpu")
     assert json.loads((f32.fold_dir / "meta.json").read_text())["precision"] == "fp32"
@@ -207,7 +208,7 @@ def test_resume_after_kill(ckpt, test_set, tmp_path):
     index_csv = tmp_path / "test_index.csv"
     index.to_csv(index_csv, index=False)
     ttas = tta.parse("hflip")
-    fold_dir = predict.fold_cache_dir(tmp_path / "cache", predict.checkpoint_hash(ckpt), ttas, "fp32")
+    fold_dir = graph.predict_dir(tmp_path / "cache", graph.file_sha16(ckpt), tta.names(ttas), "fp32")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(index_csv), str(ckpt), str(tmp_path / "cache")],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

@@ -16,6 +16,7 @@ from pipeline import prepare, synth, testset
 from pipeline.cache import is_complete, read_manifest
 from pipeline.data import read_mask
 from pipeline.config import PipelineError, load
+from pipeline.graph import Graph
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 64, 96
@@ -49,17 +50,17 @@ def test_second_run_does_no_work(raw, capsys):
     assert second.stats["processed"] == 0
     assert read_manifest(second.dir) == manifest                # nothing rewritten
     assert out.count("\n") == 1 and "cached" in out and str(first.dir) in out
-    assert prepare.artifact_dir(cfg) == first.dir == prepare.load(cfg)
+    assert Graph(cfg).prepare_dir == first.dir == Graph(cfg).prepared_dir
 
 
 def test_load_before_prepare_says_what_to_do(raw):
     with pytest.raises(PipelineError, match="make prepare"):
-        prepare.load(_cfg(raw))
+        Graph(_cfg(raw)).prepared_dir
 
 
 def test_run_only_knobs_do_not_change_the_key(raw):
-    assert prepare.artifact_dir(_cfg(raw)) == prepare.artifact_dir(_cfg(raw, **{"prepare.workers": 2,
-                                                                           "prepare.chunk_size": 3}))
+    assert Graph(_cfg(raw)).prepare_dir == Graph(_cfg(raw, **{"prepare.workers": 2,
+                                                                           "prepare.chunk_size": 3})).prepare_dir
 
 
 def test_adding_ten_images_processes_only_those(raw, tmp_path):
@@ -153,7 +154,7 @@ def test_kill_9_mid_run_then_rerun_is_identical(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(final("*.json"))
-    key_dir = prepare.artifact_dir(_cfg(raw, cache, **{"prepare.height": 224, "prepare.width": 320}))
+    key_dir = Graph(_cfg(raw, cache, **{"prepare.height": 224, "prepare.width": 320})).prepare_dir
     assert 3 <= done < 48 and not is_complete(key_dir), "the kill did not land mid-run"
     # No file under a final name is half-written: every PNG decodes.
     for p in final("*.png") + [p for p in (cache / "prepare" / "files" / "full").glob("*.png")

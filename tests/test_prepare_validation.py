@@ -166,7 +166,7 @@ def test_mask_0_255_accepted_as_0_1_and_reported(raw, capsys):
     im.save(p, format="GIF", optimize=False)       # optimize would remap the indices to {0, 1}
     assert set(np.unique(np.asarray(Image.open(p)))) == {0, 255}   # the file really holds 0/255
     res, rep = _run(raw)                           # RLE check still agrees: values mapped to {0,1}
-    # A lossless conversion, not a problem (strict ignores it), but reported: as the README says.
+    # A lossless conversion, not a problem (strict ignores it), but reported: as docs/reliability.md says.
     assert rep["issues"] == []
     assert rep["counts"]["masks_0_255"] == 1 and rep["converted"] == {"masks_0_255": [f"train_masks/{i}_mask.gif"]}
     assert read_json(res.dir / "manifest.json")["stats"]["masks_0_255"] == 1

@@ -17,6 +17,7 @@ from pipeline import checkpoint, predict, train, tta
 from pipeline.config import PipelineError
 from pipeline.loop import build_optimizer, build_scheduler
 from pipeline.models import build_model, load_checkpoint
+from pipeline.graph import Graph
 
 TINY = {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}
 
@@ -41,8 +42,8 @@ def test_every_checkpoint_a_run_writes_loads_weights_only(tmp_path):
     torch.load(weights_only=True), and last.pt's RNG states come back in their types."""
     prepared = make_prepared(tmp_path / "prep")
     cfg = tiny_cfg(tmp_path / "cache", **{"train.ema": True})
-    train.run(cfg, prepared_dir=prepared)
-    out = train.fold_dir(cfg, 0, prepared)
+    train.run(cfg, Graph(cfg, prepared=prepared))
+    out = Graph(cfg, prepared=prepared).fold_dir(0)
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in best["model"].values()) and best["config"]["train"]["ema"]
@@ -115,14 +116,14 @@ def test_resume_refuses_a_last_pt_carrying_code(tmp_path):
     marker = tmp_path / "ran.txt"
     prepared = make_prepared(tmp_path / "prep")
     cfg = tiny_cfg(tmp_path / "cache")
-    out = train.fold_dir(cfg, 0, prepared)
+    out = Graph(cfg, prepared=prepared).fold_dir(0)
     out.mkdir(parents=True)
-    key = train.train_key(cfg, prepared)
+    key = Graph(cfg, prepared=prepared).train_key
     torch.save({"train_key": key, "world_size": 1, "epoch": 0, "rng": [Payload(marker)]}, out / "last.pt")
     with pytest.raises(PipelineError, match=_refused(out / "last.pt")):
-        train.run(cfg, prepared_dir=prepared)
+        train.run(cfg, Graph(cfg, prepared=prepared))
     assert not marker.exists()
     torch.save({"train_key": key, "world_size": 1, "epoch": 0, "rng": [{"numpy": np.random.get_state()}]},
                out / "last.pt")
     with pytest.raises(PipelineError, match=_refused(out / "last.pt").replace(r"e\.g\. ", r"e\.g\. numpy")):
-        train.run(cfg, prepared_dir=prepared)
+        train.run(cfg, Graph(cfg, prepared=prepared))

@@ -9,6 +9,8 @@ import pytest
 
 from pipeline import cache, config, predict, probmaps, rle, submit, tta
 from pipeline.config import PipelineError
+from pipeline.graph import Graph
+from pipeline import graph
 
 MODEL = (4, 6)  # model-size probability maps
 
@@ -98,11 +100,11 @@ def test_missing_maps_name_the_same_checkpoint_in_another_precision(tmp_path):
     """Predicted on a GPU (fp16), submitted where autocast resolves to bf16: the error says where the maps are."""
     index, src, ids = make_case(tmp_path, [[const(255)] * 3], [(8, 12)] * 3)
     ttas = tta.parse("hflip")
-    fp16 = predict.fold_cache_dir(tmp_path / "cache", "abcd", ttas, "fp16")
+    fp16 = graph.predict_dir(tmp_path / "cache", "abcd", tta.names(ttas), "fp16")
     fp16.parent.mkdir(parents=True)
     src[0].rename(fp16)
     cache.write_json(fp16 / "meta.json", {"precision": "fp16", "tta": ["none", "hflip"]})
-    bf16 = predict.fold_cache_dir(tmp_path / "cache", "abcd", ttas, "bf16")
+    bf16 = graph.predict_dir(tmp_path / "cache", "abcd", tta.names(ttas), "bf16")
     with pytest.raises(PipelineError, match=r"3 of 3 test images not predicted.*this checkpoint also has "
                                             rf"{fp16.name} \(fp16, tta none,hflip: 3 of 3 images\)"):
         submit.write_submission(index, [bf16], tmp_path / "s.csv", 0.5, ids, workers=1)
@@ -112,13 +114,13 @@ def test_threshold_sources(tmp_path, monkeypatch):
     cfg = config.load(None, {"data.cache": str(tmp_path)})
     from pipeline import train
     monkeypatch.setattr(train, "run_dir", lambda c, *a: tmp_path / "run")
-    assert submit.threshold_info(cfg) == {"threshold": 0.5, "threshold_source": "default (no oof_summary.json)"}
+    assert probmaps.resolve_threshold(cfg.submit.threshold, Graph(cfg).train_dir) == {"threshold": 0.5, "threshold_source": "default (no oof_summary.json)"}
     cache.write_json(tmp_path / "run" / "oof_summary.json", {"dice": 0.99, "best_threshold": 0.42})
-    info = submit.threshold_info(cfg)
+    info = probmaps.resolve_threshold(cfg.submit.threshold, Graph(cfg).train_dir)
     assert info["threshold"] == 0.42 and info["threshold_source"].endswith("oof_summary.json")
-    assert submit.threshold_info(cfg)["oof_complete"] is None      # an older summary says nothing
+    assert probmaps.resolve_threshold(cfg.submit.threshold, Graph(cfg).train_dir)["oof_complete"] is None      # an older summary says nothing
     cfg.submit.threshold = 0.6
-    assert submit.threshold_info(cfg)["threshold"] == 0.6
+    assert probmaps.resolve_threshold(cfg.submit.threshold, Graph(cfg).train_dir)["threshold"] == 0.6
 
 
 def run_case(tmp_path, monkeypatch, **overrides):
@@ -130,7 +132,7 @@ def run_case(tmp_path, monkeypatch, **overrides):
         p = tmp_path / f"ckpt{k}.pt"
         p.write_bytes(f"weights {k}".encode())
         ckpts.append(p)
-    dirs = [predict.fold_cache_dir(tmp_path / "cache", predict.checkpoint_hash(c), ttas, "fp32") for c in ckpts]
+    dirs = [graph.predict_dir(tmp_path / "cache", graph.file_sha16(c), tta.names(ttas), "fp32") for c in ckpts]
     sizes = [(8, 12), (8, 12)]
     index, tmp_dirs, ids = make_case(tmp_path, [[const(255), const(0)], [const(255), const(0)]], sizes)
     for src, dst in zip(tmp_dirs, dirs):
@@ -158,7 +160,7 @@ def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
     side = json.loads((tmp_path / "subs" / "mine.json").read_text())
     assert side["threshold"] == 0.5 and side["threshold_source"] == "config submit.threshold"
     assert side["folds"] == [0, 1] and side["tta"] == ["none", "hflip"] and side["rows"] == 2
-    assert [m["checkpoint_sha256_16"] for m in side["models"]] == [predict.checkpoint_hash(c) for c in ckpts]
+    assert [m["checkpoint_sha256_16"] for m in side["models"]] == [graph.file_sha16(c) for c in ckpts]
     assert side["config_hash"] == config.stable_hash(cfg.to_dict())
     assert side["precision"] == "fp32" and not any(k.startswith("oof_") for k in side)
 

@@ -7,6 +7,7 @@ import pytest
 from _train_helpers import make_prepared, tiny_cfg
 
 from pipeline import tboard, train
+from pipeline.graph import Graph
 
 
 def _events(fold_dir: Path):
@@ -24,8 +25,8 @@ def runs(tmp_path_factory):
         cfg = tiny_cfg(tmp_path_factory.mktemp(f"cache_{on}"), **{
             "train.epochs": 3, "tensorboard.enabled": on, "tensorboard.overlay_every": 2,
             "tensorboard.overlay_images": 3})
-        train.run(cfg, prepared_dir=prepared)
-        out[on] = train.fold_dir(cfg, 0, prepared)
+        train.run(cfg, Graph(cfg, prepared=prepared))
+        out[on] = Graph(cfg, prepared=prepared).fold_dir(0)
     return out
 
 

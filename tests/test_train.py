@@ -15,6 +15,7 @@ from pipeline.config import ConfigError, PipelineError
 from pipeline.losses import BceDiceLoss
 from pipeline.metrics import dice_batch
 from pipeline.precision import autocast_factory, resolve_precision
+from pipeline.graph import Graph
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +27,17 @@ def prepared(tmp_path_factory):
 def trained(prepared, tmp_path_factory):
     """Every fold in turn (fold=-1), two epochs each: the artifacts that every fold writes."""
     cfg = tiny_cfg(tmp_path_factory.mktemp("cache"), **{"train.epochs": 2, "train.fold": -1})
-    summary = train.run(cfg, prepared_dir=prepared)
+    summary = train.run(cfg, Graph(cfg, prepared=prepared))
     return cfg, summary
+
+
+def _run(cfg, prepared):
+    return train.run(cfg, Graph(cfg, prepared=prepared))
 
 
 def test_fold_writes_every_artifact(prepared, trained):
     cfg, summary = trained
-    out = train.fold_dir(cfg, 0, prepared)
+    out = Graph(cfg, prepared=prepared).fold_dir(0)
     for name in ("best.pt", "last.pt", "metrics.csv", "config.yaml", "curve.png", "oof.json", "manifest.json",
                  "oof/hist.npz"):
         assert (out / name).is_file(), name
@@ -47,7 +52,7 @@ def test_fold_writes_every_artifact(prepared, trained):
     val_ids = sorted(index.loc[index.fold == 0, "id"])
     assert sorted(p.stem for p in (out / "oof").glob("*.png")) == val_ids
     assert [s["fold"] for s in summary] == [0, 1]
-    assert (train.fold_dir(cfg, 1, prepared) / "manifest.json").is_file()
+    assert (Graph(cfg, prepared=prepared).fold_dir(1) / "manifest.json").is_file()
     s = summary[0]
     assert s["images"] == len(val_ids) and 0 <= s["dice_model"] <= 1 and 0 <= s["dice_original"] <= 1
     # The OOF Dice at model size is the best epoch's validation Dice (same model, same images).
@@ -59,7 +64,7 @@ def test_fold_writes_every_artifact(prepared, trained):
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_score", "train_key"):
         assert key in last, key
-    assert last["train_key"] == train.train_key(cfg, prepared)
+    assert last["train_key"] == Graph(cfg, prepared=prepared).train_key
 
 
 def test_oof_maps_match_the_checkpoint(prepared, trained):
@@ -73,7 +78,7 @@ def test_oof_maps_match_the_checkpoint(prepared, trained):
     from pipeline.data import load_index, read_image, to_device
     from pipeline.models import load_checkpoint
     cfg, _ = trained
-    out = train.fold_dir(cfg, 0, prepared)
+    out = Graph(cfg, prepared=prepared).fold_dir(0)
     model, meta = load_checkpoint(out / "best.pt")
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -92,9 +97,9 @@ def test_oof_maps_match_the_checkpoint(prepared, trained):
 
 def test_rerun_is_cached_and_keys(prepared, trained, capsys):
     cfg, summary = trained
-    out = train.fold_dir(cfg, 0, prepared)
+    out = Graph(cfg, prepared=prepared).fold_dir(0)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
-    again = train.run(cfg, prepared_dir=prepared)
+    again = train.run(cfg, Graph(cfg, prepared=prepared))
     log = capsys.readouterr().out
     assert "fold 0: cached" in log and "fold 1: cached" in log
     assert again == summary
@@ -102,28 +107,28 @@ def test_rerun_is_cached_and_keys(prepared, trained, capsys):
     # Run-only knobs keep the key; anything that changes results gives a new one.
     same = tiny_cfg(cfg.data.cache, **{"train.epochs": 2, "train.num_workers": 2, "train.fold": 1,
                                        "train.device": "cpu"})
-    assert train.run(same, prepared_dir=prepared) == summary[1:]
-    assert train.run_dir(same, prepared) == train.run_dir(cfg, prepared)
+    assert train.run(same, Graph(same, prepared=prepared)) == summary[1:]
+    assert Graph(same, prepared=prepared).train_dir == Graph(cfg, prepared=prepared).train_dir
     for change in ({"train.lr": 1e-3}, {"train.augment": "none"}, {"train.epochs": 3}):
         other = tiny_cfg(cfg.data.cache, **{"train.epochs": 2, **change})
-        assert train.run_dir(other, prepared) != train.run_dir(cfg, prepared), change
+        assert Graph(other, prepared=prepared).train_dir != Graph(cfg, prepared=prepared).train_dir, change
     # Other training data (another size, other images or folds) is another key.
     other_data = make_prepared(prepared.parent / "other", height=32, width=64)
-    assert train.train_key(cfg, other_data) != train.train_key(cfg, prepared)
+    assert Graph(cfg, prepared=other_data).train_key != Graph(cfg, prepared=prepared).train_key
 
 
 def test_unknown_names_are_errors_listing_valid_ones(prepared, tmp_path):
     with pytest.raises(ConfigError, match="unknown encoder 'resnet1800'.*resnet18"):
-        train.run(tiny_cfg(tmp_path, **{"train.encoder": "resnet1800"}), prepared_dir=prepared)
+        _run(tiny_cfg(tmp_path, **{"train.encoder": "resnet1800"}), prepared)
     with pytest.raises(ConfigError, match="unknown architecture 'UNet'.*Unet"):
-        train.run(tiny_cfg(tmp_path, **{"train.arch": "UNet"}), prepared_dir=prepared)
+        _run(tiny_cfg(tmp_path, **{"train.arch": "UNet"}), prepared)
     with pytest.raises(ConfigError, match="train.scheduler"):
-        train.run(tiny_cfg(tmp_path, **{"train.scheduler": "step"}), prepared_dir=prepared)
+        _run(tiny_cfg(tmp_path, **{"train.scheduler": "step"}), prepared)
     with pytest.raises(ConfigError, match="train.augment"):
-        train.run(tiny_cfg(tmp_path, **{"train.augment": "hflip,mixup"}), prepared_dir=prepared)
+        _run(tiny_cfg(tmp_path, **{"train.augment": "hflip,mixup"}), prepared)
     # smp's FPN ignores encoder_depth when upsampling: caught before any training step.
     with pytest.raises(ConfigError, match=r"FPN/tu-resnet18 .*output \(1, 1, 256, 384\) for a \(1, 3, 64, 96\)"):
-        train.run(tiny_cfg(tmp_path, **{"train.arch": "FPN", "train.decoder_channels": ""}), prepared_dir=prepared)
+        _run(tiny_cfg(tmp_path, **{"train.arch": "FPN", "train.decoder_channels": ""}), prepared)
     assert not (tmp_path / "train").exists()
 
 
@@ -237,8 +242,8 @@ def test_persistent_nonfinite_stops_the_fold(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "BceDiceLoss", lambda *a: NanAt({-1}))
     cfg = tiny_cfg(tmp_path, **{"train.max_nonfinite": 2})
     with pytest.raises(PipelineError, match="fold 0 epoch 1: loss was non-finite for 2 batches"):
-        train.run(cfg, prepared_dir=prepared)
-    assert not cache.is_complete(train.fold_dir(cfg, 0, prepared))
+        train.run(cfg, Graph(cfg, prepared=prepared))
+    assert not cache.is_complete(Graph(cfg, prepared=prepared).fold_dir(0))
 
 
 class NanGrad(torch.autograd.Function):
@@ -427,14 +432,14 @@ def test_oof_summary_equals_direct_scoring(prepared, trained):
     from pipeline import oof
     from pipeline.metrics import dice
     cfg, _ = trained
-    s = oof.run(cfg, prepared_dir=prepared)
-    assert cache.read_json(train.run_dir(cfg, prepared) / "oof_summary.json") == s
+    s = oof.run(cfg, Graph(cfg, prepared=prepared))
+    assert cache.read_json(Graph(cfg, prepared=prepared).train_dir / "oof_summary.json") == s
     index = pd.read_csv(prepared / "train_index.csv")
     assert s["images"] == len(index) and s["complete"] and s["folds_missing"] == []
     from pipeline.probmaps import threshold_level
     scores = {t: [] for t in (0.5, s["best_threshold"])}
     for r in index.itertuples():
-        q = cv2.imread(str(train.fold_dir(cfg, r.fold, prepared) / "oof" / f"{r.id}.png"), cv2.IMREAD_UNCHANGED)
+        q = cv2.imread(str(Graph(cfg, prepared=prepared).fold_dir(r.fold) / "oof" / f"{r.id}.png"), cv2.IMREAD_UNCHANGED)
         # As submit thresholds one fold's map: uint8 scale, bilinear to the original size.
         up = cv2.resize(q.astype(np.float32), (r.orig_width, r.orig_height), interpolation=cv2.INTER_LINEAR)
         full = cv2.imread(str(prepared / r.mask_full), cv2.IMREAD_GRAYSCALE)
@@ -465,13 +470,13 @@ def test_oof_summary_known_answer(tmp_path):
     np.savez(f0 / "oof" / "hist.npz", ids=np.array(["a", "b"]), pos=pos, all=all_)
     cache.write_json(f0 / "oof.json", {"dice_model": 0.5})
     cache.write_manifest(f0, stage="train", key="k", params={}, inputs={}, outputs={})
-    s = oof.summarize({0: f0, 1: tmp_path / "fold1"}, thresholds=np.array([0.3, 0.34, 0.35, 0.4, 0.5]))
+    s = probmaps.pool_oof({0: f0, 1: tmp_path / "fold1"}, thresholds=np.array([0.3, 0.34, 0.35, 0.4, 0.5]))
     # t=0.3: a 20/30, b 1 -> 0.8333; t=0.34: same; t=0.35: a 20/30, b 0; t=0.4: a 1, b 0; t=0.5: a 1, b 0.
     assert s["curve"] == pytest.approx({"0.30": 5 / 6, "0.34": 5 / 6, "0.35": 1 / 3, "0.40": 0.5, "0.50": 0.5})
     assert s["best_threshold"] == 0.3 and s["dice_at_best"] == pytest.approx(5 / 6)
     assert s["dice"] == pytest.approx(0.5) and s["folds_missing"] == [1] and not s["complete"]
     with pytest.raises(PipelineError, match="no finished fold"):
-        oof.summarize({1: tmp_path / "fold1"})
+        probmaps.pool_oof({1: tmp_path / "fold1"})
 
 
 def test_fp16_grad_scaler_unscales_before_clipping():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from _train_helpers import tiny_cfg
 from pipeline import prepare, synth, train
+from pipeline.graph import Graph
 
 H, W = 64, 96
 
@@ -19,7 +20,7 @@ def test_test_set_and_raw_path_do_not_change_the_train_key(tmp_path):
     cache = tmp_path / "cache"
     cfg = _cfg(raw, cache)
     first = prepare.run(cfg)
-    key = train.train_key(cfg)
+    key = Graph(cfg).train_key
 
     # A larger test set (and its sample rows) is a new prepare artifact but the same training data.
     img = sorted((raw / "test").glob("*.jpg"))[0]
@@ -28,16 +29,16 @@ def test_test_set_and_raw_path_do_not_change_the_train_key(tmp_path):
         f.write("0123456789ab_01.jpg,1 1\n")
     second = prepare.run(cfg)
     assert second != first
-    assert train.train_key(cfg) == key
+    assert Graph(cfg).train_key == key
 
     # The same files at another path (mtimes kept, as rsync -a or cp -p keep them): same key.
     moved = Path(shutil.copytree(raw, tmp_path / "elsewhere" / "raw"))
     cfg_moved = _cfg(moved, cache)
     assert prepare.run(cfg_moved) not in (first, second)   # test paths are absolute in test_index.csv
-    assert train.train_key(cfg_moved) == key
+    assert Graph(cfg_moved).train_key == key
 
     # A changed train image is new training data.
     victim = sorted((moved / "train").glob("*.jpg"))[0]
     victim.write_bytes(img.read_bytes())
     prepare.run(cfg_moved)
-    assert train.train_key(cfg_moved) != key
+    assert Graph(cfg_moved).train_key != key

@@ -14,6 +14,7 @@ from pipeline import checkpoint, loop, train
 from pipeline.config import parse_progressive
 from pipeline.config import ConfigError
 from pipeline.losses import BceDiceLoss, LovaszLoss, dilate, edge_band
+from pipeline.graph import Graph
 
 
 @pytest.fixture(scope="module")
@@ -136,16 +137,16 @@ def test_new_levers_at_their_defaults_keep_the_train_key(prepared, tmp_path):
     params = train.train_params(base)
     for k in train.NEUTRAL:
         assert k not in params, k      # a run trained before these keys existed keeps its key
-    key = train.train_key(base, prepared)
-    assert train.train_key(tiny_cfg(tmp_path, **{"train.ema_decay": 0.99}), prepared) == key   # EMA off
-    assert train.train_key(tiny_cfg(tmp_path, **{"train.compile": True}), prepared) == key     # speed only
+    key = Graph(base, prepared=prepared).train_key
+    assert Graph(tiny_cfg(tmp_path, **{"train.ema_decay": 0.99}), prepared=prepared).train_key == key   # EMA off
+    assert Graph(tiny_cfg(tmp_path, **{"train.compile": True}), prepared=prepared).train_key == key     # speed only
     for change in ({"train.ema": True}, {"train.progressive": "32:1", "train.epochs": 2},
                    {"train.boundary_weight": 2.0}, {"train.loss_final": "lovasz", "train.epochs": 2},
                    {"train.val_every": 2, "train.epochs": 3}):
-        assert train.train_key(tiny_cfg(tmp_path, **change), prepared) != key, change
+        assert Graph(tiny_cfg(tmp_path, **change), prepared=prepared).train_key != key, change
     square = {"prepare.height": 64, "prepare.width": 64}   # 0.5 of 64x96 is not a multiple of 32
-    assert (train.train_key(tiny_cfg(tmp_path, **square, **{"train.input_scale": 0.5}), prepared)
-            != train.train_key(tiny_cfg(tmp_path, **square), prepared))
+    assert (Graph(tiny_cfg(tmp_path, **square, **{"train.input_scale": 0.5}), prepared=prepared).train_key
+            != Graph(tiny_cfg(tmp_path, **square), prepared=prepared).train_key)
 
 
 def test_lever_options_are_checked_by_name(tmp_path):
@@ -171,8 +172,8 @@ def levers_run(prepared, tmp_path_factory):
         "train.epochs": 3, "train.ema": True, "train.ema_decay": 0.9,
         "train.progressive": "32x64:1,c32x64:2", "train.boundary_weight": 2.0, "train.loss_final": "lovasz",
         "train.loss_final_epochs": 1})
-    summary = train.run(cfg, prepared_dir=prepared)[0]
-    return cfg, summary, train.fold_dir(cfg, 0, prepared)
+    summary = train.run(cfg, Graph(cfg, prepared=prepared))[0]
+    return cfg, summary, Graph(cfg, prepared=prepared).fold_dir(0)
 
 
 def test_ema_is_scored_and_checkpointed_beside_the_raw_weights(levers_run):
@@ -213,7 +214,7 @@ def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path):
         f"cfg = tiny_cfg({str(work)!r}, **{{'train.epochs': 3, 'train.ema': True, 'train.ema_decay': 0.9,"
         "'train.progressive': '32x64:1,c32x64:2', 'train.boundary_weight': 2.0, 'train.loss_final': 'lovasz',"
         "'train.loss_final_epochs': 1});"
-        f"train.run(cfg, prepared_dir={str(prepared)!r})")
+        f"train.run(cfg, Graph(cfg, prepared={str(prepared)!r}))")
     env = {**os.environ, loop.KILL_ENV: "2:0"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
@@ -233,23 +234,23 @@ def test_val_every_validates_every_nth_and_the_last_epoch(prepared, tmp_path):
     touch the training trajectory)."""
     every = tiny_cfg(tmp_path / "a", **{"train.epochs": 3, "train.ema": True})
     sparse = tiny_cfg(tmp_path / "b", **{"train.epochs": 3, "train.ema": True, "train.val_every": 2})
-    train.run(every, prepared_dir=prepared), train.run(sparse, prepared_dir=prepared)
-    ref = pd.read_csv(train.fold_dir(every, 0, prepared) / "metrics.csv")
-    m = pd.read_csv(train.fold_dir(sparse, 0, prepared) / "metrics.csv")
+    train.run(every, Graph(every, prepared=prepared)), train.run(sparse, Graph(sparse, prepared=prepared))
+    ref = pd.read_csv(Graph(every, prepared=prepared).fold_dir(0) / "metrics.csv")
+    m = pd.read_csv(Graph(sparse, prepared=prepared).fold_dir(0) / "metrics.csv")
     assert m[["val_loss", "val_dice", "val_dice_ema"]].isna().values.tolist() == [[True] * 3, [False] * 3, [False] * 3]
     assert not m.loc[0, "best"]
     cols = ["train_loss", "val_loss", "val_dice", "val_dice_ema"]
     pd.testing.assert_frame_equal(m.loc[1:, cols], ref.loc[1:, cols], check_exact=False, rtol=1e-5)
-    best = torch.load(train.fold_dir(sparse, 0, prepared) / "best.pt", map_location="cpu", weights_only=True)
+    best = torch.load(Graph(sparse, prepared=prepared).fold_dir(0) / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] in (2, 3)
 
 
 def test_compile_trains_the_same_model(prepared, tmp_path):
     """torch.compile is a speed option: one epoch compiled ends within float noise of eager."""
     pytest.importorskip("torch._inductor")
-    eager = train.run(tiny_cfg(tmp_path / "a"), prepared_dir=prepared)[0]
+    eager = train.run(tiny_cfg(tmp_path / "a"), Graph(tiny_cfg(tmp_path / "a"), prepared=prepared))[0]
     try:
-        compiled = train.run(tiny_cfg(tmp_path / "b", **{"train.compile": True}), prepared_dir=prepared)[0]
+        compiled = train.run(tiny_cfg(tmp_path / "b", **{"train.compile": True}), Graph(tiny_cfg(tmp_path / "b", **{"train.compile": True}), prepared=prepared))[0]
     except Exception as e:   # no C++ compiler for inductor on this machine
         pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
     assert compiled["dice_model"] == pytest.approx(eager["dice_model"], abs=0.02)
@@ -263,9 +264,9 @@ def test_ema_never_changes_the_raw_trajectory(prepared, levers_run, tmp_path):
     off = tiny_cfg(tmp_path, **{"train.epochs": 3, "train.progressive": "32x64:1,c32x64:2",
                                 "train.boundary_weight": 2.0,
                                 "train.loss_final": "lovasz", "train.loss_final_epochs": 1})
-    train.run(off, prepared_dir=prepared)
+    train.run(off, Graph(off, prepared=prepared))
     with_ema = pd.read_csv(out / "metrics.csv")
-    without = pd.read_csv(train.fold_dir(off, 0, prepared) / "metrics.csv")
+    without = pd.read_csv(Graph(off, prepared=prepared).fold_dir(0) / "metrics.csv")
     cols = ["train_loss", "val_loss", "val_dice"]
     pd.testing.assert_frame_equal(with_ema[cols], without[cols], check_exact=True)
     assert without["val_dice_ema"].isna().all()
@@ -277,8 +278,8 @@ def test_input_scale_trains_small_and_scores_at_full_size(tmp_path):
     prep = make_prepared(tmp_path / "p64", height=64, width=64)
     cfg = tiny_cfg(tmp_path / "cache", **{"prepare.height": 64, "prepare.width": 64, "train.input_scale": 0.5,
                                           "train.epochs": 3})
-    summary = train.run(cfg, prepared_dir=prep)[0]
-    out = train.fold_dir(cfg, 0, prep)
+    summary = train.run(cfg, Graph(cfg, prepared=prep))[0]
+    out = Graph(cfg, prepared=prep).fold_dir(0)
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["model_kwargs"]["input_scale"] == 0.5 and (best["height"], best["width"]) == (64, 64)
     from pipeline.models import load_checkpoint

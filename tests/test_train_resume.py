@@ -20,6 +20,7 @@ import torch
 
 from _train_helpers import make_prepared, tiny_cfg
 from pipeline import cache, checkpoint, loop, train
+from pipeline.graph import Graph
 from pipeline.config import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +36,11 @@ import sys
 sys.path[:0] = [{tests!r}, {repo!r}]
 from _train_helpers import tiny_cfg
 from pipeline import train
+from pipeline.graph import Graph
 _model_kwargs = train.model_kwargs
 train.model_kwargs = lambda *a: {{**_model_kwargs(*a), **{extra!r}}}
-train.run(tiny_cfg({cache!r}, **{overrides!r}), prepared_dir={prepared!r})
+cfg = tiny_cfg({cache!r}, **{overrides!r})
+train.run(cfg, Graph(cfg, prepared={prepared!r}))
 """
 
 
@@ -51,8 +54,8 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
     _stochastic(monkeypatch)
     # Uninterrupted reference, in this process, without DataLoader workers.
     ref_cfg = tiny_cfg(tmp_path / "ref", **OVERRIDES)
-    train.run(ref_cfg, prepared_dir=prepared)
-    ref_dir = train.fold_dir(ref_cfg, 0, prepared)
+    train.run(ref_cfg, Graph(ref_cfg, prepared=prepared))
+    ref_dir = Graph(ref_cfg, prepared=prepared).fold_dir(0)
 
     # Same config in another cache, with 2 workers (a run-only knob), killed by SIGKILL at
     # epoch 2, micro-batch 2.
@@ -63,7 +66,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     cfg = tiny_cfg(tmp_path / "run", **overrides)
-    out = train.fold_dir(cfg, 0, prepared)
+    out = Graph(cfg, prepared=prepared).fold_dir(0)
     assert out.parent.name == ref_dir.parent.name          # num_workers is not in the key
     assert not cache.is_complete(out)
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 0
@@ -71,7 +74,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
 
     # Rerun the same command: resumes after epoch 1 and finishes.
     capsys.readouterr()
-    train.run(cfg, prepared_dir=prepared)
+    train.run(cfg, Graph(cfg, prepared=prepared))
     assert "resuming after epoch 1 of 2" in capsys.readouterr().out
     assert cache.is_complete(out)
     got, want = pd.read_csv(out / "metrics.csv"), pd.read_csv(ref_dir / "metrics.csv")
@@ -125,13 +128,13 @@ def test_cpu_checkpoint_resumes_with_an_enabled_grad_scaler(tmp_path, monkeypatc
     with monkeypatch.context() as m:
         _stop_at_epoch(m, 1)
         with pytest.raises(Stop):
-            train.run(cfg, prepared_dir=prepared)
-    out = train.fold_dir(cfg, 0, prepared)
+            train.run(cfg, Graph(cfg, prepared=prepared))
+    out = Graph(cfg, prepared=prepared).fold_dir(0)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["scaler"] == {} and last["precision"] == "fp32" and last["world_size"] == 1
     monkeypatch.setattr(train, "resolve_precision", lambda precision, device: "fp16")   # as on CUDA
     capsys.readouterr()
-    train.run(cfg, prepared_dir=prepared)
+    train.run(cfg, Graph(cfg, prepared=prepared))
     log = capsys.readouterr().out
     assert "resuming after epoch 1 of 2" in log
     assert "was trained in fp32 on cpu, this run uses fp16 on cpu" in log
@@ -150,17 +153,17 @@ def test_resume_under_another_world_size_is_an_error(tmp_path, capsys):
     """steps_per_epoch and the schedule depend on the process count: say what was used and how to go on."""
     prepared = make_prepared(tmp_path / "prep")
     cfg = tiny_cfg(tmp_path / "cache")
-    out = train.fold_dir(cfg, 0, prepared)
+    out = Graph(cfg, prepared=prepared).fold_dir(0)
     out.mkdir(parents=True)
-    key = train.train_key(cfg, prepared)
+    key = Graph(cfg, prepared=prepared).train_key
     torch.save({"train_key": key, "world_size": 2, "rng": [{}, {}], "epoch": 0}, out / "last.pt")
     with pytest.raises(PipelineError, match=r"last.pt was trained with 2 process\(es\) but this run has 1; .*"
                                             r"resume with NPROC=2 \(`make train-ddp NPROC=2`\), or remove .*fold0"):
-        train.run(cfg, prepared_dir=prepared)
+        train.run(cfg, Graph(cfg, prepared=prepared))
     # Checkpoints before train-3 carry no world_size: one RNG state per rank tells it.
     torch.save({"train_key": key, "rng": [{}, {}, {}], "epoch": 0}, out / "last.pt")
     with pytest.raises(PipelineError, match=r"trained with 3 process\(es\)"):
-        train.run(cfg, prepared_dir=prepared)
+        train.run(cfg, Graph(cfg, prepared=prepared))
     with pytest.raises(PipelineError, match=r"trained with 1 process\(es\) but this run has 2; .*resume with "
                                             r"`make train` \(no DDP\)"):
         checkpoint.check_resume_world({"world_size": 1}, 2, out / "last.pt", out)
@@ -170,7 +173,7 @@ def test_resume_under_another_world_size_is_an_error(tmp_path, capsys):
     cache.write_json(out / "oof.json", {"fold": 0, "world_size": 2})
     cache.write_manifest(out, stage="train", key=key, params={}, inputs={}, outputs={})
     capsys.readouterr()
-    assert train.run(cfg, prepared_dir=prepared) == [{"fold": 0, "world_size": 2}]
+    assert train.run(cfg, Graph(cfg, prepared=prepared)) == [{"fold": 0, "world_size": 2}]
     assert f"fold 0: cached ({out}); trained with 2 process(es), this run has 1" in capsys.readouterr().out
 
 
@@ -212,7 +215,7 @@ def test_logs_are_written_before_last_pt(tmp_path, monkeypatch, capsys):
     rewrites the logs from last.pt's history: metrics.csv is never a row short."""
     prepared = make_prepared(tmp_path / "prep")
     cfg = tiny_cfg(tmp_path / "cache", **{"train.epochs": 2})
-    out = train.fold_dir(cfg, 0, prepared)
+    out = Graph(cfg, prepared=prepared).fold_dir(0)
     real = cache.atomic_path
     saves = []
 
@@ -225,18 +228,18 @@ def test_logs_are_written_before_last_pt(tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as m:
         m.setattr(cache, "atomic_path", atomic_path)
         with pytest.raises(Stop):
-            train.run(cfg, prepared_dir=prepared)
+            train.run(cfg, Graph(cfg, prepared=prepared))
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 0
     assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2]     # already there
     capsys.readouterr()
-    train.run(cfg, prepared_dir=prepared)
+    train.run(cfg, Graph(cfg, prepared=prepared))
     assert "resuming after epoch 1 of 2" in capsys.readouterr().out
     want = pd.read_csv(out / "metrics.csv")
     assert want["epoch"].tolist() == [1, 2] and cache.is_complete(out)
     # Killed after the last last.pt (e.g. during OOF), logs lost: the resume has no epoch to run.
     for name in ("manifest.json", "metrics.csv", "curve.png"):
         (out / name).unlink()
-    train.run(cfg, prepared_dir=prepared)
+    train.run(cfg, Graph(cfg, prepared=prepared))
     assert "resuming after epoch 2 of 2" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), want)
     assert (out / "curve.png").is_file() and cache.is_complete(out)
