@@ -118,7 +118,7 @@ def params(cfg: Config, stage: str) -> dict:
 
 
 def raw_inputs(scan) -> dict:
-    """Prepare's inputs: the raw folders' fingerprints (stat only; ``ingest.Scan``)."""
+    """Prepare's inputs: the raw folders' fingerprints (stat only; ``layout.Scan``)."""
     return {"raw": str(scan.raw.resolve()), "train": scan.train.fingerprint(), "train_masks": scan.masks.fingerprint(),
             "test": scan.test.fingerprint(),
             "csv": {n: (cache.file_fingerprint(p) if p else None) for n, p in scan.csvs.items()}}
@@ -190,8 +190,8 @@ class Graph:
     # ------------------------------------------------------------------ prepare
     @cached_property
     def scan(self):
-        from . import ingest
-        return ingest.scan(self.cfg)
+        from . import layout
+        return layout.scan(self.cfg)
 
     @cached_property
     def prepare_key(self) -> str:

@@ -54,7 +54,8 @@ from .config import Config, PipelineError, stable_hash
 from .graph import STAGES, Graph, params, raw_inputs, train_data_key
 from .folds import make_folds
 from .geometry import GEOM_COLS, geometry, jpeg_reduction, resize_mask, to_model
-from .ingest import IMAGE_EXTS, MASK_SUFFIX, BadFile, Issue, Scan, decode_image, decode_mask, read_csv
+from .ingest import BadFile, decode_image, decode_mask
+from .layout import IMAGE_EXTS, MASK_SUFFIX, Issue, Scan, read_csv
 from .parallel import chunks, run_chunks
 from .testset import TEST_COLS, test_checks, test_index
 from .validate import rle_problem

@@ -12,7 +12,8 @@ import pandas as pd
 from . import cache
 from .config import Config, PipelineError, stable_hash
 from .geometry import GEOM_COLS, geometry
-from .ingest import BadFile, Issue, Scan, check_test_image
+from .ingest import BadFile, check_test_image
+from .layout import Issue, Scan
 from .parallel import chunks, run_chunks
 
 TEST_COLS = ["img", "id", "path", "orig_height", "orig_width", *GEOM_COLS]

@@ -15,7 +15,7 @@ import os
 import pytest
 
 from _train_helpers import make_prepared, tiny_cfg
-from pipeline import cache, config, ingest, predict, prepare, train, tta
+from pipeline import cache, config, layout, prepare, tta
 from pipeline.graph import Graph
 from pipeline import graph
 
@@ -48,7 +48,7 @@ def _raw(root):
 def test_prepare_key_is_unchanged(tmp_path, fit):
     raw = _raw(tmp_path / "raw")
     cfg = config.load(None, {"data.raw": str(raw), "data.cache": str(tmp_path / "cache"), "prepare.fit": fit})
-    inputs = graph.raw_inputs(ingest.scan(cfg))
+    inputs = graph.raw_inputs(layout.scan(cfg))
     assert inputs["raw"] == str(raw.resolve())
     key = cache.stage_key(graph.params(cfg, 'prepare'), prepare.CODE_VERSION, {**inputs, "raw": "RAW"})
     assert key == OLD_PREPARE[fit]

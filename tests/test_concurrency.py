@@ -174,11 +174,11 @@ def test_same_prepare_key_twice_builds_once(raw, tmp_path):
 
 
 SLOW_PNG = """
-real = predict._write_png
+real = predict.write_prob
 def slow(path, prob):  # the work lasts (8 x 0.1 s) well past the other process's start
     time.sleep(0.1)
     real(path, prob)
-predict._write_png = slow
+predict.write_prob = slow
 """
 
 
@@ -196,7 +196,7 @@ def test_same_predict_shard_twice_predicts_once(prepared, tmp_path):
     body = (SLOW_PNG + f"index = testset.read_test_index({str(index_csv)!r})\n"
             f"predict.predict_fold(index, {str(ckpt)!r}, {str(tmp_path / 'cache')!r}, tta.parse('hflip'), "
             "shard=(1, 2), batch_size=1, num_workers=0, precision='fp32', progress=False)")
-    outs = _together(tmp_path, "from pipeline import predict, tta", [body, body])
+    outs = _together(tmp_path, "from pipeline import predict, testset, tta", [body, body])
     assert sorted(o.count(": 8 predicted, 0 cached (shard 1/2)") for o in outs) == [0, 1], outs
     waited = [o for o in outs if "waiting for" in o]
     assert len(waited) == 1 and ": 0 predicted, 8 cached (shard 1/2)" in waited[0], outs

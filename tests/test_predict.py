@@ -192,11 +192,11 @@ CHILD = textwrap.dedent("""
     import sys, time
     import pandas as pd
     from pipeline import predict, tta
-    real = predict._write_png
+    real = predict.write_prob
     def slow(path, prob):  # slow writes so the parent can kill us half-way
         time.sleep(0.2)
         real(path, prob)
-    predict._write_png = slow
+    predict.write_prob = slow
     index = pd.read_csv(sys.argv[1])
     predict.predict_fold(index, sys.argv[2], sys.argv[3], tta.parse("hflip"), batch_size=1, num_workers=0,
                          precision="fp32")
