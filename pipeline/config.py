@@ -144,8 +144,7 @@ class SubmitConfig:
     ensemble_images: int = 400       # OOF images the weight/threshold search reads (0 = all in common)
 
 
-# --- issue 11 (see branch): inspect + tensorboard sections. Neither enters any cache key
-# (prepare/train/predict/submit keys hash their own sections only), so adding them retrains nothing.
+# inspect + tensorboard: logging and reading only; neither enters any cache key (pipeline.graph).
 @dataclass
 class InspectConfig:
     """``make inspect``: tables and pictures of where the model fails (pipeline/inspection.py)."""
@@ -163,7 +162,6 @@ class TensorboardConfig:
     enabled: bool = True             # write events (scalars each epoch, overlays every few epochs)
     overlay_every: int = 2           # epochs between validation overlay images; 0 = none
     overlay_images: int = 4          # validation images per overlay strip
-# --- end issue 11
 
 
 @dataclass
@@ -174,8 +172,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
-    inspect: InspectConfig = field(default_factory=InspectConfig)          # issue 11
-    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)  # issue 11
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,7 +36,7 @@ What is checked, and how cheaply:
 - every JPEG, train and test, gets a strict decode of its whole stream (libjpeg
   warnings are errors): cv2 and PIL accept damaged entropy-coded data and paint it
   grey, libjpeg only printing a warning. Test JPEGs are checked at 1/8 scale
-  (:func:`check_jpeg_data`, ~2 ms for 1918x1280);
+  (:func:`check_jpeg_data`, a tenth of a full decode);
   for RGB train JPEGs that strict decode is the full-size one prepare needs anyway
   (:func:`decode_jpeg`, one pass); other train images and the masks are decoded
   completely too: empty/unreadable files, GIFs without their trailer byte, decoder
@@ -121,8 +121,8 @@ def check_jpeg_data(data: bytes) -> None:
     cut) and fill the rest with grey; libjpeg only prints "Corrupt JPEG data: ...".
     simplejpeg's ``strict=True`` turns those warnings into ValueError. ``min_height=1,
     min_width=1`` picks libjpeg's 1/8 scale and GRAY output skips the colour conversion,
-    but every scan of every component is still entropy-decoded (about 2 ms for a
-    1918x1280 photo, a tenth of a full decode). GRAY works for YCbCr, grayscale, CMYK and
+    but every scan of every component is still entropy-decoded (a tenth of a full
+    decode). GRAY works for YCbCr, grayscale, CMYK and
     YCCK JPEGs alike. Trailing bytes after the end marker are accepted.
     Raises BadFile("truncated") when the data ends early, BadFile("corrupt") otherwise.
     """
@@ -182,8 +182,8 @@ def decode_jpeg(data, reduction: int = 1, *, bgr: bool = False, strict: bool = F
     """(ceil(H/r), ceil(W/r), 3) uint8 RGB (BGR when ``bgr``) pixels of a JPEG's bytes, r = reduction.
 
     simplejpeg (libjpeg-turbo) gives the same pixels as ``cv2.imdecode`` with JPEG_FLAGS (checked
-    on the real 1918x1280 Carvana photo, full and half size) about 3x faster on our machines
-    (7.0 vs 20.3 ms); r = 2 is libjpeg's DCT scaling, as IMREAD_REDUCED_COLOR_2. EXIF
+    on the real 1918x1280 Carvana photo, full and half size), faster (docs/accuracy.md,
+    "Measurements behind the code"); r = 2 is libjpeg's DCT scaling, as IMREAD_REDUCED_COLOR_2. EXIF
     orientation is not applied (the stored pixels). ``strict=True`` raises ValueError on any
     libjpeg warning (damaged data), so a train image is checked and decoded in one pass.
     Raises ValueError for what libjpeg-turbo cannot decode (``data.read_image`` then tries cv2).

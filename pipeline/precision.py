@@ -6,11 +6,10 @@ What ``precision: auto`` means on a device:
 - CUDA: fp16 autocast (train adds a GradScaler).
 - CPU: bf16 autocast where oneDNN has bf16 kernels for the CPU, else fp32. oneDNN's rule
   (``ideep::has_bf16_type_support``) is an effective ISA of AVX-512 core or newer: native
-  bf16 on AVX512-BF16 / AMX CPUs, AVX-512 emulation on older AVX-512 ones (not measured
-  here); AVX2-only CPUs get fp32. Without oneDNN's kernels bf16 is much slower: on an
-  AVX2-only AMD EPYC, a Unet-resnet18 training step at 8x256x256 took 38.7 s in bf16 against
-  3.5 s in fp32 (inference 6.2 s vs 0.85 s), while CPUs with native bf16 train 2-3x faster
-  in bf16. An explicit ``bf16`` / ``fp16`` / ``fp32`` is always taken as given.
+  bf16 on AVX512-BF16 / AMX CPUs, AVX-512 emulation on older AVX-512 ones; AVX2-only CPUs get
+  fp32, because without oneDNN's kernels bf16 is emulated and many times slower (the timings:
+  docs/accuracy.md, "Measurements behind the code"). An explicit ``bf16`` / ``fp16`` / ``fp32``
+  is always taken as given.
 """
 from __future__ import annotations
 

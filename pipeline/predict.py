@@ -103,15 +103,15 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def write_meta(fold_dir: Path, info: dict) -> None:
-    p = fold_dir / "meta.json"
+def write_meta(maps_dir: Path, info: dict) -> None:
+    p = maps_dir / "meta.json"
     if not p.is_file():
         cache.write_json(p, info)
 
 
 @dataclass
-class FoldResult:
-    fold_dir: Path
+class PredictResult:
+    maps_dir: Path
     predicted: int
     skipped: int
     seconds: float
@@ -119,15 +119,15 @@ class FoldResult:
 
 def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | Path, ttas: list[tta_mod.TTA], *,
                  shard: tuple[int, int] = (0, 1), device: str = "auto", precision: str = "auto",
-                 ckpt_hash: str | None = None, log=print, **kwargs) -> FoldResult:
+                 ckpt_hash: str | None = None, log=print, **kwargs) -> PredictResult:
     """:func:`_predict_fold` (its docstring has the arguments) under the shard's lock: a second
     process on the same shard of the same directory waits (pipeline.locks), then finds its
     images cached; other shards run in parallel."""
     ckpt_hash = ckpt_hash or file_sha16(ckpt_path)
     dev = resolve_device(device, "predict.device")
-    fold_dir = predict_dir(cache_root, ckpt_hash, tta_mod.names(ttas), resolve_precision(precision, dev,
+    maps_dir = predict_dir(cache_root, ckpt_hash, tta_mod.names(ttas), resolve_precision(precision, dev,
                                                                                           "predict.precision"))
-    with locks.stage_lock(locks.lock_path(cache_root, fold_dir, f".shard{shard[0]}of{shard[1]}"),
+    with locks.stage_lock(locks.lock_path(cache_root, maps_dir, f".shard{shard[0]}of{shard[1]}"),
                           f"predict shard {shard[0]}/{shard[1]}", log=log):
         return _predict_fold(index, ckpt_path, cache_root, ttas, shard=shard, device=device, precision=precision,
                              ckpt_hash=ckpt_hash, log=log, **kwargs)
@@ -137,10 +137,10 @@ def predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | P
 def _predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | Path, ttas: list[tta_mod.TTA], *,
                   shard: tuple[int, int] = (0, 1), batch_size: int = 8, num_workers: int = 2,
                  device: str = "auto", precision: str = "auto", max_forward: int = 0, ckpt_hash: str | None = None,
-                 config: dict | None = None, log=print, progress: bool = True) -> FoldResult:
+                 config: dict | None = None, log=print, progress: bool = True) -> PredictResult:
     """Predict this shard's test images with one checkpoint; skip those already on disk.
 
-    index: test index rows (columns id, path). Writes ``<fold_dir>/<id>.png`` (uint8, model size).
+    index: test index rows (columns id, path). Writes ``<maps_dir>/<id>.png`` (uint8, model size).
     precision: the predict.precision setting (auto, fp32, bf16, fp16), resolved for ``device``.
     max_forward: at most this many images (TTA views included) per model call; 0 = a batch's
     views of one scale at once (batch_size * views). Peak memory follows it; the maps do not.
@@ -153,33 +153,33 @@ def _predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | 
     ckpt_hash = ckpt_hash or file_sha16(ckpt_path)
     dev = resolve_device(device, "predict.device")
     resolved = resolve_precision(precision, dev, "predict.precision")
-    fold_dir = predict_dir(cache_root, ckpt_hash, tta_mod.names(ttas), resolved)
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    cache.sweep_temps([fold_dir, fold_dir / "shards"])   # killed runs' temps; a live shard's stay
+    maps_dir = predict_dir(cache_root, ckpt_hash, tta_mod.names(ttas), resolved)
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    cache.sweep_temps([maps_dir, maps_dir / "shards"])   # killed runs' temps; a live shard's stay
     rows = index.iloc[shard_positions(len(index), shard)]
-    todo = rows[~rows["id"].isin(done_ids(fold_dir))]
-    if len(todo) or not (fold_dir / "meta.json").is_file():  # a finished shard needs no model
-        model, size, stats = _open_checkpoint(ckpt_path, ckpt_hash, dev, fold_dir, ttas, resolved, precision)
+    todo = rows[~rows["id"].isin(done_ids(maps_dir))]
+    if len(todo) or not (maps_dir / "meta.json").is_file():  # a finished shard needs no model
+        model, size, stats = _open_checkpoint(ckpt_path, ckpt_hash, dev, maps_dir, ttas, resolved, precision)
     if len(todo):
         geoms = _placements(todo, size)
-        _predict_images(model, todo, geoms, size, stats, fold_dir, ttas, dev, resolved,
+        _predict_images(model, todo, geoms, size, stats, maps_dir, ttas, dev, resolved,
                         batch_size=batch_size, num_workers=num_workers, max_forward=max_forward, progress=progress,
                         log=log)
-    cache.write_json(fold_dir / "shards" / f"{shard[0]}of{shard[1]}.json",
+    cache.write_json(maps_dir / "shards" / f"{shard[0]}of{shard[1]}.json",
                      {"shard": f"{shard[0]}/{shard[1]}", "images": len(rows), "finished_at": time.time()})
-    if done_ids(fold_dir).issuperset(index["id"]):
+    if done_ids(maps_dir).issuperset(index["id"]):
         if config is None:  # called directly (tests, benchmarks): record what this call was given
             config = {"predict": {"tta": ",".join(tta_mod.names(ttas)), "batch_size": batch_size,
                                   "shard": f"{shard[0]}/{shard[1]}", "num_workers": num_workers, "device": device,
                                   "precision": precision, "max_forward": max_forward}}
-        _write_manifest(fold_dir, index, ckpt_path, ckpt_hash, ttas, resolved, config)
-    res = FoldResult(fold_dir, len(todo), len(rows) - len(todo), time.time() - t0)
-    log(f"predict: {ckpt_path} -> {fold_dir}: {res.predicted} predicted, {res.skipped} cached "
+        _write_manifest(maps_dir, index, ckpt_path, ckpt_hash, ttas, resolved, config)
+    res = PredictResult(maps_dir, len(todo), len(rows) - len(todo), time.time() - t0)
+    log(f"predict: {ckpt_path} -> {maps_dir}: {res.predicted} predicted, {res.skipped} cached "
         f"(shard {shard[0]}/{shard[1]}), {res.seconds:.1f}s")
     return res
 
 
-def _open_checkpoint(ckpt_path: Path, ckpt_hash: str, dev: torch.device, fold_dir: Path, ttas: list[tta_mod.TTA],
+def _open_checkpoint(ckpt_path: Path, ckpt_hash: str, dev: torch.device, maps_dir: Path, ttas: list[tta_mod.TTA],
                      resolved: str, setting: str) -> tuple[torch.nn.Module, tuple[int, int], tuple]:
     """The model (eval mode, on ``dev``), its input size and input statistics; writes meta.json
     once per directory. ``setting``: the precision as configured, recorded beside the resolved one."""
@@ -189,7 +189,7 @@ def _open_checkpoint(ckpt_path: Path, ckpt_hash: str, dev: torch.device, fold_di
     # Checkpoints written before input_stats was recorded were all trained on ImageNet statistics.
     stats = meta.get("input_stats", IMAGENET_STATS)
     # "autocast" is the setting's name in meta.json since predict-1 (the config key is now predict.precision).
-    write_meta(fold_dir, {"checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256_16": ckpt_hash,
+    write_meta(maps_dir, {"checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256_16": ckpt_hash,
                           "arch": meta.get("arch"), "encoder": meta.get("encoder"), "height": size[0],
                           "width": size[1], "tta": tta_mod.names(ttas), "precision": resolved,
                           "autocast": setting, "device_type": dev.type, "code": CODE_VERSION})
@@ -213,7 +213,7 @@ def _placements(todo: pd.DataFrame, size: tuple[int, int]) -> list[dict]:
 
 
 def _predict_images(model, todo: pd.DataFrame, geoms: list[dict], size: tuple[int, int], stats: tuple,
-                    fold_dir: Path, ttas: list[tta_mod.TTA], dev: torch.device, resolved: str, *,
+                    maps_dir: Path, ttas: list[tta_mod.TTA], dev: torch.device, resolved: str, *,
                     batch_size: int, num_workers: int, max_forward: int, progress: bool, log=print) -> None:
     """Decode, predict (TTA mean of sigmoids) and write ``<id>.png`` for every row of ``todo``.
 
@@ -232,13 +232,13 @@ def _predict_images(model, todo: pd.DataFrame, geoms: list[dict], size: tuple[in
     max_pending = 4 * batch_size
     fitting = _Fitting(max_forward, log)
     with ThreadPoolExecutor(max_workers=2) as pool, torch.inference_mode(), autocast(dev.type, resolved):
-        for images, pos in tqdm(loader, desc=f"predict {fold_dir.name}", unit="batch", disable=not progress,
+        for images, pos in tqdm(loader, desc=f"predict {maps_dir.name}", unit="batch", disable=not progress,
                                 mininterval=5.0):
             x, _ = to_device(images, None, dev, stats=stats)
             prob = fitting.proba(model, x, ttas)[:, 0]
             prob_u8 = (prob * 255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
             for k, p in zip(pos.tolist(), prob_u8):
-                pending.append(pool.submit(write_prob, prob_path(fold_dir, ids[k]), p))
+                pending.append(pool.submit(write_prob, prob_path(maps_dir, ids[k]), p))
             while len(pending) > max_pending:
                 pending.popleft().result()
         while pending:
@@ -277,12 +277,12 @@ class _Fitting:
                      f"(as predict.max_forward={self.cap}), retrying the batch")
 
 
-def _write_manifest(fold_dir: Path, index: pd.DataFrame, ckpt_path: Path, ckpt_hash: str,
+def _write_manifest(maps_dir: Path, index: pd.DataFrame, ckpt_path: Path, ckpt_hash: str,
                     ttas: list[tta_mod.TTA], resolved: str, config: dict) -> None:
     # Rewritten by every run that finds this index complete (the directory outlives one test set):
     # the config is that run's; shards may differ in settings outside the key (batch size,
     # workers, max_forward), which leave the maps unchanged.
-    cache.write_manifest(fold_dir, stage="predict", key=fold_dir.name,
+    cache.write_manifest(maps_dir, stage="predict", key=maps_dir.name,
                          params={"tta": tta_mod.names(ttas), "checkpoint_sha256_16": ckpt_hash,
                                  "precision": resolved},
                          inputs={"checkpoint": str(ckpt_path.resolve())},
@@ -337,7 +337,7 @@ def wait_for_all_shards(fold_dirs: list[Path], index: pd.DataFrame, rt: Runtime)
 
 # ----------------------------------------------------------------------------- the stage
 
-def run(cfg: Config, graph: Graph | None = None, rt: Runtime | None = None) -> list[FoldResult]:
+def run(cfg: Config, graph: Graph | None = None, rt: Runtime | None = None) -> list[PredictResult]:
     """Predict every test image with each fold's best.pt (``predict.folds``) into the folders the
     graph resolves."""
     g = graph or Graph(cfg)
@@ -351,7 +351,7 @@ def run(cfg: Config, graph: Graph | None = None, rt: Runtime | None = None) -> l
                                 batch_size=cfg.predict.batch_size, num_workers=cfg.predict.num_workers,
                                 device=rt.device, precision=cfg.predict.precision,
                                 max_forward=cfg.predict.max_forward, config=cfg.to_dict()))
-    wait_for_all_shards([r.fold_dir for r in out], index, rt)
-    print(json.dumps({"predict": [str(r.fold_dir) for r in out], "shard": f"{shard[0]}/{shard[1]}",
+    wait_for_all_shards([r.maps_dir for r in out], index, rt)
+    print(json.dumps({"predict": [str(r.maps_dir) for r in out], "shard": f"{shard[0]}/{shard[1]}",
                       "tta": tta_mod.names(ttas)}))
     return out

@@ -1,6 +1,6 @@
-"""Test-time augmentation as data: a list of (forward, inverse) pairs.
+"""Test-time augmentation as data: each view a name, the axes it flips or the factor it scales by.
 
-``forward`` maps an image batch (N, C, H, W) to what the model sees; ``inverse``
+A view's ``forward`` maps an image batch (N, C, H, W) to what the model sees; ``inverse``
 maps the model's per-pixel output for that view (N, 1, H', W') back onto the
 original pixel grid (N, 1, H, W). Both act on each image independently, so a
 batch may be split anywhere (``max_forward``) without changing the result.
@@ -19,13 +19,11 @@ What is exact and what is not:
   is not exactly S and the aspect ratio can change: 1280x1920 at 0.75 ->
   960x1440 (exact), 320x480 -> 256x352 (0.80, 0.73), 64x96 -> 64x64 (1.0, 0.67).
   (2) The inverse is a bilinear resize back (antialiased when it shrinks), not
-  a true inverse: ``inverse(forward(m))`` is a low-passed ``m``. Measured on
-  256x384 maps (tests/test_tta.py checks the first two): a constant comes back
-  exactly; a smooth map within 3e-4 inside and 1e-2 at the border; a sharp 0/1
-  edge is smeared over 2 (S=1.5) to 6 (S=0.5) pixels, with errors up to 0.19-0.38
-  on those pixels, but symmetrically, so thresholded at 0.5 it stays on the same
-  pixel. The scaled view's prediction is therefore slightly softer at the car's
-  edges than the flips'; it is averaged with them, never used alone.
+  a true inverse: ``inverse(forward(m))`` is a low-passed ``m`` (a constant comes back
+  exactly, a sharp 0/1 edge is smeared over a few pixels, symmetrically: tests/test_tta.py
+  checks the first, docs/accuracy.md gives the sizes). The scaled view's prediction is
+  therefore slightly softer at the car's edges than the flips'; it is averaged with them,
+  never used alone.
 """
 from __future__ import annotations
 

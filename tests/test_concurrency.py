@@ -153,7 +153,7 @@ def test_same_fold_twice_trains_once_the_other_waits_then_finds_it_cached(prepar
     assert line is not None, lines
     assert f"on host {socket.gethostname()}" in line
     assert "fold 0: cached" in waited[0] and "epoch 1/1" not in waited[0]
-    out = Graph(_cfg(raw, cache_root, seed=12)).fold_dir(0)
+    out = Graph(_cfg(raw, cache_root, seed=12)).maps_dir(0)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 0 and len(last["history"]) == 1 and cache.is_complete(out)
     assert len(pd.read_csv(out / "metrics.csv")) == 1

@@ -117,12 +117,12 @@ def test_fp32_and_bf16_maps_get_their_own_dirs(ckpt, test_set, tmp_path, monkeyp
     kw = dict(num_workers=0, device="cpu", log=lambda m: None)
     f32 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), precision="fp32", **kw)
     b16 = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("hflip"), precision="auto", **kw)
-    assert f32.fold_dir != b16.fold_dir and b16.predicted == 2          # bf16 did not reuse the fp32 maps
-    assert graph.predict_dir(tmp_path, graph.file_sha16(ckpt), tta.names(tta.parse("hflip")), "bf16") == b16.fold_dir
-    meta = json.loads((b16.fold_dir / "meta.json").read_text())
+    assert f32.maps_dir != b16.maps_dir and b16.predicted == 2          # bf16 did not reuse the fp32 maps
+    assert graph.predict_dir(tmp_path, graph.file_sha16(ckpt), tta.names(tta.parse("hflip")), "bf16") == b16.maps_dir
+    meta = json.loads((b16.maps_dir / "meta.json").read_text())
     assert (meta["precision"], meta["autocast"], meta["device_type"]) == ("bf16", "auto", "cpu")
-    assert json.loads((f32.fold_dir / "meta.json").read_text())["precision"] == "fp32"
-    assert json.loads((b16.fold_dir / "manifest.json").read_text())["params"]["precision"] == "bf16"
+    assert json.loads((f32.maps_dir / "meta.json").read_text())["precision"] == "fp32"
+    assert json.loads((b16.maps_dir / "manifest.json").read_text())["params"]["precision"] == "bf16"
 
 
 def test_predict_fold_writes_every_image_then_caches(ckpt, test_set, tmp_path):
@@ -131,15 +131,15 @@ def test_predict_fold_writes_every_image_then_caches(ckpt, test_set, tmp_path):
     res = predict.predict_fold(index, ckpt, tmp_path, ttas, batch_size=4, num_workers=2, log=lambda m: None)
     assert (res.predicted, res.skipped) == (10, 0)
     for i in index["id"]:
-        p = probmaps.read_prob(probmaps.prob_path(res.fold_dir, i))
+        p = probmaps.read_prob(probmaps.prob_path(res.maps_dir, i))
         assert p.shape == (H, W) and p.dtype == np.uint8
-    assert (res.fold_dir / "manifest.json").is_file() and (res.fold_dir / "meta.json").is_file()
+    assert (res.maps_dir / "manifest.json").is_file() and (res.maps_dir / "meta.json").is_file()
     again = predict.predict_fold(index, ckpt, tmp_path, ttas, batch_size=4, num_workers=0, log=lambda m: None)
     assert (again.predicted, again.skipped) == (0, 10)
     # A new fold or a new TTA gets its own directory; the old one is untouched.
     other = predict.predict_fold(index.iloc[:2], ckpt, tmp_path, tta.parse("none"), batch_size=4, num_workers=0,
                                  log=lambda m: None)
-    assert other.fold_dir != res.fold_dir and other.predicted == 2
+    assert other.maps_dir != res.maps_dir and other.predicted == 2
 
 
 @pytest.mark.parametrize("stats", [None, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))], ids=["imagenet", "recorded"])
@@ -154,7 +154,7 @@ def test_hflip_tta_is_mean_of_views(ckpt, test_set, tmp_path, stats):
         torch.save({**state, "input_stats": stats}, ckpt)
     res = predict.predict_fold(row, ckpt, tmp_path, tta.parse("hflip"), num_workers=0, precision="fp32",
                                log=lambda m: None)
-    got = probmaps.read_prob(probmaps.prob_path(res.fold_dir, row["id"].iloc[0])).astype(np.float32) / 255
+    got = probmaps.read_prob(probmaps.prob_path(res.maps_dir, row["id"].iloc[0])).astype(np.float32) / 255
     from pipeline.data import read_image, to_device
     from pipeline.models import IMAGENET_STATS, load_checkpoint
     from pipeline.geometry import to_model
@@ -172,13 +172,13 @@ def test_shards_merged_equal_one_run(ckpt, test_set, tmp_path):
     ttas = tta.parse("hflip")
     # Batches differ between the runs (4,4,2 vs 4 | 3 | 3): per-image results must not depend on them.
     kw = dict(batch_size=4, num_workers=0, precision="fp32", log=lambda m: None)
-    one = predict.predict_fold(index, ckpt, tmp_path / "one", ttas, **kw).fold_dir
+    one = predict.predict_fold(index, ckpt, tmp_path / "one", ttas, **kw).maps_dir
     for i in range(3):
         parts = predict.predict_fold(index, ckpt, tmp_path / "sharded", ttas, shard=(i, 3), **kw)
         if i < 2:  # before the last shard, submit refuses and names what is missing
             with pytest.raises(Exception, match=r"unfinished shards \[.*2.*\] of 3"):
-                submit.write_submission(index, [parts.fold_dir], tmp_path / "x.csv", 0.5, ids, workers=1)
-    sharded = parts.fold_dir
+                submit.write_submission(index, [parts.maps_dir], tmp_path / "x.csv", 0.5, ids, workers=1)
+    sharded = parts.maps_dir
     for i in index["id"]:
         np.testing.assert_array_equal(probmaps.read_prob(probmaps.prob_path(one, i)),
                                       probmaps.read_prob(probmaps.prob_path(sharded, i)))
@@ -228,7 +228,7 @@ def test_resume_after_kill(ckpt, test_set, tmp_path):
                                log=lambda m: None)
     for i in index["id"]:
         np.testing.assert_array_equal(probmaps.read_prob(probmaps.prob_path(fold_dir, i)),
-                                      probmaps.read_prob(probmaps.prob_path(ref.fold_dir, i)))
+                                      probmaps.read_prob(probmaps.prob_path(ref.maps_dir, i)))
 
 
 def test_index_from_another_prepare_size_is_refused(ckpt, test_set, tmp_path):
@@ -261,10 +261,10 @@ def test_max_forward_bounds_images_per_call_same_maps(ckpt, test_set, tmp_path, 
     calls.clear()
     capped = predict.predict_fold(index, ckpt, tmp_path / "b", ttas, max_forward=3, **kw)
     assert max(calls) <= 3 and sum(calls) == 30                      # 10 images x 3 views, none twice
-    assert capped.fold_dir.name == whole.fold_dir.name               # same maps, so the same cache key
+    assert capped.maps_dir.name == whole.maps_dir.name               # same maps, so the same cache key
     for i in index["id"]:
-        a = probmaps.read_prob(probmaps.prob_path(whole.fold_dir, i)).astype(int)
-        b = probmaps.read_prob(probmaps.prob_path(capped.fold_dir, i)).astype(int)
+        a = probmaps.read_prob(probmaps.prob_path(whole.maps_dir, i)).astype(int)
+        b = probmaps.read_prob(probmaps.prob_path(capped.maps_dir, i)).astype(int)
         assert np.abs(a - b).max() <= 1                              # fp32 sums in another order
     with pytest.raises(ConfigError, match="max_forward=-2"):
         predict.predict_fold(index, ckpt, tmp_path / "c", ttas, max_forward=-2, **kw)
@@ -276,13 +276,13 @@ def test_manifest_writes_config_beside_the_maps(ckpt, test_set, tmp_path):
     cfg = {"predict": {"tta": "hflip", "batch_size": 5, "max_forward": 0}, "data": {"cache": str(tmp_path)}}
     kw = dict(num_workers=0, precision="fp32", log=lambda m: None)
     part = predict.predict_fold(index, ckpt, tmp_path, tta.parse("hflip"), shard=(0, 2), config=cfg, **kw)
-    assert not (part.fold_dir / "config.yaml").exists()              # half the images: unfinished
+    assert not (part.maps_dir / "config.yaml").exists()              # half the images: unfinished
     done = predict.predict_fold(index, ckpt, tmp_path, tta.parse("hflip"), shard=(1, 2), config=cfg, **kw)
-    assert yaml.safe_load((done.fold_dir / "config.yaml").read_text()) == cfg
-    assert (done.fold_dir / "manifest.json").is_file()
+    assert yaml.safe_load((done.maps_dir / "config.yaml").read_text()) == cfg
+    assert (done.maps_dir / "manifest.json").is_file()
     # Called without a config (tests, benchmarks): the call's own predict settings are recorded.
     alone = predict.predict_fold(index.iloc[:1], ckpt, tmp_path / "x", tta.parse("hflip"), batch_size=3, **kw)
-    got = yaml.safe_load((alone.fold_dir / "config.yaml").read_text())["predict"]
+    got = yaml.safe_load((alone.maps_dir / "config.yaml").read_text())["predict"]
     assert (got["tta"], got["batch_size"], got["precision"], got["max_forward"]) == ("none,hflip", 3, "fp32", 0)
 
 
@@ -296,13 +296,13 @@ def test_scale_tta_through_predict_fold(ckpt, test_set, tmp_path, monkeypatch):
     res = predict.predict_fold(index, ckpt, tmp_path, ttas, **kw)
     assert res.predicted == 10 and sorted(calls) == [5, 5, 10, 10]  # per batch: 2 flips together, 1 scaled
     plain = predict.predict_fold(index, ckpt, tmp_path, tta.parse("hflip"), **kw)
-    assert plain.fold_dir != res.fold_dir
+    assert plain.maps_dir != res.maps_dir
     from pipeline.data import read_image, to_device
     from pipeline.models import IMAGENET_STATS, load_checkpoint
     from pipeline.geometry import to_model
     model, _ = load_checkpoint(ckpt)
     for k, i in enumerate(index["id"]):
-        got = probmaps.read_prob(probmaps.prob_path(res.fold_dir, i))
+        got = probmaps.read_prob(probmaps.prob_path(res.maps_dir, i))
         assert got.shape == (H, W) and got.dtype == np.uint8 and 0 < got.mean() < 255
         if k < 2:  # the stored map is the 3-view mean, against the model called by hand
             img = to_model(read_image(index["path"].iloc[k]), geometry.stretch_geometry(H, W), H, W)
