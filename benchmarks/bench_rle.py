@@ -11,7 +11,7 @@
    ``' '.join(str(x) for x in runs)``). Both get the same uint8 {0,1} mask; rounds of 10
    back-to-back calls alternate between them so background load hits both alike; the median
    per-call time is reported. Target: >= 4x.
-2. Post-processing of one image as submit does it (``submit.ensemble_mask`` + ``rle.encode``):
+2. Post-processing of one image as submit does it (``submit.blend_mask`` + ``rle.encode``):
    read each fold's 640x960 uint8 PNG, mean, resize to 1918x1280, threshold, encode; for 1
    and 5 folds, with the stages also timed separately.
 Writes benchmarks/results/rle.json.
@@ -113,14 +113,16 @@ def main() -> int:
             dirs.append(str(d))
         p0 = probmaps.read_prob(probmaps.prob_path(dirs[0], "img"))
         full = geometry.to_original(p0.astype(np.float32), (H, W))
-        binary = full > 127.5
+        binary = probmaps.binarize(full, 0.5)
+        one = [(dirs[:1], 1.0)]
+        five = [(dirs, 1.0)]
         parts = interleaved({
             "read PNG (1 fold)": lambda: probmaps.read_prob(probmaps.prob_path(dirs[0], "img")),
             "resize to 1918x1280": lambda: geometry.to_original(p0.astype(np.float32), (H, W)),
-            "threshold": lambda: full > 127.5,
+            "threshold": lambda: probmaps.binarize(full, 0.5),
             "RLE encode": lambda: rle.encode(binary),
-            "total, 1 fold": lambda: rle.encode(submit.ensemble_mask(dirs[:1], "img", (H, W), 0.5)),
-            "total, 5 folds": lambda: rle.encode(submit.ensemble_mask(dirs, "img", (H, W), 0.5)),
+            "total, 1 fold": lambda: rle.encode(submit.blend_mask(one, "img", (H, W), 0.5, [None])),
+            "total, 5 folds": lambda: rle.encode(submit.blend_mask(five, "img", (H, W), 0.5, [None])),
         }, reps, block=3)
     print(f"\nPost-processing per {W}x{H} image from {w}x{h} uint8 PNG maps (median ms, one core)")
     for k, v in parts.items():

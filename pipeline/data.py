@@ -99,13 +99,8 @@ def read_image(path: str, reduction: int = 1) -> np.ndarray:
 
 def read_mask(path: str | Path) -> np.ndarray:
     """(H, W) uint8 in {0, 1} from a mask PNG written by prepare (or a .npy)."""
-    path = str(path)
-    if path.endswith(".npy"):
-        return np.load(path)
-    m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise PipelineError(f"{path}: cannot read mask")
-    return m
+    from .probmaps import read_mask as read      # the one mask reader (torch-free, for submit's workers)
+    return read(path)
 
 
 def parse_augment(spec: str) -> list[str]:

@@ -1,22 +1,23 @@
-"""Multi-run ensembles for the submit stage: several trained runs (different configs), weighted.
+"""Multi-run ensembles for the submit stage: several trained runs (different configs), blended.
 
-``submit.runs=a.yaml,b.yaml`` makes the submission the weighted mean of those runs' maps, each
-run's own fold mean taken back to the image's original size first (runs may differ in model
-size and geometry), then thresholded with the same rule as a single run
-(``prob255 > probmaps.threshold_level(t)``)::
+``submit.runs=a.yaml,b.yaml`` makes the submission the :func:`blend` (weighted sum) of those
+runs' maps, each run's own fold mean taken back to the image's original size first
+(``probmaps.fold_mean``: runs may differ in model size and geometry), then thresholded with the
+same rule as a single run (``probmaps.binarize``)::
 
-    prob255(image) = sum_m w_m * to_original(mean over run m's folds of its maps, geometry of run m)
+    prob255(image) = sum_m w_m * fold_mean(run m's maps of the image, geometry of run m)
 
 Each listed file is loaded as a config of its own, with the invoking config's ``data`` section
 (the same raw data, cache and submissions folder); its ``predict`` section says which folds,
 TTA and precision its maps use. Weights (``submit.weights``, "" = chosen here) and the threshold
 (``submit.threshold`` < 0 = chosen here) are chosen on the runs' *common* out-of-fold images: a
-grid over the weight simplex (step 1/``WEIGHT_STEPS``) x thresholds 0.30..0.70, maximising the
-mean per-image Dice at the original size, exactly as submit would threshold. The choice is
-cached under ``<cache>/ensemble/<key>/choice.json`` (key: the runs' train keys and folds, the
-fixed weights/threshold if any, the image cap and CODE_VERSION), so a rerun reads it back.
+grid over the weight simplex (step 1/``WEIGHT_STEPS``) x ``probmaps.threshold_grid``, maximising
+the mean per-image Dice at the original size, exactly as submit would threshold
+(``probmaps.prob_hist`` / ``probmaps.hist_dice``). The choice is cached under
+``<cache>/ensemble/<key>/choice.json`` (key: the runs' train keys and folds, the fixed
+weights/threshold if any, the image cap and CODE_VERSION), so a rerun reads it back.
 
-Torch-free: this module reads maps and masks only (the predict stage is called by submit).
+Torch-free: this module reads maps and masks only (the command line predicts the members' maps).
 """
 from __future__ import annotations
 
@@ -28,13 +29,12 @@ import numpy as np
 import pandas as pd
 
 from . import cache, probmaps
-from .geometry import row_geometry, to_original
+from .geometry import row_geometry
 from .config import Config, ConfigError, PipelineError, load, stable_hash
 
 CODE_VERSION = "ensemble-1"
 STAGE = "ensemble"
 WEIGHT_STEPS = 10                                  # weights on a 0.1 grid over the simplex
-THRESHOLDS = np.round(np.arange(0.30, 0.7001, 0.01), 2)
 
 
 @dataclasses.dataclass
@@ -88,7 +88,7 @@ def weight_grid(n: int, steps: int = WEIGHT_STEPS) -> np.ndarray:
     return np.array(rows, np.float64) / steps
 
 
-def weighted_map(maps: list[np.ndarray], weights) -> np.ndarray:
+def blend(maps: list[np.ndarray], weights) -> np.ndarray:
     """maps: one (H, W) float32 0..255 map per run, at the original size; -> their weighted sum
     (float32). A single run with weight 1 gives its map unchanged (bit for bit)."""
     out = None
@@ -112,15 +112,14 @@ def oof_ids(run: Run) -> dict[str, Path]:
     return out
 
 
-def _geom_rows(run: Run) -> pd.DataFrame:
+def _index(run: Run) -> pd.DataFrame:
     df = pd.read_csv(run.prepared / "train_index.csv", dtype={"id": str})
     return df.set_index("id")
 
 
 def _original_map(path: Path, row) -> np.ndarray:
-    prob = probmaps.read_prob(path).astype(np.float32)
-    geom = row_geometry(row, *prob.shape[:2])
-    return to_original(prob, (int(row["orig_height"]), int(row["orig_width"])), geom)
+    size = (int(row["orig_height"]), int(row["orig_width"]))
+    return probmaps.fold_mean([probmaps.read_prob(path)], size, row_geometry(row))
 
 
 def search(runs: list[Run], weights: np.ndarray | None, threshold: float, max_images: int, seed: int = 0) -> dict:
@@ -129,7 +128,6 @@ def search(runs: list[Run], weights: np.ndarray | None, threshold: float, max_im
     Returns {weights, threshold, oof_dice (at the choice), images, solo (each run alone at its
     own best threshold), grid_size}.
     """
-    from .data import read_mask     # torch: here only, never in submit's workers (they import this module)
     maps = [oof_ids(r) for r in runs]
     common = sorted(set.intersection(*(set(m) for m in maps)))
     if not common:
@@ -138,14 +136,14 @@ def search(runs: list[Run], weights: np.ndarray | None, threshold: float, max_im
     if max_images and len(common) > max_images:
         common = sorted(np.random.default_rng(seed).choice(common, max_images, replace=False).tolist())
     grid = weight_grid(len(runs)) if weights is None else weights[None, :]
-    thresholds = THRESHOLDS if threshold < 0 else np.array([threshold])
-    rows = [_geom_rows(r) for r in runs]
+    thresholds = probmaps.threshold_grid(threshold)
+    rows = [_index(r) for r in runs]
     dice_sum = np.zeros((len(grid), len(thresholds)))
     for image_id in common:
         per_run = [_original_map(m[image_id], g.loc[image_id]) for m, g in zip(maps, rows)]
-        true = read_mask(str(runs[0].prepared / rows[0].loc[image_id, "mask_full"]))
+        true = probmaps.read_mask(runs[0].prepared / rows[0].loc[image_id, "mask_full"])
         for gi, w in enumerate(grid):
-            pos, all_ = probmaps.prob_hist(weighted_map(per_run, w), true)
+            pos, all_ = probmaps.prob_hist(blend(per_run, w), true)
             dice_sum[gi] += probmaps.hist_dice(pos, all_, thresholds)[0]
     mean = dice_sum / len(common)
     gi, ti = np.unravel_index(int(np.argmax(mean)), mean.shape)

@@ -1,10 +1,9 @@
 """Where an image sits in the model input, and the way back: one mapping for every stage.
 
-``prepare.fit``: ``stretch`` resizes every image to height x width (aspect not kept, e.g.
-1280x1918 -> 640x960 keeps it within 0.2%); ``pad`` scales to fit inside and centre-pads
-with zeros (1280x1918 -> 1280x1920 pads one column each side, no resampling). Each
-image's placement is the record {scaled_height, scaled_width, pad_top, pad_left}
-(:data:`GEOM_COLS`, columns of the prepare indexes). :func:`to_model` applies it
+``prepare.fit``: ``stretch`` resizes every image to height x width (aspect not kept); ``pad``
+scales to fit inside and centre-pads with zeros (1280x1918 -> 1280x1920 pads one column each
+side, no resampling). Each image's placement is the record {scaled_height, scaled_width,
+pad_top, pad_left} (:data:`GEOM_COLS`, columns of the prepare indexes). :func:`to_model` applies it
 (prepare for train images, predict for test images) and :func:`to_original` inverts it
 (train's OOF maps, submit's masks), so train and test pixels are made the same way.
 
@@ -40,23 +39,23 @@ def stretch_geometry(height: int, width: int) -> dict:
     return {"scaled_height": height, "scaled_width": width, "pad_top": 0, "pad_left": 0}
 
 
-def row_geometry(row, height: int, width: int) -> dict:
-    """An index row's geometry (GEOM_COLS), or stretch to height x width when the row has none
-    (indexes written before fit=pad existed)."""
+def row_geometry(row, height: int | None = None, width: int | None = None) -> dict | None:
+    """An index row's geometry (GEOM_COLS, ints), for every stage that reads an index.
+
+    A row without one (indexes written before fit=pad existed) is stretch: to height x width
+    when given, else None, which :func:`to_original` reads as stretch from the map's own size."""
     if all(k in row and row[k] == row[k] for k in GEOM_COLS):  # present and not NaN
         return {k: int(row[k]) for k in GEOM_COLS}
-    return stretch_geometry(height, width)
+    return stretch_geometry(height, width) if height is not None else None
 
 
 def jpeg_reduction(orig_h: int, orig_w: int, geom: dict) -> int:
     """1 or 2: the scale at which to decode an orig_h x orig_w JPEG bound for ``geom``.
 
     libjpeg can decode at half size by scaling in the DCT domain (``IMREAD_REDUCED_COLOR_2``):
-    about 4x less decode CPU and a 4x smaller INTER_AREA input (1918x1280: 21.6 -> 4.7 ms
-    per image with the resize to 128x192), which matters where decoding competes with the
-    model for a few CPU cores. It is used only when the image is at least 3x the model
-    size per side, so INTER_AREA still downscales >= 1.5x after it (at 128x192 the result
-    differs from the full decode by 0.06 grey levels on average). Prepare and predict both
+    less decode CPU and a 4x smaller INTER_AREA input, which matters where decoding competes
+    with the model for a few CPU cores. It is used only when the image is at least 3x the model
+    size per side, so INTER_AREA still downscales >= 1.5x after it. Prepare and predict both
     decode through this rule, so training and test pixels are made the same way.
     """
     sh, sw = int(geom["scaled_height"]), int(geom["scaled_width"])

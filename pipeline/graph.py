@@ -382,5 +382,5 @@ def other_runs_text(cfg: Config, exclude: Path | None = None, most: int = 5) -> 
         diff = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and not v else v}" for k, v in r["differs"].items())
         items.append(f"{r['key']} (folds {r['folds']}{', trained with ' + diff if diff else ''})")
     more = f" and {len(runs) - most} more" if len(runs) > most else ""
-    return (f"; the cache holds {len(runs)} other run(s): {'; '.join(items)}{more}. Pick one with RUN=<key> "
-            f"(`make runs` lists them) or pass the ARGS it was trained with")
+    return (f"; the cache holds {len(runs)} other run(s): {'; '.join(items)}{more}. Pick one by passing the ARGS "
+            f"it was trained with (`make inspect` also takes RUN=<key>; `make runs` lists them)")

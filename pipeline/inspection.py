@@ -3,9 +3,8 @@
 Two sources, one output:
 - a train run's out-of-fold maps (default): every finished fold's ``oof/<id>.png`` is
   brought back to the image's original size exactly as submit does it
-  (``geometry.to_original`` of the uint8 map, then ``probmaps.binarize`` at t) and
-  compared with prepare's full-size mask; t is the threshold submit would use
-  (``probmaps.resolve_threshold``: submit.threshold, else the OOF best threshold, else 0.5);
+  (``probmaps.fold_mean`` of the one map, then ``probmaps.binarize`` at t) and compared with
+  prepare's full-size mask; t is the threshold submit would use (``probmaps.resolve_threshold``);
 - a submission (``inspect.submission=FILE inspect.masks=DIR``): each row's RLE against the
   true mask, for the rows that have one (photos from ``data.raw/data.test_dir``).
 
@@ -32,13 +31,12 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from . import cache, overlay
+from . import cache, overlay, rle
 from .config import Config, ConfigError, PipelineError
-# Geometry/threshold helpers, imported here only (one place to re-point if they move).
-from .data import read_mask
-from .geometry import GEOM_COLS, to_original
+from .geometry import row_geometry, to_original
 from .graph import Graph, inspect_dir, named_run, other_runs_text, run_folds
-from .probmaps import binarize, read_prob, resolve_threshold
+from .metrics import counts, dice_from_counts
+from .probmaps import binarize, fold_mean, read_mask, read_prob, resolve_threshold
 
 TILE_H, TILE_W = 320, 480          # Carvana's 1918x1280 aspect (3:2)
 CAPTION_H = 40
@@ -53,41 +51,27 @@ _ID = re.compile(r"^(?P<car>.+)_(?P<view>\d{2})$")
 # ---------------------------------------------------------------------------- per image
 
 def mask_stats(pred: np.ndarray, true: np.ndarray) -> dict:
-    """pred, true: (H, W) bool. Dice (both empty = 1, as Kaggle) and pixel counts."""
-    tp = int(np.count_nonzero(pred & true))
-    pa, ta = int(np.count_nonzero(pred)), int(np.count_nonzero(true))
-    dice = 1.0 if pa + ta == 0 else 2.0 * tp / (pa + ta)
-    return {"dice": dice, "true_area": ta, "pred_area": pa, "wrong": pa + ta - 2 * tp,
-            "missed": ta - tp, "extra": pa - tp}
+    """pred, true: (H, W) bool. Dice (``pipeline.metrics``) and the error counts of per_image.csv."""
+    tp, pa, ta = counts(pred, true)
+    return {"dice": float(dice_from_counts(tp, pa, ta)), "true_area": ta, "pred_area": pa,
+            "wrong": pa + ta - 2 * tp, "missed": ta - tp, "extra": pa - tp}
 
 
-def oof_pred(oof_png: str, orig_hw: tuple[int, int], geom: dict, threshold: float) -> np.ndarray:
-    """(H, W) bool: an OOF map at the original size, thresholded exactly as submit thresholds."""
-    q = read_prob(oof_png).astype(np.float32)
-    return binarize(to_original(q, orig_hw, geom), threshold)
+def pred_true(row: dict, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(pred, true) (H, W) bool masks of one row, either source: an OOF map thresholded exactly as
+    submit thresholds, or a submission row's RLE."""
+    if "oof" in row:
+        true = read_mask(row["mask_full"]) > 0
+        return binarize(fold_mean([read_prob(row["oof"])], true.shape, row["geom"]), threshold), true
+    true = read_mask(row["mask"]) > 0
+    try:
+        return rle.decode(row["rle"], true.shape).astype(bool), true
+    except ValueError as e:
+        raise PipelineError(f"{row['sub']} line {row['line']} ({row['img']}): invalid rle_mask: {e}") from None
 
 
-def _oof_chunk(rows: list[dict], threshold: float) -> list[dict]:
-    out = []
-    for r in rows:
-        true = read_mask(r["mask_full"]) > 0
-        pred = oof_pred(r["oof"], true.shape, r["geom"], threshold)
-        out.append({"id": r["id"], **mask_stats(pred, true)})
-    return out
-
-
-def _sub_chunk(rows: list[dict]) -> list[dict]:
-    from . import rle
-    from .score import read_true_mask
-    out = []
-    for r in rows:
-        true = read_true_mask(Path(r["mask"]))
-        try:
-            pred = rle.decode(r["rle"], true.shape).astype(bool)
-        except ValueError as e:
-            raise PipelineError(f"{r['sub']} line {r['line']} ({r['img']}): invalid rle_mask: {e}") from None
-        out.append({"id": r["id"], **mask_stats(pred, true)})
-    return out
+def _stats_chunk(rows: list[dict], threshold: float) -> list[dict]:
+    return [{"id": r["id"], **mask_stats(*pred_true(r, threshold))} for r in rows]
 
 
 def _parallel(fn, rows: list[dict], workers: int, desc: str, *args) -> list[dict]:
@@ -153,10 +137,9 @@ def oof_rows(cfg: Config, g: Graph) -> tuple[list[dict], float, str]:
     raw_dir = Path(cfg.data.raw) / cfg.data.train_dir
     rows = []
     for r in index[index["fold"].isin(done)].to_dict("records"):
-        geom = {c: int(r[c]) for c in GEOM_COLS} if all(c in r and r[c] == r[c] for c in GEOM_COLS) else None
         rows.append({"id": r["id"], "car": r["car_id"], "view": int(r["view"]), "fold": int(r["fold"]),
                      "oof": str(root / f"fold{r['fold']}" / "oof" / f"{r['id']}.png"), "mask_full": r["mask_full"],
-                     "orig_hw": (int(r["orig_height"]), int(r["orig_width"])), "geom": geom,
+                     "orig_hw": (int(r["orig_height"]), int(r["orig_width"])), "geom": row_geometry(r),
                      "photo": str(raw_dir / f"{r['id']}.jpg"), "image": r["image"]})
     what = f"{len(rows)} OOF images of {root} (folds {done}), threshold {thr['threshold']:.2f} " \
            f"({thr['threshold_source']})"
@@ -200,17 +183,6 @@ def submission_rows(cfg: Config) -> tuple[list[dict], float, str]:
     return rows, thr, f"{len(rows)} rows of {sub} with a mask in {masks}"
 
 
-def pred_true(row: dict, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(pred, true) (H, W) bool masks of one row, either source."""
-    if "oof" in row:
-        true = read_mask(row["mask_full"]) > 0
-        return oof_pred(row["oof"], true.shape, row["geom"], threshold), true
-    from . import rle
-    from .score import read_true_mask
-    true = read_true_mask(Path(row["mask"]))
-    return rle.decode(row["rle"], true.shape).astype(bool), true
-
-
 # ---------------------------------------------------------------------------- tables
 
 def tables(per_image: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -252,13 +224,6 @@ def view_chart(per_view: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise PipelineError(f"PNG encoding failed for {path}")
-    cache.write_bytes(path, buf.tobytes())
-
-
 def grid_size(n: int) -> tuple[int, int]:
     """(height, width) of a worst-N grid PNG."""
     cols = min(COLS, n)
@@ -297,7 +262,8 @@ def worst_grids(per_image: pd.DataFrame, rows: dict[str, dict], threshold: float
     paths = out / "worst.png", out / "worst_zoom.png"
     for path, tiles, what in ((paths[0], full_tiles, ""), (paths[1], zoom_tiles, "zoomed: ")):
         g = overlay.grid(tiles, cols)
-        _write_png(path, np.concatenate([overlay.legend_strip(g.shape[1], LEGEND_H, what + note), g], 0))
+        rgb = np.concatenate([overlay.legend_strip(g.shape[1], LEGEND_H, what + note), g], 0)
+        cache.write_png(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     return paths
 
 
@@ -320,10 +286,7 @@ def run(cfg: Config, graph: Graph | None = None) -> Path:
     rows, threshold, what = submission_rows(cfg) if cfg.inspect.submission else oof_rows(cfg, g)
     out = inspect_dir(cfg, g)
     print(f"inspect: {what}")
-    if "oof" in rows[0]:
-        stats = _parallel(_oof_chunk, rows, cfg.inspect.workers, "inspect", threshold)
-    else:
-        stats = _parallel(_sub_chunk, rows, cfg.inspect.workers, "inspect")
+    stats = _parallel(_stats_chunk, rows, cfg.inspect.workers, "inspect", threshold)
     info = pd.DataFrame([{k: r[k] for k in ("id", "car", "view", "fold")} for r in rows])
     per_image = info.merge(pd.DataFrame(stats), on="id", validate="one_to_one")
     per_image["threshold"] = threshold

@@ -293,7 +293,7 @@ def default_message(sub: Path) -> str:
 
 def validate_for_submit(sub: Path, raw: Path, test_dir: str = "test") -> str:
     """Validate like `make validate`; sizes from the sidecar's test index, else the test JPEGs."""
-    from .validate import read_ids, sizes_from, sizes_from_index, validate_submission
+    from .validate import read_ids, sizes_from, sizes_from_index, check_submission
     if not sub.is_file():
         raise PipelineError(f"{sub}: submission not found")
     sample = raw / "sample_submission.csv"
@@ -308,7 +308,7 @@ def validate_for_submit(sub: Path, raw: Path, test_dir: str = "test") -> str:
     else:
         raise PipelineError(f"no image sizes to check {sub} against: neither the sidecar's test index nor "
                             f"{raw / test_dir} exists")
-    rep = validate_submission(sub, read_ids(sample), size_of)
+    rep = check_submission(sub, read_ids(sample), size_of)
     if not rep.ok:
         raise PipelineError(f"{sub} is not a valid submission, not submitted:\n{rep.summary()}")
     return rep.summary()

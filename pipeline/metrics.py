@@ -1,6 +1,10 @@
 """Dice, as Kaggle scored Carvana: the mean over images of per-image Dice.
 
-Convention: an image whose true and predicted masks are both empty scores 1.
+Convention: an image whose true and predicted masks are both empty scores 1. Every Dice of the
+pipeline (per image, per batch, per threshold of the OOF histograms, the scorer's, inspect's,
+the validation fold's) is :func:`dice_from_counts` of its pixel counts; the differentiable soft
+Dice of the training loss is in ``pipeline/losses.py``. Masks come in binary: thresholding a
+probability map is ``probmaps.binarize``.
 """
 from __future__ import annotations
 
@@ -20,24 +24,19 @@ def dice_from_counts(inter, pred, true):
         return np.where(denom == 0, 1.0, 2.0 * np.asarray(inter) / np.maximum(denom, 1)).astype(np.float64)
 
 
+def counts(pred: np.ndarray, true: np.ndarray) -> tuple[int, int, int]:
+    """(|P∩T|, |P|, |T|) of two masks of one shape (nonzero = car)."""
+    p, t = np.asarray(pred, bool), np.asarray(true, bool)
+    return int(np.count_nonzero(p & t)), int(np.count_nonzero(p)), int(np.count_nonzero(t))
+
+
 def dice(pred: np.ndarray, true: np.ndarray) -> float:
-    """pred, true: (H, W) binary masks. 2|A∩B| / (|A|+|B|); 1.0 when both are empty."""
-    p = np.asarray(pred).astype(bool)
-    t = np.asarray(true).astype(bool)
-    denom = int(p.sum()) + int(t.sum())
-    if denom == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(p, t).sum()) / denom
+    """pred, true: (H, W) masks (nonzero = car). 2|P∩T| / (|P|+|T|); 1.0 when both are empty."""
+    return float(dice_from_counts(*counts(pred, true)))
 
 
-def dice_batch(prob, true, threshold: float = 0.5) -> np.ndarray:
-    """prob: (N, H, W) or (N, 1, H, W) probabilities; true: same shape, binary. Returns (N,) Dice."""
-    p = np.asarray(prob) > threshold
-    t = np.asarray(true).astype(bool)
-    p = p.reshape(p.shape[0], -1)
-    t = t.reshape(t.shape[0], -1)
-    inter = np.logical_and(p, t).sum(1)
-    denom = p.sum(1) + t.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1))
-    return d.astype(np.float64)
+def dice_batch(pred, true) -> np.ndarray:
+    """pred, true: (N, ...) masks (nonzero = car), one image per row. Returns (N,) float64 Dice."""
+    p = np.asarray(pred, bool).reshape(len(pred), -1)
+    t = np.asarray(true, bool).reshape(len(true), -1)
+    return dice_from_counts((p & t).sum(1), p.sum(1), t.sum(1))

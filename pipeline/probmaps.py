@@ -1,12 +1,13 @@
 """Probability maps and the threshold rule: NumPy and cv2 only (no torch, no stage).
 
-``<fold dir>/<id>.png`` holds uint8 = round(255 p) at model size (predict's maps,
-train's OOF maps). Submit's worker processes read them, take the fold mean, map it
-back to each image's own size (``geometry.to_original``) and threshold it with
-:func:`threshold_level`; train's OOF histograms (:func:`prob_hist`) count pixels by
-the same rule, and oof's threshold search reads them back (:func:`hist_dice`), so
-the OOF Dice at t is the Dice submit gets at t. Free of torch so those workers stay
-small.
+``<fold dir>/<id>.png`` holds uint8 = round(255 p) at model size (predict's maps, train's
+OOF maps): written by :func:`write_prob`, read by :func:`read_prob`, listed by
+:func:`done_ids`. :func:`fold_mean` takes maps back to an image's own size (:func:`mean_map`
+over folds, then ``geometry.to_original``), :func:`binarize` thresholds them by
+:func:`threshold_level` at the threshold :func:`resolve_threshold` picks, and :func:`read_mask`
+reads the true masks they are scored against (``pipeline.metrics``). Train's OOF histograms
+(:func:`prob_hist`) count pixels by the same rule and :func:`hist_dice` reads them back, so the
+OOF Dice at t is the Dice submit gets at t. Submit's worker processes import this module.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import numpy as np
 
 from . import cache
 from .config import PipelineError
+from .geometry import to_original
+from .metrics import dice_from_counts
 
 
 def prob_path(fold_dir: str | Path, image_id: str) -> Path:
@@ -52,20 +55,66 @@ def read_prob(path: str | Path) -> np.ndarray:
     return p
 
 
+def mean_map(maps) -> np.ndarray:
+    """(h, w) float32 0..255: the mean of (h, w) uint8 maps (an iterable, one per fold), summed in
+    order, times 1 / n: the uint8-scale mean is resized and thresholded in that scale (one float
+    pass less than rescaling to 0..1)."""
+    acc, n = None, 0
+    for m in maps:
+        acc = m.astype(np.float32) if acc is None else acc + m
+        n += 1
+    return acc * (1.0 / n)
+
+
+def fold_mean(maps, size: tuple[int, int], geom: dict | None = None) -> np.ndarray:
+    """(H, W) float32 0..255: :func:`mean_map` of the maps at the original size.
+
+    size: (H, W) of the image; geom: its placement in the model input (``geometry.row_geometry``;
+    None = stretch)."""
+    return to_original(mean_map(maps), size, geom)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """(H, W) uint8 labels of a mask file, 0 = background (``> 0`` is the car).
+
+    8-bit grey PNGs as stored (prepare writes {0, 1}; Kaggle-style {0, 255} too); GIFs and other
+    palette images through their colours, not their indices (a GIF writer may reorder the palette:
+    a mask that is all car can come back as index 0); other modes as PIL reads them; ``.npy`` as
+    saved. The strict decode of raw train masks, with its checks, is ``ingest.decode_mask``."""
+    path = str(path)
+    if path.endswith(".npy"):
+        return np.load(path)
+    m = None if path.lower().endswith(".gif") else cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if m is not None and m.ndim == 2 and m.dtype == np.uint8:
+        return m
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L") if im.mode == "P" else im)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from None
+
+
 DEFAULT_THRESHOLD = 0.5        # submit's threshold without an OOF summary; OOF Dice is reported at it
-THRESHOLDS = np.round(np.arange(0.30, 0.7001, 0.01), 2)   # the OOF threshold search grid (oof stage)
+THRESHOLDS = np.round(np.arange(0.30, 0.7001, 0.01), 2)   # the threshold search grid (OOF and multi-run searches)
 
 
-def resolve_threshold(fixed: float, run_dir: str | Path) -> dict:
+FIXED_SOURCE = "config submit.threshold"
+
+
+def resolve_threshold(fixed: float, run_dir: str | Path | None = None, search: dict | None = None) -> dict:
     """The threshold every consumer of a run's maps uses, and its provenance: ``fixed`` when >= 0
-    (``submit.threshold``), else the run's ``oof_summary.json`` best threshold, else the default.
+    (``submit.threshold``); else the tuned one: ``search`` (a multi-run choice, ``ensemble.choose``:
+    its ``threshold`` and ``path``) or the run's ``oof_summary.json`` best threshold; else the default.
 
     Returns ``threshold``, ``threshold_source`` and, from an OOF summary, ``oof_complete`` and
     ``oof_folds_missing`` (a threshold tuned on some folds only is worth knowing about)."""
     if fixed >= 0:
-        return {"threshold": float(fixed), "threshold_source": "config submit.threshold"}
-    summary = Path(run_dir) / "oof_summary.json"
-    if summary.is_file():
+        return {"threshold": float(fixed), "threshold_source": FIXED_SOURCE}
+    if search is not None:
+        return {"threshold": float(search["threshold"]), "threshold_source": f"ensemble OOF search {search['path']}"}
+    summary = Path(run_dir) / "oof_summary.json" if run_dir is not None else None
+    if summary is not None and summary.is_file():
         data = cache.read_json(summary)
         if "best_threshold" not in data:
             raise PipelineError(f"{summary}: no 'best_threshold' key")
@@ -73,6 +122,11 @@ def resolve_threshold(fixed: float, run_dir: str | Path) -> dict:
         return {"threshold": float(data["best_threshold"]), "threshold_source": str(summary),
                 "oof_complete": data.get("complete"), "oof_folds_missing": data.get("folds_missing")}
     return {"threshold": DEFAULT_THRESHOLD, "threshold_source": "default (no oof_summary.json)"}
+
+
+def threshold_grid(fixed: float) -> np.ndarray:
+    """The thresholds a search tries: :data:`THRESHOLDS`, or only ``fixed`` when it is >= 0."""
+    return THRESHOLDS if fixed < 0 else np.array([fixed])
 
 
 def binarize(prob255: np.ndarray, threshold: float) -> np.ndarray:
@@ -84,7 +138,7 @@ def threshold_level(threshold: float) -> np.float32:
     """The uint8-scale level of a probability threshold: the mask is ``prob255 > threshold_level(t)``.
 
     prob255 is a stored map (round(255 p)) or its fold mean, resized (float32, 0..255). One rule
-    for submit (``submit.ensemble_mask``) and the OOF histograms (:func:`prob_hist`), so the
+    for submit (:func:`binarize`) and the OOF histograms (:func:`prob_hist`), so the
     OOF Dice at t is the Dice submit gets at t, also for pixels exactly at a level: at t = 0.6 a
     stored 153 is not positive (153 > 153.0 is false). Rounding to 6 decimals first drops
     float64 noise (0.02 * 255 = 5.1000000000000005), so the level is the one the threshold
@@ -137,10 +191,7 @@ def hist_dice(pos: np.ndarray, all_: np.ndarray, thresholds) -> np.ndarray:
     # Suffix sums: count of b > j is the sum over bins j+1..bins.
     pos_gt = np.concatenate([np.cumsum(pos[:, ::-1], 1)[:, ::-1], np.zeros((len(pos), 1), np.int64)], 1)
     all_gt = np.concatenate([np.cumsum(all_[:, ::-1], 1)[:, ::-1], np.zeros((len(all_), 1), np.int64)], 1)
-    tp, pred, true = pos_gt[:, j + 1], all_gt[:, j + 1], pos.sum(1, keepdims=True)
-    denom = pred + true
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))
+    return dice_from_counts(pos_gt[:, j + 1], all_gt[:, j + 1], pos.sum(1, keepdims=True))
 
 
 def pool_oof(fold_dirs: dict[int, Path], thresholds=THRESHOLDS) -> dict:

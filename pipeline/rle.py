@@ -5,9 +5,9 @@ by row (C order). An empty mask encodes to the empty string: Kaggle's scorer
 reads an empty ``rle_mask`` as an empty mask, and :func:`decode` maps "" (and
 NaN, which is what pandas reads an empty field as) back to all zeros.
 
-The encoder works on the mask packed to bits: one pass of ``np.packbits``
-(2.4 MB of uint8 -> 300 KB) and then 64-bit words, so a 1918x1280 car mask is
-never scanned byte by byte again. A run edge is a bit that differs from the
+The encoder works on the mask packed to bits: one pass of ``np.packbits`` (8
+pixels a byte) and then 64-bit words, so a car mask is never scanned byte by
+byte again. A run edge is a bit that differs from the
 bit before it: ``w ^ (w << 1)`` with the carry from the previous word.
 ``benchmarks/bench_rle.py`` compares it with the common Kaggle kernel.
 """

@@ -1,9 +1,9 @@
 """Local scoring: Kaggle's Carvana metric against a folder of true masks.
 
-Score = mean over the images of Dice = 2|P∩T| / (|P|+|T|), each image decoded
-from its RLE at the size of its true mask. Convention (as in
-``pipeline.metrics.dice``): an image whose predicted and true masks are both
-empty scores 1; one empty and the other not scores 0.
+Score = mean over the images of ``pipeline.metrics.dice`` (2|P∩T| / (|P|+|T|); both
+empty scores 1, one empty and the other not 0), each image decoded from its RLE at the size
+of its true mask (read by ``probmaps.read_mask``: Kaggle's palette GIFs through their
+colours, PNGs in {0, 1} or {0, 255}).
 
 The masks folder defines the set scored: every true mask's image must appear
 exactly once in the submission, and every row must have a true mask. Otherwise
@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 from joblib import Parallel, delayed
-from tqdm import tqdm  # issue 11
+from tqdm import tqdm
 
 from . import rle
 from .config import PipelineError
 from .metrics import dice
+from .probmaps import read_mask
 from .validate import HEADER, iter_rows
 
 MASK_PATTERNS = ("{stem}_mask.gif", "{stem}_mask.png", "{stem}.png", "{stem}.gif")
@@ -110,21 +111,6 @@ def coverage(sub_path: Path, masks_dir: Path) -> Coverage:
     return Coverage(len(stems), sorted(stems - first.keys()), dups, without, set(first.values()))
 
 
-def read_true_mask(path: Path) -> np.ndarray:
-    """(H, W) bool, True = car.
-
-    Carvana's GIFs are palette images (index 1 = white); a GIF writer may reorder
-    the palette (a mask that is all car can come back as index 0), so palette
-    images are read through their colours, not their indices. PNGs may hold
-    {0, 1} or {0, 255}.
-    """
-    from PIL import Image
-    with Image.open(path) as im:
-        if im.mode == "P":
-            im = im.convert("L")
-        return np.asarray(im) > 0
-
-
 def _score_chunk(masks_dir: str, rows: list[tuple[int, str, str]]) -> list[tuple[str, float]]:
     root = Path(masks_dir)
     out = []
@@ -133,7 +119,7 @@ def _score_chunk(masks_dir: str, rows: list[tuple[int, str, str]]) -> list[tuple
         if p is None:
             raise PipelineError(f"line {line} ({img}): no true mask in {root} "
                                 f"(looked for {', '.join(pat.format(stem=Path(img).stem) for pat in MASK_PATTERNS)})")
-        true = read_true_mask(p)
+        true = read_mask(p) > 0
         try:
             pred = rle.decode(code, true.shape)
         except ValueError as e:
@@ -205,10 +191,10 @@ def score_submission(sub_path: str | Path, masks_dir: str | Path, workers: int =
     jobs = (delayed(_score_chunk)(str(masks_dir), c) for c in _chunks(sub_path, images_per_task, lines))
     per_image = []
     total = cov.n_masks if cov.complete else len(lines)
-    with tqdm(total=total, desc="score", unit="img", mininterval=1.0) as bar:  # issue 11: progress bar
+    with tqdm(total=total, desc="score", unit="img", mininterval=1.0) as bar:
         for part in Parallel(n_jobs=workers, return_as="generator")(jobs):
             per_image.extend(part)
-            bar.update(len(part))  # issue 11
+            bar.update(len(part))
     if not per_image:
         raise PipelineError(f"{sub_path}: no rows to score")
     mean = float(np.mean([d for _, d in per_image]))

@@ -1,33 +1,27 @@
-"""Submit stage: fold ensemble -> original size -> threshold -> RLE -> validated CSV.
+"""Submit stage: fold mean -> original size -> threshold -> RLE -> validated CSV.
 
-For every test image, in ``sample_submission.csv`` order: read its uint8
-probability map from each fold's predict directory, take the mean, resize it
-to the image's own size (``geometry.to_original``), threshold it
-(``probmaps.binarize``: the rule the OOF threshold was chosen by) and run-length encode it. joblib workers handle chunks
-of images; ``Parallel(return_as="generator")`` hands the chunks back in order
-with only a few in flight, so the CSV is streamed and memory stays flat for
-100k images.
+For every test image, in ``sample_submission.csv`` order: each run's fold mean of its uint8
+probability maps at the image's own size (``probmaps.fold_mean``), the runs' blend
+(``ensemble.blend``; one run of weight 1 is its own map), thresholded by ``probmaps.binarize``
+(the rule the OOF threshold was chosen by) and run-length encoded. joblib workers handle
+chunks of images; ``Parallel(return_as="generator")`` hands the chunks back in order with
+only a few in flight, so the CSV is streamed and memory stays flat.
 
-The CSV (optionally gzipped) is written to a temporary file, validated against
-``sample_submission.csv`` (ids, order, count, every RLE within its image) and
-only then renamed to ``<submissions>/<name>.csv[.gz]``; a JSON sidecar
-``<name>.json`` records the threshold (and where it came from), the models,
-folds, TTA and config hash.
+The CSV (optionally gzipped) is written to a temporary file, checked against
+``sample_submission.csv`` (``validate.check_submission``: ids, order, count, every RLE within
+its image) and only then renamed to ``<submissions>/<name>.csv[.gz]``; a JSON sidecar
+``<name>.json`` records the threshold and where it came from
+(``probmaps.resolve_threshold``; a threshold tuned on some folds only is flagged, and warned
+about), the models, folds, TTA and config hash.
 
-Threshold: ``submit.threshold`` when >= 0, else ``best_threshold`` from the
-train run's ``oof_summary.json`` when it exists, else 0.5. From the OOF summary,
-the sidecar also records ``oof_complete`` and ``oof_folds_missing`` (a threshold
-tuned on some folds only is flagged, and warned about).
+The maps are read from predict's directories for ``predict.precision`` resolved by device
+type (``graph.Graph.predict_dirs``), so submit must be given the precision the predictions
+were made in.
 
-The maps are read from predict's directories for ``predict.precision`` resolved
-for ``predict.device`` (``pipeline.precision``: auto = fp16 on CUDA, bf16 on a CPU
-with native bf16, else fp32), so submit must be
-given the precision the predictions were made in.
-
-Caching: the sidecar records ``submit_key``, a hash of everything the CSV depends
-on (checkpoint hashes, TTA, precision, threshold, test index and sample submission
-fingerprints, gzip, code version), and the CSV's own fingerprint. A rerun with
-the same key and an untouched CSV writes nothing (100k images take minutes).
+Caching: the sidecar records ``submit_key``, a hash of everything the CSV depends on
+(checkpoint hashes, TTA, precision, threshold, test index and sample submission
+fingerprints, gzip, code version), and the CSV's own fingerprint. A rerun with the same key
+and an untouched CSV writes nothing.
 """
 from __future__ import annotations
 
@@ -40,23 +34,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
-from tqdm import tqdm  # issue 11
+from tqdm import tqdm
 
 from . import cache, faults, probmaps, rle
 from .config import Config, PipelineError, stable_hash
-from .ensemble import choose, load_runs, weighted_map
+from .ensemble import blend, choose, load_runs
+from .geometry import row_geometry
 from .graph import STAGES, Graph
-from .geometry import GEOM_COLS, to_original
 from .probmaps import resolve_threshold
 from .testset import read_test_index
-from .validate import read_ids, sizes_from, validate_submission
+from .validate import check_submission, read_ids, sizes_from
 
 CODE_VERSION = STAGES["submit"].code
 
 
 @dataclass
 class RunMaps:
-    """One trained run's test maps: its folds' predict directories, its weight in the ensemble,
+    """One trained run's test maps: its folds' predict directories, its weight in the blend,
     and its test index (each image's geometry in that run's model input; None = the
     submission's own index). A single-run submission is one RunMaps of weight 1."""
     fold_dirs: list[str]
@@ -64,41 +58,22 @@ class RunMaps:
     index: pd.DataFrame | None = None
 
 
-def run_map(fold_dirs: list[str], image_id: str, size: tuple[int, int], geom: dict | None) -> np.ndarray:
-    """(H, W) float32 0..255: one run's fold mean of the stored maps, at the original size."""
-    acc = None
-    for d in fold_dirs:
-        p = probmaps.read_prob(probmaps.prob_path(d, image_id))
-        acc = p.astype(np.float32) if acc is None else acc + p
-    # Resize the uint8-scale mean and compare with the threshold in that scale: one float pass less.
-    return to_original(acc * (1.0 / len(fold_dirs)), size, geom)
-
-
-def runs_mask(runs: list[tuple[list[str], float]], image_id: str, size: tuple[int, int], threshold: float,
-              geoms: list[dict | None]) -> np.ndarray:
-    """(H, W) bool: the weighted sum over runs of :func:`run_map` > threshold. runs: (fold dirs,
-    weight) per run; geoms: the image's geometry in each run (None = stretch). One run of weight 1
-    is exactly its own map (ensemble.weighted_map), so this is the single-run path too."""
-    maps = [run_map(dirs, image_id, size, g) for (dirs, _), g in zip(runs, geoms)]
-    prob = weighted_map(maps, [w for _, w in runs])
+def blend_mask(runs: list[tuple[list[str], float]], image_id: str, size: tuple[int, int], threshold: float,
+               geoms: list[dict | None]) -> np.ndarray:
+    """(H, W) bool: the blend of the runs' fold means > threshold. runs: (fold dirs, weight) per
+    run; geoms: the image's geometry in each run (None = stretch). One run of weight 1 is exactly
+    its own fold mean (``ensemble.blend``), so this is the single-run path too."""
+    maps = [probmaps.fold_mean((probmaps.read_prob(probmaps.prob_path(d, image_id)) for d in dirs), size, g)
+            for (dirs, _), g in zip(runs, geoms)]
     # The same rule as the OOF histograms that chose the threshold (probmaps.prob_hist).
-    return probmaps.binarize(prob, threshold)
-
-
-def ensemble_mask(fold_dirs: list[str], image_id: str, size: tuple[int, int], threshold: float,
-                  geom: dict | None = None) -> np.ndarray:
-    """(H, W) bool for one run: mean over its folds, at the original size, > threshold.
-
-    geom: the image's prepare geometry (None = stretch).
-    """
-    return runs_mask([(fold_dirs, 1.0)], image_id, size, threshold, [geom])
+    return probmaps.binarize(blend(maps, [w for _, w in runs]), threshold)
 
 
 def encode_chunk(runs: list[tuple[list[str], float]], ids: list[str], sizes: list[tuple[int, int]],
                  threshold: float, geoms: list[list[dict | None]]) -> list[str]:
     """One joblib task: RLE strings for a chunk of images (in the given order); geoms: per image,
     its geometry in each run."""
-    return [rle.encode(runs_mask(runs, i, s, threshold, g)) for i, s, g in zip(ids, sizes, geoms)]
+    return [rle.encode(blend_mask(runs, i, s, threshold, g)) for i, s, g in zip(ids, sizes, geoms)]
 
 
 def other_precisions(fold_dir: Path, ids: pd.Series) -> list[str]:
@@ -142,13 +117,6 @@ def missing_report(fold_dir: Path, ids: pd.Series) -> str | None:
     return msg
 
 
-def _geoms(index: pd.DataFrame) -> list[dict | None]:
-    """Each row's geometry (GEOM_COLS), or None (stretch) for an index without them."""
-    if not all(c in index.columns for c in GEOM_COLS):
-        return [None] * len(index)
-    return [{c: int(r[c]) for c in GEOM_COLS} for r in index[GEOM_COLS].to_dict("records")]
-
-
 def _check_sample_order(index: pd.DataFrame, sample_ids: list[str]) -> None:
     """PipelineError naming the first difference unless the index lists the sample's images in order."""
     if list(index["img"]) != list(sample_ids):
@@ -189,8 +157,8 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
         # Built lazily per chunk: only the few chunks in flight exist at any time.
         part = index.iloc[a:a + step]
         sizes = list(zip(part["orig_height"].astype(int), part["orig_width"].astype(int)))
-        geoms = [list(g) for g in zip(*(_geoms(ix.iloc[a:a + step]) for ix in indexes))]
-        return part["id"].tolist(), sizes, geoms
+        geoms = [[row_geometry(r) for r in ix.iloc[a:a + step].to_dict("records")] for ix in indexes]
+        return part["id"].tolist(), sizes, [list(g) for g in zip(*geoms)]
 
     jobs = (delayed(encode_chunk)(specs, ids, sizes, threshold, geoms)
             for ids, sizes, geoms in map(chunk_args, range(0, len(index), step)))
@@ -203,19 +171,19 @@ def write_submission(index: pd.DataFrame, fold_dirs: list[str | Path], out_path:
         try:
             f.write(b"img,rle_mask\n")
             pos = 0
-            bar = tqdm(total=len(imgs), desc="submit", unit="img", mininterval=1.0)  # issue 11: progress bar
+            bar = tqdm(total=len(imgs), desc="submit", unit="img", mininterval=1.0)
             for codes in Parallel(n_jobs=workers, return_as="generator")(jobs):
                 f.write("".join(f"{imgs[pos + j]},{c}\n" for j, c in enumerate(codes)).encode())
                 pos += len(codes)
-                bar.update(len(codes))  # issue 11
+                bar.update(len(codes))
                 faults.point("submit.chunk")    # kill -9 tests: a half-written temp CSV
-            bar.close()  # issue 11
+            bar.close()
         finally:
             f.close()
             if gz:
                 raw.close()
         size_of = dict(zip(imgs, zip(index["orig_height"].astype(int), index["orig_width"].astype(int))))
-        rep = validate_submission(tmp, sample_ids, sizes_from(size_of))
+        rep = check_submission(tmp, sample_ids, sizes_from(size_of))
         if not rep.ok:
             raise PipelineError(f"refusing to write {out_path}: validation failed\n{rep.summary()}")
     return {"rows": len(imgs), "seconds": round(time.time() - t0, 2)}
@@ -235,9 +203,9 @@ class Resolved:
     index: pd.DataFrame            # the submission's test index, in sample order
     test_index: Path
     runs: list[RunMaps]
-    thr: dict                      # threshold and its provenance (probmaps.resolve_threshold / the ensemble choice)
+    thr: dict                      # threshold and its provenance (probmaps.resolve_threshold)
     key: dict                      # what the CSV depends on besides test index, sample, gzip and code
-    sidecar: dict                  # models, folds, TTA, precision (and the ensemble's runs)
+    sidecar: dict                  # models, folds, TTA, precision (and the blended runs)
 
 
 def _maps_of(cfg: Config, g: Graph) -> dict:
@@ -263,9 +231,9 @@ def _single(cfg: Config, g: Graph) -> Resolved:
                     {"precision": m["precision"], "folds": m["folds"], "tta": m["tta"], "models": m["models"]})
 
 
-def _ensemble(cfg: Config) -> Resolved:
+def _blend(cfg: Config) -> Resolved:
     """submit.runs: the runs' maps (the command line predicted what each lacked), weights and
-    threshold chosen on the runs' common OOF images (ensemble.choose), their maps weighted."""
+    threshold chosen on the runs' common OOF images (ensemble.choose), their maps blended."""
     members, maps = load_runs(cfg), []
     for r in members:
         g = Graph(r.cfg)
@@ -276,9 +244,7 @@ def _ensemble(cfg: Config) -> Resolved:
         r.prepared, r.train_dir, r.folds = g.prepared_dir, g.train_dir, m["folds"]
         maps.append(m)
     choice = choose(cfg, members, cfg.submit.ensemble_images)
-    fixed = cfg.submit.threshold >= 0
-    thr = {"threshold": choice["threshold"],
-           "threshold_source": "config submit.threshold" if fixed else f"ensemble OOF search {choice['path']}"}
+    thr = resolve_threshold(cfg.submit.threshold, search=choice)
     runs = [RunMaps([str(d) for d in m["dirs"]], w, m["index"]) for m, w in zip(maps, choice["weights"])]
     key = {"runs": [{"checkpoints": m["hashes"], "tta": m["tta"], "precision": m["precision"], "weight": w,
                      "test_index": cache.file_fingerprint(m["test_index"])}
@@ -291,7 +257,7 @@ def _ensemble(cfg: Config) -> Resolved:
 
 
 def run(cfg: Config, graph: Graph | None = None) -> Path:
-    r = _ensemble(cfg) if cfg.submit.runs.strip() else _single(cfg, graph or Graph(cfg))
+    r = _blend(cfg) if cfg.submit.runs.strip() else _single(cfg, graph or Graph(cfg))
     sample = Path(cfg.data.raw) / "sample_submission.csv"
     sample_ids = read_ids(sample)
     threshold, source = r.thr["threshold"], r.thr["threshold_source"]

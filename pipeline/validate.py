@@ -1,4 +1,4 @@
-"""Submission validator: header, ids, order, count and every RLE, streamed.
+"""The submission check (:func:`check_submission`): header, ids, order, count and every RLE, streamed.
 
 Checks, each reported with the file's line number (line 1 is the header):
 - the header is exactly ``img,rle_mask``;
@@ -213,8 +213,30 @@ def out_of_order(positions: list[int]) -> list[int]:
     return [j for j in range(len(positions)) if j not in keep]
 
 
-# Over 60 lines: one streaming pass over the CSV; the per-row checks share its state.
-def validate_submission(path: str | Path, sample_ids: list[str], size_of: SizeOf,
+def order_problems(lines: list[int], positions: list[int], sample_ids: list[str]) -> list[Problem]:
+    """The rows out of order (:func:`out_of_order`), each saying where it belongs, by line.
+
+    lines, positions: the file line and sample row (0-based) of each first occurrence of a sample id."""
+    moved = out_of_order(positions)
+    kept = sorted(set(range(len(positions))) - set(moved))
+    kept_pos = [positions[j] for j in kept]
+    found = []
+    for j in moved:
+        line, k = lines[j], positions[j]
+        # Where it belongs among the rows that are in order: after the last of them that the
+        # sample puts before it, before the first that the sample puts after it.
+        b = bisect.bisect_right(kept_pos, k)
+        after = f"line {lines[kept[b - 1]]} ({sample_ids[kept_pos[b - 1]]})" if b > 0 else ""
+        before = f"line {lines[kept[b]]} ({sample_ids[kept_pos[b]]})" if b < len(kept) else ""
+        where = (f", which belongs between {after} and {before}" if after and before
+                 else f", which belongs after {after}" if after else f", which belongs before {before}" if before
+                 else "")
+        found.append(Problem(line, sample_ids[k],
+                             f"out of order: row {line - 1} holds the sample's row {k + 1}{where}"))
+    return sorted(found, key=lambda q: q.line)
+
+
+def check_submission(path: str | Path, sample_ids: list[str], size_of: SizeOf,
                         max_problems: int = 20) -> Report:
     """Check a submission file against the sample's ids (in order) and each image's (H, W).
 
@@ -260,24 +282,9 @@ def validate_submission(path: str | Path, sample_ids: list[str], size_of: SizeOf
     except (UnicodeDecodeError, csv.Error, OSError, EOFError) as e:
         rep.add(rep.rows + 2, "", f"unreadable: {e}", max_problems)
         return rep
-    moved = out_of_order(order_pos)
-    if moved:
-        kept = sorted(set(range(len(order_pos))) - set(moved))
-        kept_pos = [order_pos[j] for j in kept]
-        found = []
-        for j in moved:
-            line, k = order_lines[j], order_pos[j]
-            # Where it belongs among the rows that are in order: after the last of them that the
-            # sample puts before it, before the first that the sample puts after it.
-            b = bisect.bisect_right(kept_pos, k)
-            after = f"line {order_lines[kept[b - 1]]} ({sample_ids[kept_pos[b - 1]]})" if b > 0 else ""
-            before = f"line {order_lines[kept[b]]} ({sample_ids[kept_pos[b]]})" if b < len(kept) else ""
-            where = (f", which belongs between {after} and {before}" if after and before
-                     else f", which belongs after {after}" if after else f", which belongs before {before}" if before
-                     else "")
-            found.append(Problem(line, sample_ids[k],
-                                 f"out of order: row {line - 1} holds the sample's row {k + 1}{where}"))
-        rep.merge(sorted(found, key=lambda q: q.line), max_problems)
+    found = order_problems(order_lines, order_pos, sample_ids)
+    if found:
+        rep.merge(found, max_problems)
     if len(seen) < len(position):
         missing = [k for i, k in position.items() if i not in seen]
         missing.sort()
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise PipelineError(f"{images}: no test image folder to read sizes from "
                                     "(--test-dir NAME beside the sample, --images DIR, --index or --size)")
             size_of = sizes_from(images_dir=images)
-        rep = validate_submission(a.submission, ids, size_of, a.max_problems)
+        rep = check_submission(a.submission, ids, size_of, a.max_problems)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

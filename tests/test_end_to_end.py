@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline import geometry, probmaps, rle, synth
-from pipeline.validate import read_ids, sizes_from, validate_submission
+from pipeline.validate import check_submission, read_ids, sizes_from
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_submission_matches_sample_and_decodes(e2e):
 
 def test_submission_passes_the_validator(e2e):
     tmp_path, _ = e2e
-    rep = validate_submission(_submission(tmp_path), read_ids(tmp_path / "raw" / "sample_submission.csv"),
+    rep = check_submission(_submission(tmp_path), read_ids(tmp_path / "raw" / "sample_submission.csv"),
                               sizes_from(images_dir=tmp_path / "raw" / "test"))
     assert rep.ok and rep.problems == [], rep.summary()
 

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline import ensemble, geometry, probmaps, rle, synth
 from pipeline.config import ConfigError
-from pipeline.validate import read_ids, sizes_from, validate_submission
+from pipeline.validate import check_submission, read_ids, sizes_from
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,12 +27,12 @@ def test_weight_grid_covers_the_simplex_with_its_vertices():
     assert ensemble.weight_grid(1).tolist() == [[1.0]]
 
 
-def test_weighted_map_known_answers():
+def test_blend_known_answers():
     a = np.array([[0, 100], [255, 51]], np.float32)
     b = np.array([[255, 0], [255, 153]], np.float32)
-    assert ensemble.weighted_map([a], [1.0]) is a or np.array_equal(ensemble.weighted_map([a], [1.0]), a)
-    np.testing.assert_allclose(ensemble.weighted_map([a, b], [0.25, 0.75]), [[191.25, 25], [255, 127.5]])
-    assert np.array_equal(ensemble.weighted_map([a, b], [1.0, 0.0]), a)
+    assert ensemble.blend([a], [1.0]) is a
+    np.testing.assert_allclose(ensemble.blend([a, b], [0.25, 0.75]), [[191.25, 25], [255, 127.5]])
+    assert np.array_equal(ensemble.blend([a, b], [1.0, 0.0]), a)
 
 
 def test_weights_are_checked_by_name():
@@ -88,7 +88,7 @@ def test_ensemble_submission_is_the_weighted_mean_of_the_runs(two_runs):
     tmp, configs, _, _ = two_runs
     sub = tmp / "subs" / "ens.csv"
     side = json.loads((tmp / "subs" / "ens.json").read_text())
-    rep = validate_submission(sub, read_ids(tmp / "raw" / "sample_submission.csv"),
+    rep = check_submission(sub, read_ids(tmp / "raw" / "sample_submission.csv"),
                               sizes_from(images_dir=tmp / "raw" / "test"))
     assert rep.ok, rep.summary()
     weights = [r["weight"] for r in side["runs"]]

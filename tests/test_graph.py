@@ -112,7 +112,7 @@ def test_a_missing_run_names_the_runs_the_cache_holds(tmp_path):
         g.require_finished()
     msg = str(e.value)
     assert f"no finished fold under {g.train_dir}" in msg
-    assert other.parent.name in msg and "train.epochs=2" in msg and "RUN=<key>" in msg
+    assert other.parent.name in msg and "train.epochs=2" in msg and "RUN=<key>" in msg and "ARGS" in msg
     assert "\n" not in msg
 
 

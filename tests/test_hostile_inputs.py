@@ -212,7 +212,7 @@ def test_csvs_with_bom_and_crlf_just_work(raw, tmp_path):
     assert ids == [f"{i}.jpg" for i in sample_ids]
     sub = tmp_path / "sub.csv"
     sub.write_bytes(b"\xef\xbb\xbfimg,rle_mask\r\n" + b"".join(f"{i},1 5 9 2\r\n".encode() for i in ids))
-    rep = validate.validate_submission(sub, ids, validate.sizes_from((H, W)))
+    rep = validate.check_submission(sub, ids, validate.sizes_from((H, W)))
     assert rep.ok, rep.summary()
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.geometry import geometry, resize_mask, to_model, to_original
+from pipeline.geometry import geometry, resize_mask, row_geometry, to_model, to_original
 
 
 def test_pad_kaggle_size_to_1920_is_one_column_each_side():
@@ -90,3 +90,15 @@ def test_prepare_and_predict_decode_a_jpeg_alike(tmp_path):
     # A PNG is never reduced (cv2 would resize it after decoding; prepare does not).
     cv2.imwrite(str(tmp_path / "car.png"), img)
     assert read_image(str(tmp_path / "car.png"), 2).shape == (257, 383, 3)
+
+
+def test_row_geometry_reads_the_columns_or_says_stretch():
+    row = {"scaled_height": 40.0, "scaled_width": 62, "pad_top": 0, "pad_left": 1, "id": "a"}
+    assert row_geometry(row) == {"scaled_height": 40, "scaled_width": 62, "pad_top": 0, "pad_left": 1}
+    old = {"id": "a", "orig_height": 80}                        # an index written before fit=pad
+    assert row_geometry(old) is None                            # to_original: stretch from the map's size
+    assert row_geometry(old, 4, 6) == {"scaled_height": 4, "scaled_width": 6, "pad_top": 0, "pad_left": 0}
+    assert row_geometry({**row, "pad_left": float("nan")}, 4, 6)["scaled_width"] == 6
+    prob = np.random.default_rng(1).random((4, 6)).astype(np.float32)
+    assert np.array_equal(to_original(prob, (8, 12), row_geometry(old)),
+                          to_original(prob, (8, 12), row_geometry(old, 4, 6)))

@@ -6,7 +6,7 @@ The convention: the mask is flattened row by row (C order), and each run of ones
   all zeros -> "", all ones -> "1 H*W"), ``rle.decode`` inverts it, and only the C-order
   flatten matters (the same pixels as 1xN or Nx1 give the same string);
 - every string ``encode`` makes passes ``validate.rle_problem`` and a whole submission of them
-  passes ``validate_submission``;
+  passes ``check_submission``;
 - every corruption of a valid string (odd count, non-increasing or zero start, overlapping runs,
   zero length, a run past H*W, a token that is not a plain number) is rejected, with the message
   for that problem, and the submission holding it fails on that line and no other.
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline import rle
-from pipeline.validate import rle_problem, sizes_from, validate_submission
+from pipeline.validate import check_submission, rle_problem, sizes_from
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -158,7 +158,7 @@ def corrupt(nums: list[int], n: int, kind: str, data) -> str:
 def _check_file(path: Path, rows: list[tuple[str, str]], h: int, w: int):
     with open(path, "w", newline="", encoding="utf-8") as f:      # csv quoting: '1,2' stays one field
         csv.writer(f).writerows([("img", "rle_mask"), *rows])
-    return validate_submission(path, [i for i, _ in rows], sizes_from((h, w)))
+    return check_submission(path, [i for i, _ in rows], sizes_from((h, w)))
 
 
 @SETTINGS
@@ -171,7 +171,7 @@ def test_validator_accepts_every_encoded_mask(a, b):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "sub.csv"
         p.write_text("img,rle_mask\n" + "".join(f"{i},{c}\n" for i, c in codes.items()))
-        rep = validate_submission(p, list(codes), sizes_from(sizes))
+        rep = check_submission(p, list(codes), sizes_from(sizes))
     assert rep.ok, rep.summary()
 
 

@@ -128,3 +128,23 @@ def test_real_masks_cli(tmp_path, shared_data):
     empty = tmp_path / "empty.csv"
     empty.write_text("img,rle_mask\n" + "".join(f"{i},\n" for i in imgs))
     assert score_submission(empty, six, workers=1).mean_dice == 0.0
+
+
+def test_read_mask_reads_gifs_by_colour_and_pngs_as_stored(tmp_path):
+    import cv2
+    from pipeline.probmaps import read_mask
+    a = np.zeros((4, 6), np.uint8)
+    a[1:3, 1:5] = 1
+    save_gif(tmp_path / "a.gif", a)
+    assert np.array_equal(read_mask(tmp_path / "a.gif") > 0, a > 0)
+    # A writer that reorders the palette: index 0 is white (car), index 1 black.
+    im = Image.fromarray(1 - a, mode="P")
+    im.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    im.save(tmp_path / "swapped.gif")
+    assert np.array_equal(read_mask(tmp_path / "swapped.gif") > 0, a > 0)
+    for values in (a, a * 255):
+        cv2.imwrite(str(tmp_path / "m.png"), values)
+        got = read_mask(tmp_path / "m.png")
+        assert got.dtype == np.uint8 and np.array_equal(got, values)      # as stored: prepare's {0, 1}
+    with pytest.raises(PipelineError, match="cannot read mask"):
+        read_mask(tmp_path / "missing.png")

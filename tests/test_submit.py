@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import cache, config, predict, probmaps, rle, submit, tta
+from pipeline import cache, config, probmaps, rle, submit, tta
 from pipeline.config import PipelineError
 from pipeline.graph import Graph
 from pipeline import graph
@@ -110,50 +110,71 @@ def test_missing_maps_name_the_same_checkpoint_in_another_precision(tmp_path):
         submit.write_submission(index, [bf16], tmp_path / "s.csv", 0.5, ids, workers=1)
 
 
-def test_threshold_sources(tmp_path, monkeypatch):
-    cfg = config.load(None, {"data.cache": str(tmp_path)})
-    from pipeline import train
-    monkeypatch.setattr(train, "run_dir", lambda c, *a: tmp_path / "run")
-    assert probmaps.resolve_threshold(cfg.submit.threshold, Graph(cfg).train_dir) == {"threshold": 0.5, "threshold_source": "default (no oof_summary.json)"}
-    cache.write_json(tmp_path / "run" / "oof_summary.json", {"dice": 0.99, "best_threshold": 0.42})
-    info = probmaps.resolve_threshold(cfg.submit.threshold, Graph(cfg).train_dir)
+def test_threshold_sources(tmp_path):
+    run = tmp_path / "run"
+    assert probmaps.resolve_threshold(-1, run) == {"threshold": probmaps.DEFAULT_THRESHOLD,
+                                                   "threshold_source": "default (no oof_summary.json)"}
+    cache.write_json(run / "oof_summary.json", {"dice": 0.99, "best_threshold": 0.42})
+    info = probmaps.resolve_threshold(-1, run)
     assert info["threshold"] == 0.42 and info["threshold_source"].endswith("oof_summary.json")
-    assert probmaps.resolve_threshold(cfg.submit.threshold, Graph(cfg).train_dir)["oof_complete"] is None      # an older summary says nothing
-    cfg.submit.threshold = 0.6
-    assert probmaps.resolve_threshold(cfg.submit.threshold, Graph(cfg).train_dir)["threshold"] == 0.6
+    assert info["oof_complete"] is None                                   # an older summary says nothing
+    assert probmaps.resolve_threshold(0.6, run) == {"threshold": 0.6, "threshold_source": "config submit.threshold"}
+    # A multi-run choice: its searched threshold, unless the config fixes one.
+    choice = {"threshold": 0.44, "path": "/c/choice.json"}
+    assert probmaps.resolve_threshold(-1, search=choice) == {"threshold": 0.44,
+                                                             "threshold_source": "ensemble OOF search /c/choice.json"}
+    assert probmaps.resolve_threshold(0.6, search=choice)["threshold_source"] == "config submit.threshold"
+    np.testing.assert_array_equal(probmaps.threshold_grid(-1), probmaps.THRESHOLDS)
+    assert probmaps.threshold_grid(0.6).tolist() == [0.6]
 
 
-def run_case(tmp_path, monkeypatch, **overrides):
-    """run(cfg)'s inputs with the other stages replaced by a fixed plan: 2 folds' fp32 maps, 2 images.
-    Returns (cfg, ckpts)."""
-    ttas = tta.parse("hflip")
-    ckpts = []
-    for k in range(2):
-        p = tmp_path / f"ckpt{k}.pt"
-        p.write_bytes(f"weights {k}".encode())
-        ckpts.append(p)
-    dirs = [graph.predict_dir(tmp_path / "cache", graph.file_sha16(c), tta.names(ttas), "fp32") for c in ckpts]
-    sizes = [(8, 12), (8, 12)]
-    index, tmp_dirs, ids = make_case(tmp_path, [[const(255), const(0)], [const(255), const(0)]], sizes)
-    for src, dst in zip(tmp_dirs, dirs):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        src.rename(dst)
-    index.to_csv(tmp_path / "test_index.csv", index=False)
+def test_one_run_of_weight_one_is_its_fold_mean(tmp_path):
+    """blend_mask with one run of weight 1 is the fold mean at the original size, binarized."""
+    rng = np.random.default_rng(1)
+    maps = [[cv2.GaussianBlur(rng.integers(0, 256, MODEL, dtype=np.uint8), (3, 3), 0)] for _ in range(3)]
+    index, dirs, _ = make_case(tmp_path, maps, [(9, 13)])
+    geom = {"scaled_height": 4, "scaled_width": 5, "pad_top": 0, "pad_left": 1}
+    mean = np.mean([m[0][:, 1:6].astype(np.float32) for m in maps], axis=0)
+    for t in (0.3, 0.5, 0.6):
+        got = submit.blend_mask([([str(d) for d in dirs], 1.0)], index.id[0], (9, 13), t, [geom])
+        want = cv2.resize(mean, (13, 9), interpolation=cv2.INTER_LINEAR) > probmaps.threshold_level(t)
+        assert got.dtype == bool and (got == want).mean() > 0.99
+
+
+def run_case(tmp_path, **overrides):
+    """run(cfg, graph)'s inputs: a prepare artifact, 2 folds' best.pt and their fp32 maps of 2 images
+    where the graph puts them. Returns (cfg, graph, ckpts)."""
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "train_index.csv").write_text("id,fold\nx_01,0\nx_02,1\n")
+    (prepared / "folds.csv").write_text("id,car_id,fold\nx_01,x,0\nx_02,x,1\n")
+    index, tmp_dirs, ids = make_case(tmp_path, [[const(255), const(0)], [const(255), const(0)]], [(8, 12), (8, 12)])
+    index.to_csv(prepared / "test_index.csv", index=False)
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "sample_submission.csv").write_text("img,rle_mask\n" + "".join(f"{i},1 1\n" for i in ids))
-    monkeypatch.setattr(predict, "plan", lambda cfg: predict.Plan(tmp_path / "test_index.csv", [0, 1], ckpts, ttas))
     cfg = config.load(None, {"data.cache": str(tmp_path / "cache"), "data.raw": str(raw),
                              "data.submissions": str(tmp_path / "subs"), "submit.gzip": "true",
                              "submit.threshold": "0.5", "submit.workers": "1", "submit.name": "mine",
-                             "predict.autocast": "fp32", **overrides})
-    return cfg, ckpts
+                             "prepare.n_folds": "2", "predict.tta": "hflip", "predict.precision": "fp32",
+                             **overrides})
+    g = Graph(cfg, prepared=prepared, precision="fp32")
+    ckpts = []
+    for k in range(2):
+        c = g.fold_dir(k) / "best.pt"
+        c.parent.mkdir(parents=True)
+        c.write_bytes(f"weights {k}".encode())
+        ckpts.append(c)
+    for src, dst in zip(tmp_dirs, g.predict_dirs()):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+    return cfg, g, ckpts
 
 
 def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
     """run(cfg) with the other stages replaced by a fixed plan: CSV, gzip, sidecar contents."""
-    cfg, ckpts = run_case(tmp_path, monkeypatch)
-    out = submit.run(cfg)
+    cfg, g, ckpts = run_case(tmp_path)
+    out = submit.run(cfg, g)
     assert out == tmp_path / "subs" / "mine.csv.gz"
     sub = pd.read_csv(out, keep_default_na=False)
     assert list(sub.rle_mask) == ["1 96", ""]
@@ -168,24 +189,22 @@ def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
     writes = []
     real_write = submit.write_submission
     monkeypatch.setattr(submit, "write_submission", lambda *a, **kw: writes.append(1) or real_write(*a, **kw))
-    assert submit.run(cfg) == out and writes == []
+    assert submit.run(cfg, g) == out and writes == []
     cfg.submit.threshold = 0.99
-    submit.run(cfg)
+    submit.run(cfg, g)
     assert len(writes) == 1 and json.loads((tmp_path / "subs" / "mine.json").read_text())["threshold"] == 0.99
-    submit.run(cfg)
+    submit.run(cfg, g)
     assert len(writes) == 1
     out.write_bytes(b"edited")
-    submit.run(cfg)
+    submit.run(cfg, g)
     assert len(writes) == 2 and list(pd.read_csv(out, keep_default_na=False).rle_mask) == ["1 96", ""]
 
 
-def test_sidecar_records_whether_the_oof_summary_was_complete(tmp_path, monkeypatch, capsys):
-    from pipeline import train
-    monkeypatch.setattr(train, "run_dir", lambda c, *a: tmp_path / "run")
-    summary = tmp_path / "run" / "oof_summary.json"
+def test_sidecar_records_whether_the_oof_summary_was_complete(tmp_path, capsys):
+    cfg, g, _ = run_case(tmp_path, **{"submit.threshold": "-1"})
+    summary = g.train_dir / "oof_summary.json"
     cache.write_json(summary, {"best_threshold": 0.5, "complete": False, "folds_missing": [1]})
-    cfg, _ = run_case(tmp_path, monkeypatch, **{"submit.threshold": "-1"})
-    out = submit.run(cfg)
+    out = submit.run(cfg, g)
     side_path = tmp_path / "subs" / "mine.json"
     side = json.loads(side_path.read_text())
     assert side["threshold_source"] == str(summary) and side["threshold"] == 0.5
@@ -194,12 +213,12 @@ def test_sidecar_records_whether_the_oof_summary_was_complete(tmp_path, monkeypa
     # The other folds finish, same best threshold: the CSV is cached, the sidecar follows the summary.
     cache.write_json(summary, {"best_threshold": 0.5, "complete": True, "folds_missing": []})
     before = out.read_bytes()
-    submit.run(cfg)
+    submit.run(cfg, g)
     side = json.loads(side_path.read_text())
     assert (side["oof_complete"], side["oof_folds_missing"]) == (True, [])
     assert out.read_bytes() == before and side["submission_fingerprint"] == cache.file_fingerprint(out)
     # A threshold from the config: no OOF fields at all.
     cfg.submit.threshold = 0.5
-    submit.run(cfg)
+    submit.run(cfg, g)
     side = json.loads(side_path.read_text())
     assert side["threshold_source"] == "config submit.threshold" and not any(k.startswith("oof_") for k in side)

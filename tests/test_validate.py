@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.validate import parse_size, rle_problem, sizes_from, validate_submission
+from pipeline.validate import check_submission, parse_size, rle_problem, sizes_from
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = [f"car_{k:02d}.jpg" for k in range(1, 6)]
@@ -27,7 +27,7 @@ def write(tmp_path, rows, header="img,rle_mask", name="sub.csv"):
 
 
 def check(tmp_path, rows, **kw):
-    return validate_submission(write(tmp_path, rows, **kw), IDS, SIZE)
+    return check_submission(write(tmp_path, rows, **kw), IDS, SIZE)
 
 
 def test_valid_plain_and_gzip(tmp_path):
@@ -146,7 +146,7 @@ def test_every_kind_at_once_listed_by_line_with_the_cap(tmp_path):
         (4, "car_01.jpg", "duplicate of line 3 (row 2)"),
         (5, "zz.jpg", "unknown id: not in the sample submission"),
         (7, "", "2 id(s) of the sample missing: car_03.jpg (row 3), car_05.jpg (row 5)")]
-    capped = validate_submission(write(tmp_path, rows), IDS, SIZE, max_problems=2)
+    capped = check_submission(write(tmp_path, rows), IDS, SIZE, max_problems=2)
     assert capped.n_problems == 4 and len(capped.problems) == 2
     assert [p.line for p in capped.problems] == [2, 7]                # the missing summary is always listed
     assert "... and 2 more" in capped.summary()
@@ -164,20 +164,20 @@ def test_out_of_order_is_the_fewest_rows_to_move():
 def test_wrong_field_count(tmp_path):
     p = tmp_path / "sub.csv"
     p.write_text("img,rle_mask\n" + "".join(f"{i},{r}\n" for i, r in GOOD.items()).replace("car_02.jpg,", "car_02.jpg"))
-    rep = validate_submission(p, IDS, SIZE)
+    rep = check_submission(p, IDS, SIZE)
     assert rep.problems[0].line == 3 and "2 fields" in rep.problems[0].message
 
 
 def test_per_image_sizes(tmp_path):
     rows = list(GOOD.items())
     sizes = {i: (6, 8) for i in IDS} | {"car_05.jpg": (4, 8)}  # 32 pixels: "40 9" falls outside
-    rep = validate_submission(write(tmp_path, rows), IDS, sizes_from(sizes))
+    rep = check_submission(write(tmp_path, rows), IDS, sizes_from(sizes))
     assert [p.line for p in rep.problems] == [6] and "(image 8x4)" in rep.problems[0].message
 
 
 def test_reports_first_problems_but_counts_all(tmp_path):
     rows = [(i, "1 2 3") for i in IDS]
-    rep = validate_submission(write(tmp_path, rows), IDS, SIZE, max_problems=2)
+    rep = check_submission(write(tmp_path, rows), IDS, SIZE, max_problems=2)
     assert rep.n_problems == 5 and len(rep.problems) == 2 and "3 more" in rep.summary()
 
 
@@ -206,7 +206,7 @@ def test_very_long_rle_row(tmp_path):
     rows = list(GOOD.items())
     rows[0] = ("car_01.jpg", rle)
     sizes = {i: (6, 8) for i in IDS} | {"car_01.jpg": (1280, 1918)}
-    rep = validate_submission(write(tmp_path, rows), IDS, sizes_from(sizes))
+    rep = check_submission(write(tmp_path, rows), IDS, sizes_from(sizes))
     assert rep.ok, rep.summary()
 
 
