@@ -146,3 +146,19 @@ download: venv ## fetch the competition data with the kaggle CLI into RAW (FILES
 
 kaggle-submit: venv ## validate SUB=file, then submit it to Kaggle (MSG="..." else from the sidecar)
 	$(PY) scripts/kaggle_cli.py submit $(SUB) $(STAGE_ARGS) $(if $(MSG),--message "$(MSG)")
+
+# --- export a trained run; cut cars out of any photo (docs/export.md)
+OUT    ?=
+IN     ?=
+MODEL  ?=
+BG     ?=
+.PHONY: export cutout
+
+export: venv ## export the config's run (RUN=key from make runs) as ONNX + safetensors + model.json to OUT (exports/<train key>)
+	$(PY) scripts/export.py $(STAGE_ARGS) $(if $(RUN),--run $(RUN)) $(if $(OUT),--out $(OUT))
+
+# No torch in the cutout runner: onnxruntime and the image libraries (MODEL= skips finding the config's export).
+cutout: venv ## cut the car out of every photo in IN=dir into OUT=dir: RGBA PNG + mask (MODEL=export dir, BG=white)
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo "cutout: set IN=<photo folder> OUT=<output folder>" >&2; exit 2; }
+	$(PY) scripts/cutout.py --in "$(IN)" --out "$(OUT)" $(if $(MODEL),--model "$(MODEL)",$(STAGE_ARGS)) \
+	    $(if $(BG),--bg "$(BG)")

@@ -1,6 +1,6 @@
 """Does ``train.compile`` (torch.compile, inductor) pay within a training budget?
 
-Times the pipeline's own training step (``loop.train_one_epoch`` on synthetic batches: the
+Times the pipeline's own training step (``pipeline.train.step.train_epoch`` on synthetic batches: the
 resolved precision, channels_last, BCE + Dice, AdamW) for the fast recipe's model, eager and
 compiled: the compile time (the compiled first epoch minus the eager first epoch) and the
 steady step time, per precision. Writes ``benchmarks/results/compile.json`` (``compile-cuda.json``
@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from _common import write_result  # noqa: E402
-from pipeline import loop  # noqa: E402
 from pipeline.distributed import Dist  # noqa: E402
 from pipeline.losses import BceDiceLoss  # noqa: E402
+from pipeline.train.optim import build_optimizer  # noqa: E402
+from pipeline.train.plan import Inputs  # noqa: E402
+from pipeline.train.step import NonFiniteGuard, Stepper, train_epoch  # noqa: E402
 from pipeline.models import build_model, model_kwargs  # noqa: E402
 from pipeline.precision import autocast_factory, resolve_device, resolve_precision  # noqa: E402
 
@@ -50,17 +52,16 @@ def time_epochs(compiled: bool, args, data, device: torch.device, precision: str
     model = build_model("Unet", args.encoder, "none", **model_kwargs(args.depth, args.decoder))
     model = model.to(device, memory_format=torch.channels_last)
     net = torch.compile(model) if compiled else model
-    opt = loop.build_optimizer(model, 1e-3, 1e-4)
+    opt = build_optimizer(model, 1e-3, 1e-4)
     # As in train: a GradScaler only where fp16 needs one (CUDA); a disabled one is a pass-through.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    guard = loop.NonFiniteGuard(10, Dist(), device)
+    step = Stepper(net, opt, None, scaler, NonFiniteGuard(10, Dist()), autocast_factory(device, precision), device)
     times = []
-    for epoch in range(args.epochs):
-        # train_one_epoch drains the CUDA queue before it returns, so these are wall times of
+    for _ in range(args.epochs):
+        # train_epoch drains the CUDA queue before it returns, so these are wall times of
         # finished work (and each epoch starts on an idle GPU).
         t0 = time.perf_counter()
-        loop.train_one_epoch(net, data, BceDiceLoss(), opt, None, scaler, autocast=autocast_factory(device, precision),
-                             device=device, guard=guard, epoch=epoch)
+        train_epoch(step, data, BceDiceLoss(), Inputs(device))
         times.append(time.perf_counter() - t0)
     return times
 

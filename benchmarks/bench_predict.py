@@ -54,7 +54,6 @@ sys.path.insert(0, str(ROOT))
 from _common import wait_peak_rss, write_result  # noqa: E402
 from pipeline import precision, predict, synth, tta  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline import graph  # noqa: E402
 
 FULLRES = ROOT.parent / "shared" / "data" / "carvana_fullres" / "train" / "00087a6bd4dc_04.jpg"
 
@@ -111,13 +110,14 @@ def bare_forward(ckpt: Path, size: tuple[int, int], batch: int, n_images: int, d
 RSS_CHILD = textwrap.dedent("""
     import json, sys, time
     import pandas as pd
-    from pipeline import precision, predict, submit, tta
+    from pipeline import graph, precision, predict, submit, tta
     index = pd.read_csv(sys.argv[1])
     t = time.time()
     predict.predict_fold(index, sys.argv[2], sys.argv[3], tta.parse("hflip"), batch_size=8, num_workers=2,
                          log=lambda m: None)
     t1 = time.time()
-    fold = graph.predict_dir(sys.argv[3], graph.file_sha16(sys.argv[2]), tta.names(tta.parse("hflip")), precision.resolve_precision("auto", "cpu"))
+    fold = graph.predict_dir(sys.argv[3], graph.file_sha16(sys.argv[2]), tta.view_names("hflip"),
+                             precision.resolve_precision("auto", "cpu"))
     submit.write_submission(index, [fold], sys.argv[4], 0.5, list(index["img"]), workers=2)
     print(json.dumps({"predict_s": t1 - t, "submit_s": time.time() - t1}))
 """)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_train.py [--quick] [--minutes M] [--skip-real] [--size S]
                                                [--steps N] [--set key=value ...]
 
-All on CPU, with the pipeline's own code: ``loop.train_one_epoch`` (the real
+All on CPU, with the pipeline's own code: ``pipeline.train.step.train_epoch`` (the real
 step: to_device, autocast, BCE+Dice, backward, clipping, AdamW) on the
 config's model (default Unet/resnet18, batch 8) at S x S (default 256).
 
@@ -44,7 +44,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DistributedSampler  # noqa: E402
 
-from pipeline import cache, distributed, loop, prepare, train  # noqa: E402
+from pipeline import cache, distributed, prepare, train  # noqa: E402
+from pipeline.train.optim import build_optimizer  # noqa: E402
+from pipeline.train.plan import Inputs  # noqa: E402
+from pipeline.train.setup import make_loader  # noqa: E402
+from pipeline.train.step import NonFiniteGuard, Stepper, train_epoch  # noqa: E402
 from pipeline.config import apply, load  # noqa: E402
 from pipeline.data import SeededSampler, SegDataset, build_transform, cv2_single_thread, load_index  # noqa: E402
 from pipeline.losses import BceDiceLoss  # noqa: E402
@@ -68,7 +72,7 @@ def make_cfg(args, extra: dict | None = None):
 
 
 class Rig:
-    """One model, optimizer and loss, stepped by loop.train_one_epoch on any batch source."""
+    """One model, optimizer and loss, stepped by step.train_epoch on any batch source."""
 
     def __init__(self, cfg):
         t = cfg.train
@@ -76,19 +80,18 @@ class Rig:
         self.t = t
         self.model = build_model(t.arch, t.encoder, t.encoder_weights, **model_kwargs(t.encoder_depth,
                                                                                       t.decoder_channels))
-        self.opt = loop.build_optimizer(self.model, t.lr, t.weight_decay)
+        self.opt = build_optimizer(self.model, t.lr, t.weight_decay)
         self.loss = BceDiceLoss(t.bce_weight, t.dice_weight)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
-        self.guard = loop.NonFiniteGuard(t.max_nonfinite, distributed.Dist(), CPU)
+        self.guard = NonFiniteGuard(t.max_nonfinite, distributed.Dist())
 
     def steps(self, batches, n: int, precision: str, channels_last: bool) -> float:
         """Seconds per optimizer step over n steps of ``batches`` (a DataLoader or a list)."""
         self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        r = loop.train_one_epoch(self.model, batches, self.loss, self.opt, None, self.scaler,
-                                  autocast=autocast_factory(CPU, precision), device=CPU,
-                                  accum_steps=1, grad_clip=self.t.grad_clip, channels_last=channels_last,
-                                  guard=self.guard, max_steps=n)
-        return r["seconds"] / r["updates"]
+        s = Stepper(self.model, self.opt, None, self.scaler, self.guard, autocast_factory(CPU, precision), CPU,
+                    grad_clip=self.t.grad_clip)
+        r = train_epoch(s, batches, self.loss, Inputs(CPU, channels_last), max_updates=n)
+        return r.seconds / r.updates
 
     @torch.no_grad()
     def forward_only(self, batch, n: int, precision: str) -> float:
@@ -116,7 +119,7 @@ def throughput(args, cfg, prepared: Path) -> dict:
     tr = index[index["fold"] != 0].reset_index(drop=True)
     ds = SegDataset(tr["image"], tr["mask"], build_transform(t.augment))
     sampler = SeededSampler(DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0), seed=0)
-    dl = loop.make_loader(ds, sampler, t.batch_size, t.num_workers, CPU, drop_last=True, seed=0)
+    dl = make_loader(ds, sampler, t.batch_size, t.num_workers, CPU, drop_last=True, seed=0)
     rig = Rig(cfg)
     batch = next(iter(dl))
     pre = [batch] * args.steps

@@ -5,7 +5,7 @@
 #
 # 1. configs/kaggle.yaml (with the given overrides) on RAW, fold 0: prepare, then train with fp16
 #    autocast + GradScaler, EMA and channels_last. The first train process is killed mid-epoch
-#    (loop.KILL_ENV, epoch 4 batch 21 unless KILL_AT=e:b says otherwise) and the second resumes it
+#    (the faults point train.batch: the n-th micro-batch, 789 = epoch 4 batch 21 at 256 micro-batches per epoch, unless KILL_AT=n says otherwise) and the second resumes it
 #    from its checkpoint (model, optimizer, schedule, scaler and RNG states), as after a lost GPU
 #    node. Then OOF Dice, predict (fp16, hflip TTA), submit and, where RAW has test_masks/, the score.
 # 2. Training step time on that GPU: fp32 vs fp16 + GradScaler, eager vs torch.compile
@@ -51,7 +51,7 @@ c = yaml.safe_load(open(sys.argv[1])); print(c['data']['cache'], c['data']['subm
     "$LOG/config.yaml")
 step prepare $PY scripts/prepare.py "${ARGS[@]}"
 # Killed in epoch 3 (0-based), batch 20: the resumed run must pick up after epoch 2's checkpoint.
-PIPELINE_TRAIN_KILL_AT=${KILL_AT:-3:20} step train-killed $PY scripts/train.py "${ARGS[@]}"
+PIPELINE_KILL_AT=train.batch:${KILL_AT:-789} step train-killed $PY scripts/train.py "${ARGS[@]}"
 step train-resumed $PY scripts/train.py "${ARGS[@]}"
 step oof $PY scripts/oof.py "${ARGS[@]}"
 step predict $PY scripts/predict.py "${ARGS[@]}"

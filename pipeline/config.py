@@ -29,7 +29,7 @@ import yaml
 
 
 FITS = ("stretch", "pad")                          # prepare.fit (pipeline.geometry)
-SCHEDULERS = ("cosine", "onecycle", "none")        # train.scheduler (pipeline.loop)
+SCHEDULERS = ("cosine", "onecycle", "none")        # train.scheduler (pipeline.train.optim)
 FINAL_LOSSES = ("", "lovasz")                 # train.loss_final: "" = BCE + Dice to the end
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")      # train.precision, predict.precision (pipeline.precision)
 # Old key -> its new name: still accepted (YAML and key=value), with a one-line warning.
@@ -400,6 +400,7 @@ def validate(cfg: Config) -> None:
                                   f"0.625 of 512 = 320)")
     if cfg.predict.batch_size < 1:
         raise ConfigError(f"predict.batch_size={cfg.predict.batch_size}: must be >= 1")
+    from .tta import check_max_forward     # the check lives beside the code that uses the cap
     check_max_forward(cfg.predict.max_forward)
     check_choice("predict.precision", cfg.predict.precision, PRECISIONS)
     if cfg.submit.weights.strip() and not cfg.submit.runs.strip():
@@ -460,12 +461,6 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     """ConfigError naming ``key`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(f"{key}='{value}': choose one of {', '.join(choices)}")
-
-
-def check_max_forward(max_forward: int) -> None:
-    """predict.max_forward: images per forward pass, 0 = no limit (predict_fold checks direct calls)."""
-    if max_forward < 0:
-        raise ConfigError(f"predict.max_forward={max_forward}: must be >= 0 (0 = all views of a batch at once)")
 
 
 def stable_hash(obj, n: int = 12) -> str:

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .config import ConfigError, PipelineError
 from .ingest import decode_jpeg
+from .probmaps import read_mask
 
 # ImageNet statistics: the default input normalisation (see models.input_stats for others).
 MEAN = (0.485, 0.456, 0.406)
@@ -95,12 +96,6 @@ def read_image(path: str, reduction: int = 1) -> np.ndarray:
     if img is None:
         raise PipelineError(f"{path}: cannot read image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """(H, W) uint8 in {0, 1} from a mask PNG written by prepare (or a .npy)."""
-    from .probmaps import read_mask as read      # the one mask reader (torch-free, for submit's workers)
-    return read(path)
 
 
 def parse_augment(spec: str) -> list[str]:

@@ -2,15 +2,14 @@
 
 The stages call :func:`point` where a kill is worth testing: ``write`` (an atomic write's
 temp file is complete, not yet renamed: a kill leaves the temp behind), ``rename`` (just
-after the rename onto the final name; ``pipeline.cache.atomic_path`` calls both) and
-``submit.chunk`` (after each chunk of the streamed CSV: a half-written temp). With the
+after the rename onto the final name; ``pipeline.cache.atomic_path`` calls both),
+``submit.chunk`` (after each chunk of the streamed CSV: a half-written temp) and
+``train.batch`` (before each training micro-batch: a kill mid-epoch). With the
 environment variable ``PIPELINE_KILL_AT=<point>:<n>`` the process sends itself SIGKILL the
 n-th time (1-based, counted per process) it reaches ``<point>``; with
 ``PIPELINE_FAULT_TRACE=<file>`` every point reached is appended to that file as a line, so
 a test can count an uninterrupted run's points and pick some to kill at
 (tests/test_kill_points.py). Without either variable a point costs one dict lookup.
-
-Mid-epoch kills in training have their own older hook, ``pipeline.loop.KILL_ENV``.
 """
 from __future__ import annotations
 

@@ -96,6 +96,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                                                              "out", "workers")),
           outputs=("per_image.csv", "per_view.csv", "per_car.csv", "worst.png"), folder="train/<key>/inspect"),
 )}
+EXPORTS = Path("exports")      # exported runs (pipeline/export.py), outside the cache: they are shipped
 # Keys that place or log artifacts without entering any key.
 RUN_ONLY = ("data.raw", "data.cache", "tensorboard.enabled", "tensorboard.overlay_every",
             "tensorboard.overlay_images")
@@ -294,6 +295,12 @@ class Graph:
         """Where predict writes (and submit reads) each fold's maps, in predict_folds order."""
         return [predict_dir(self.cfg.data.cache, self.checkpoint_hash(c), self.view_names, self.predict_precision)
                 for c in self.checkpoints()]
+
+    # ------------------------------------------------------------------ export
+    @cached_property
+    def export_dir(self) -> Path:
+        """``exports/<train key>``: where ``make export`` writes and ``make cutout`` reads by default."""
+        return EXPORTS / self.train_dir.name
 
     # ------------------------------------------------------------------ logs
     def log_dirs(self, stage: str) -> list[Path]:

@@ -45,7 +45,7 @@ What is checked, and how cheaply:
 Pixels are the stored ones: EXIF orientation is ignored everywhere (Kaggle's masks
 are aligned with the stored pixels, and the header sizes are the unrotated ones).
 
-Hostile names and headers: every file is opened by its header first (:func:`_header`),
+Hostile names and headers: every file is opened by its header first (:func:`read_header`),
 and a size over MAX_PIXELS is refused there, so no decoder ever allocates for a forged
 60000x60000 JPEG SOF or GIF screen. Names are shown through :func:`shown_name`: bytes
 that are not UTF-8 and control characters appear as ``\\xNN`` escapes, so a report, the
@@ -85,7 +85,7 @@ class BadFile(Exception):
 
 # ---------------------------------------------------------------------------- images
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
     """The whole file (every reader here needs it), or BadFile: unreadable, empty, over MAX_FILE_BYTES."""
     try:
         size = os.stat(path).st_size
@@ -148,7 +148,7 @@ def _too_large(pixels: int, size: tuple[int, int] | None = None) -> BadFile:
                                 "limit (a decompression bomb?); not decoded")
 
 
-def _header(data: bytes) -> Image.Image:
+def read_header(data: bytes) -> Image.Image:
     """PIL's lazy image for ``data`` (the header is parsed, no pixel is decoded), or BadFile.
 
     Raises BadFile("too_large") for more than MAX_PIXELS pixels, before any decoder (PIL,
@@ -204,8 +204,8 @@ def decode_image(path: Path, reduction=None) -> tuple[np.ndarray, list[tuple[str
     EXIF orientation is ignored by both (the stored pixels).
     Raises BadFile for unreadable, corrupt or truncated files.
     """
-    data = _read_bytes(path)
-    im = _header(data)
+    data = read_bytes(path)
+    im = read_header(data)
     fmt, mode = im.format, im.mode
     size = (im.height, im.width)
     warnings = []
@@ -242,8 +242,8 @@ def decode_mask(path: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:
     Anything other than two such values (a constant mask, grey levels, other labels)
     raises BadFile("mask_not_binary").
     """
-    data = _read_bytes(path)
-    im = _header(data)
+    data = read_bytes(path)
+    im = read_header(data)
     if im.format == "GIF" and not data.endswith(b"\x3b"):
         raise BadFile("truncated", f"truncated GIF: no trailer byte ({len(data)} bytes)")
     try:
@@ -272,8 +272,8 @@ def check_test_image(path: Path) -> dict:
     stored: no EXIF rotation); raises BadFile for unreadable, truncated or corrupt files.
     A non-JPEG file named .jpg is decoded in full by PIL (rare; the caller reports it).
     """
-    data = _read_bytes(path)
-    im = _header(data)
+    data = read_bytes(path)
+    im = read_header(data)
     info = {"height": im.height, "width": im.width, "mode": im.mode, "format": im.format}
     if im.format == "JPEG":
         check_jpeg_data(data)

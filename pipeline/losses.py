@@ -1,4 +1,4 @@
-"""Training losses for binary segmentation (smp.losses), and a torch per-image Dice metric.
+"""Training losses for binary segmentation (smp.losses).
 
 - :class:`BceDiceLoss`: BCE + soft Dice, the default; ``boundary_weight`` > 0 up-weights the
   BCE of pixels near the mask edge (Carvana's errors are almost all there).
@@ -33,10 +33,9 @@ def _running_max(x: torch.Tensor, px: int, dim: int) -> torch.Tensor:
 
 def dilate(x: torch.Tensor, px: int) -> torch.Tensor:
     """(..., H, W) -> (..., H, W): the max over each pixel's (2 px + 1) square, pixels outside the
-    image ignored. Equals ``F.max_pool2d(x, 2 px + 1, stride=1, padding=px)``, but as 2 x 2 px
-    elementwise maxima of shifted views (the square is a row window after a column window):
-    ~6-17x faster than max_pool2d on one CPU core for px = 3 (an edge band of 8 x 288^2 targets:
-    5-10 vs 54-82 ms over repeated timings), which made boundary_weight cost ~4% of a training step."""
+    image ignored. Equals ``F.max_pool2d(x, 2 px + 1, stride=1, padding=px)``, computed as 2 x 2 px
+    elementwise maxima of shifted views (the square is a row window after a column window),
+    which is cheaper than max_pool2d on a CPU."""
     return _running_max(_running_max(x, px, -1), px, -2)
 
 
@@ -95,15 +94,3 @@ class LovaszLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.lovasz(logits.float(), target.float())
 
-
-@torch.no_grad()
-def dice_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Hard Dice at probability 0.5 (logit 0). logits, target: (N, 1, H, W). Returns (N,) float64.
-
-    Same convention as ``pipeline.metrics.dice_batch``: both empty -> 1.
-    """
-    p = (logits.reshape(logits.shape[0], -1) > 0)
-    t = target.reshape(target.shape[0], -1) > 0.5
-    inter = (p & t).sum(1).double()
-    denom = (p.sum(1) + t.sum(1)).double()
-    return torch.where(denom == 0, torch.ones_like(denom), 2 * inter / denom.clamp_min(1))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from .safeload import load_dict, safe_load
 from .config import ConfigError, PipelineError
 from .data import MEAN, STD
 
@@ -125,7 +125,7 @@ def load_encoder_weights(model: torch.nn.Module, path: str) -> None:
         from safetensors.torch import load_file
         state = load_file(str(p))
     else:
-        state = checkpoint.safe_load(p)
+        state = safe_load(p)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in state.items()}
@@ -232,7 +232,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"checkpoint not found: {path}")
-    ckpt = checkpoint.load_dict(path)
+    ckpt = load_dict(path)
     model = build_model(ckpt["arch"], ckpt["encoder"], "none", **ckpt.get("model_kwargs", {}))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import cache, locks, runtime, tta as tta_mod
-from .config import Config, ConfigError, PipelineError, check_max_forward
+from .config import Config, ConfigError, PipelineError
 from .graph import STAGES, Graph, file_sha16, predict_dir
 from .data import cv2_single_thread, read_image, to_device
 from .geometry import jpeg_reduction, row_geometry, to_model
@@ -148,7 +148,7 @@ def _predict_fold(index: pd.DataFrame, ckpt_path: str | Path, cache_root: str | 
     (default: this call's own arguments).
     """
     t0 = time.time()
-    check_max_forward(max_forward)
+    tta_mod.check_max_forward(max_forward)      # before any model is loaded
     ckpt_path = Path(ckpt_path)
     ckpt_hash = ckpt_hash or file_sha16(ckpt_path)
     dev = resolve_device(device, "predict.device")

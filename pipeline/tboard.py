@@ -1,6 +1,6 @@
 """TensorBoard events per fold: ``<fold dir>/tb/`` (``make tensorboard`` serves the cache).
 
-The training loop makes three calls (see ``pipeline/train.py``, marked "issue 11"):
+The fold driver makes three calls (``pipeline/train/fold.py``):
 
     board = tboard.open_fold(cfg, out, main=d.main, start_epoch=start)
     board.epoch(row, model, val_ds, autocast=..., device=..., channels_last=..., stats=...)  # per epoch
@@ -59,7 +59,7 @@ class FoldBoard:
         return self.writer is not None
 
     def epoch(self, row: dict, model=None, val_ds=None, **predict_kw) -> None:
-        """Log one epoch's metrics row (checkpoint.METRIC_COLUMNS) and, when due, the overlays."""
+        """Log one epoch's metrics row (``pipeline.train.logs.METRIC_COLUMNS``) and, when due, the overlays."""
         if self.writer is None:
             return
         t0 = time.perf_counter()

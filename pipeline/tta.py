@@ -111,6 +111,12 @@ def view_names(spec: str) -> list[str]:
     return names(parse(spec))
 
 
+def check_max_forward(max_forward: int) -> None:
+    """predict.max_forward: images per forward pass, 0 = no limit."""
+    if max_forward < 0:
+        raise ConfigError(f"predict.max_forward={max_forward}: must be >= 0 (0 = all views of a batch at once)")
+
+
 def _chunks(n_views: int, n: int, max_forward: int):
     """Split the n_views * n images of one scale group (view-major: view v, image i at v * n + i)
     into consecutive runs of at most max_forward (0 = one run). Yields lists of (view, i0, i1)
@@ -136,8 +142,7 @@ def predict_proba(model, x, ttas: list[TTA], max_forward: int = 0):
     inputs are built per run, so a large N * k never exists as one input tensor either.
     """
     import torch
-    if max_forward < 0:
-        raise ConfigError(f"predict.max_forward={max_forward}: must be >= 0 (0 = all views of a batch at once)")
+    check_max_forward(max_forward)
     with torch.no_grad():
         return _predict_proba(model, x, ttas, max_forward)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Thin entry point: `make train` -> `python scripts/train.py [--config F] [key=value ...]`; the logic is pipeline/train.py."""
+"""Thin entry point: `make train` -> `python scripts/train.py [--config F] [key=value ...]`; the logic is pipeline/train/."""
 import sys
 from pathlib import Path
 

@@ -38,10 +38,11 @@ from _ddp_helpers import no_running_stats
 from _train_helpers import tiny_cfg
 from pipeline import train
 from pipeline.graph import Graph
+from pipeline.train import build
 no_sync, entered = DDP.no_sync, []
 DDP.no_sync = lambda self: entered.append(1) or no_sync(self)   # count the accumulate-locally micro-batches
-real_build = train.build_model
-train.build_model = lambda *a, **k: no_running_stats(real_build(*a, **k))
+real_build = build.build_model
+build.build_model = lambda *a, **k: no_running_stats(real_build(*a, **k))
 # Every file this rank writes: opened for writing, renamed into place, or torch.save'd.
 writes, _open, _replace, _save = [], builtins.open, os.replace, torch.save
 def rec(p):

@@ -127,11 +127,12 @@ def test_two_folds_at_once_both_finish_into_one_run(prepared, tmp_path):
 
 
 SLOW_EPOCH = """
-real_epoch = train.train_one_epoch
+from pipeline.train import step
+real_epoch = step.train_epoch
 def slow_epoch(*args, **kwargs):  # the holder's epoch lasts well past the other process's start
     time.sleep(3)
     return real_epoch(*args, **kwargs)
-train.train_one_epoch = slow_epoch
+step.train_epoch = slow_epoch
 """
 
 
@@ -153,7 +154,7 @@ def test_same_fold_twice_trains_once_the_other_waits_then_finds_it_cached(prepar
     assert line is not None, lines
     assert f"on host {socket.gethostname()}" in line
     assert "fold 0: cached" in waited[0] and "epoch 1/1" not in waited[0]
-    out = Graph(_cfg(raw, cache_root, seed=12)).maps_dir(0)
+    out = Graph(_cfg(raw, cache_root, seed=12)).fold_dir(0)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 0 and len(last["history"]) == 1 and cache.is_complete(out)
     assert len(pd.read_csv(out / "metrics.csv")) == 1

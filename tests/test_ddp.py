@@ -16,6 +16,7 @@ import torch
 from _ddp_helpers import OVERRIDES, no_running_stats, single_node
 from _train_helpers import tiny_cfg
 from pipeline import cache, train
+from pipeline.train import build
 from pipeline.graph import Graph
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -78,8 +79,8 @@ def test_equals_one_process_with_the_same_global_batch(ddp, tmp_path, monkeypatc
     the same order: rank r's micro-batch j is the single process's 2j + r): the same losses,
     learning rates, validation metrics and weights, to float rounding (gradients are summed in
     another order, and Dice thresholds)."""
-    real = train.build_model
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: no_running_stats(real(*a, **k)))
+    real = build.build_model
+    monkeypatch.setattr(build, "build_model", lambda *a, **k: no_running_stats(real(*a, **k)))
     one = tiny_cfg(tmp_path / "cache", **{**OVERRIDES, "train.accum_steps": 4})
     # One thread, as each DDP rank has (OMP_NUM_THREADS=1): with 2, oneDNN's convolutions round
     # differently, and AdamW's first step (lr * g / |g|) turns that into +-lr on every weight

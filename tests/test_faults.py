@@ -208,10 +208,10 @@ def test_predict_halves_the_batch_on_gpu_out_of_memory(small, tmp_path, monkeypa
                         "predict: out of GPU memory at 4 images per model call; halved to 2 (as "
                         "predict.max_forward=2), retrying the batch"]
     assert calls and max(calls) == 2 and sum(calls) == 2 * len(index)      # every view of every image, once
-    assert got.fold_dir.name == ref.fold_dir.name and got.predicted == len(index)
+    assert got.maps_dir.name == ref.maps_dir.name and got.predicted == len(index)
     for i in index["id"]:
-        a = probmaps.read_prob(probmaps.prob_path(ref.fold_dir, i)).astype(int)
-        b = probmaps.read_prob(probmaps.prob_path(got.fold_dir, i)).astype(int)
+        a = probmaps.read_prob(probmaps.prob_path(ref.maps_dir, i)).astype(int)
+        b = probmaps.read_prob(probmaps.prob_path(got.maps_dir, i)).astype(int)
         assert np.abs(a - b).max() <= 1, i        # fp32 sums in another order, as with predict.max_forward
     # Nothing fits, not even one image: a one-line PipelineError, not a retry loop.
     _oom_above(monkeypatch, 0)

@@ -5,7 +5,7 @@ at 64x32, 2 epochs on fold 0) runs through prepare, train, oof, predict and subm
 uninterrupted, with ``pipeline.faults`` tracing every kill point it reaches; that cache is the
 reference. Then, per stage, at seeded random points drawn from that trace (``write``: an
 atomic write's temp is complete, not renamed; ``rename``: just after the rename;
-``submit.chunk``: a half-streamed CSV) and, for train, mid-epoch (``loop.KILL_ENV``): the
+``submit.chunk``: a half-streamed CSV) and, for train, mid-epoch (``train.batch``): the
 stage's outputs are removed, the command is run with the kill armed (it must die by SIGKILL),
 then run again as it was, and the stage's outputs are compared with the reference's.
 
@@ -16,7 +16,7 @@ Both runs use the same cache path (the artifacts record absolute paths).
 Compared byte for byte: every file of the stage (maps, masks, images, CSVs, best.pt, curve.png,
 oof.json, oof/hist.npz, meta.json, the submission CSV, ...) and the list of files itself (so a temp left by
 the kill and not swept by the rerun fails). Compared as values, for the reasons given:
-``manifest.json`` and ``shards/*.json`` less ``finished_at`` (a clock), and prepare's
+``manifest.json`` and ``shards/*.json`` less ``finished_at`` and recorded files' mtimes (clocks), and prepare's
 ``stats`` counts of images processed vs reused (how that run got there, not what it made);
 ``metrics.csv`` less ``seconds`` and ``images_per_s``; ``last.pt``: every tensor, RNG state and
 number equal, its history less the same two timing columns; the submission sidecar less ``created``,
@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from _stage_runner import REPO, Zygote
-from pipeline import faults, loop, synth
+from pipeline import faults, synth
 
 STAGES = ("prepare", "train", "oof", "predict", "submit")
 TINY = ["prepare.height=32", "prepare.width=64", "n_folds=2", "epochs=2", "train.batch_size=8",
@@ -45,10 +45,12 @@ TINY = ["prepare.height=32", "prepare.width=64", "n_folds=2", "epochs=2", "train
         "encoder_weights=none", "train.fold=0", "predict.folds=0", "train.num_workers=0", "predict.num_workers=0",
         "predict.batch_size=4", "prepare.workers=1", "submit.workers=1", "submit.images_per_task=4",
         "tta=hflip", "tensorboard.enabled=false", "predict.precision=fp32", "train.precision=fp32"]
-# Kill points drawn per stage from the uninterrupted run's trace (oof has 2 in all), plus train's
-# mid-epoch kills (epoch:micro-batch, 0-based; 2 micro-batches per epoch here).
+# Kill points drawn per stage from the uninterrupted run's writes and renames (oof has 2 in all),
+# plus train's mid-epoch kills: the n-th micro-batch (1-based, 2 per epoch here: epoch 1's second
+# and epoch 2's first).
 DRAWN = {"prepare": 8, "train": 4, "oof": 2, "predict": 6, "submit": 8}
-TRAIN_STEPS = ["0:1", "1:0"]
+MID_EPOCH = "train.batch"
+TRAIN_STEPS = [f"{MID_EPOCH}:2", f"{MID_EPOCH}:3"]
 SEED = 13
 TIMING = ["seconds", "images_per_s"]
 EXCLUDED = {"manifest.json": {"finished_at"}, "shard": {"finished_at"},
@@ -145,6 +147,8 @@ def _same_file(a: Path, b: Path, rel: str, stage: str) -> None:
                 d.pop(k, None)
             if kind == "manifest.json" and stage == "prepare":
                 d["stats"] = {k: v for k, v in d["stats"].items() if k not in PREPARE_RUN_STATS}
+            for rec in d.get("hashes", {}).values():     # (name, size, mtime_ns): the mtime is a clock
+                rec["fingerprint"] = rec["fingerprint"][:2]
         assert x == y, f"{rel}: {x} vs {y}"
     else:
         assert a.read_bytes() == b.read_bytes(), f"{rel}: bytes differ"
@@ -172,11 +176,14 @@ def _points(w: World, stage: str) -> list[tuple[str, str]]:
     """(env var, value) for each kill point of ``stage``: seeded draws from the trace, and train's steps."""
     assert w.trace[stage], f"{stage}: the uninterrupted run reached no kill point"
     # Drawn from the points in a fixed order: predict's two writer threads interleave the trace.
-    pool = sorted(set(w.trace[stage]), key=lambda p: (p.split(":")[0], int(p.split(":")[1])))
+    pool = sorted({p for p in w.trace[stage] if not p.startswith(MID_EPOCH + ":")},
+                  key=lambda p: (p.split(":")[0], int(p.split(":")[1])))
     drawn = sorted(random.Random(f"{SEED}-{stage}").sample(pool, min(DRAWN[stage], len(pool))),
                    key=lambda p: (int(p.split(":")[1]), p))
-    return [(faults.KILL_ENV, p) for p in drawn] + \
-        ([(loop.KILL_ENV, s) for s in TRAIN_STEPS] if stage == "train" else [])
+    if stage == "train":
+        assert set(TRAIN_STEPS) <= set(w.trace[stage]), "train: a mid-epoch point was never reached"
+        drawn += TRAIN_STEPS
+    return [(faults.KILL_ENV, p) for p in drawn]
 
 
 KILLED: dict[str, int] = {}

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import cache, config, data, predict, prepare, submit, synth, train
+from pipeline import cache, config, data, predict, prepare, probmaps, submit, synth, train
+from pipeline.train import build
 from pipeline.config import PipelineError
 from pipeline.graph import Graph
 
@@ -121,7 +122,7 @@ def test_short_run_clears_the_bar(demo):
     root, cfg, prepared, summary = demo
     # The bar is meaningful: predicting "car" everywhere scores 2a / (1 + a) (a = car fraction).
     val = data.load_index(prepared).query("fold == 0")
-    a = float(np.mean([data.read_mask(p).mean() for p in val["mask"]]))
+    a = float(np.mean([probmaps.read_mask(p).mean() for p in val["mask"]]))
     assert 2 * a / (1 + a) < BAR - 0.2
     assert summary["images"] == len(val)
     assert summary["dice_original"] >= BAR, summary
@@ -148,7 +149,7 @@ def test_misaligned_pairs_fall_below_the_bar(demo, monkeypatch, tmp_path):
     true masks) must miss the bar by a wide margin, else the bar could not catch this bug."""
     root, _, prepared, _ = demo
     real = data.build_transform
-    monkeypatch.setattr(train, "build_transform", lambda spec: _ImageOnlyVflip(real(spec)))
+    monkeypatch.setattr(build, "build_transform", lambda spec: _ImageOnlyVflip(real(spec)))
     cfg = _cfg(root, **{"data.cache": str(tmp_path / "cache")})
     (summary,) = train.run(cfg, Graph(cfg, prepared=prepared))
     assert summary["dice_original"] < BAR - 0.1, summary
@@ -171,7 +172,7 @@ def test_changing_the_threshold_predicts_nothing(demo, monkeypatch):
     (res,) = predict.run(first)
     assert res.predicted == 16
     csv_a = submit.run(first)
-    before = _snapshot(res.fold_dir)
+    before = _snapshot(res.maps_dir)
 
     def no_model(*a, **k):
         raise AssertionError("predict opened the model again for a threshold change")
@@ -179,9 +180,9 @@ def test_changing_the_threshold_predicts_nothing(demo, monkeypatch):
     monkeypatch.setattr(predict, "_predict_images", no_model)
     second = _cfg(root, **{"submit.threshold": 0.7, "submit.name": "t70"})
     (again,) = predict.run(second)
-    assert again.fold_dir == res.fold_dir and again.predicted == 0 and again.skipped == 16
+    assert again.maps_dir == res.maps_dir and again.predicted == 0 and again.skipped == 16
     csv_b = submit.run(second)
-    assert len(before) == 17 and _snapshot(res.fold_dir) == before     # 16 maps + meta.json, untouched
+    assert len(before) == 17 and _snapshot(res.maps_dir) == before     # 16 maps + meta.json, untouched
     assert csv_a.read_bytes() != csv_b.read_bytes()      # the threshold did change the masks
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _ddp_helpers import REPO, free_port, launch_two_nodes, single_node
-from pipeline import cache, config, predict, prepare, probmaps, submit, synth, train
+from pipeline import cache, config, predict, prepare, probmaps, runtime, submit, synth, train
 from pipeline.config import ConfigError
 from pipeline.graph import Graph
 from pipeline import testset
@@ -83,9 +83,9 @@ def test_predict_ddp_shards_by_rank_and_submit_is_byte_identical(trained, tmp_pa
     root, cfg = trained
     (one,) = predict.run(cfg)                        # one process: the reference maps and CSV
     ref = submit.run(_cfg(root, **{"submit.name": "one", "submit.threshold": 0.5})).read_bytes()
-    fold_dir = one.fold_dir
+    maps_dir = one.maps_dir
     moved = tmp_path / "one_process_maps"
-    fold_dir.rename(moved)                           # predict-ddp must make every map again
+    maps_dir.rename(moved)                           # predict-ddp must make every map again
 
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
@@ -98,25 +98,22 @@ def test_predict_ddp_shards_by_rank_and_submit_is_byte_identical(trained, tmp_pa
     # Each rank predicted its half: every other row of the test index, 8 of 16.
     assert proc.stdout.count("8 predicted, 0 cached (shard 0/2)") == 1
     assert proc.stdout.count("8 predicted, 0 cached (shard 1/2)") == 1
-    assert sorted(p.name for p in (fold_dir / "shards").iterdir()) == ["0of2.json", "1of2.json"]
-    assert cache.is_complete(fold_dir)               # the manifest: the whole index is there
+    assert sorted(p.name for p in (maps_dir / "shards").iterdir()) == ["0of2.json", "1of2.json"]
+    assert cache.is_complete(maps_dir)               # the manifest: the whole index is there
     ids = testset.read_test_index(Graph(cfg).prepared_dir / "test_index.csv")["id"]
     for i in ids:
-        assert (probmaps.read_prob(probmaps.prob_path(fold_dir, i)) ==
+        assert (probmaps.read_prob(probmaps.prob_path(maps_dir, i)) ==
                 probmaps.read_prob(probmaps.prob_path(moved, i))).all(), i
     got = submit.run(_cfg(root, **{"submit.name": "ddp", "submit.threshold": 0.5})).read_bytes()
     assert got == ref
 
 
-def test_rank_shard_rule(monkeypatch):
-    """RANK/WORLD_SIZE under torchrun; predict.shard alone otherwise; both at once is refused."""
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    assert predict.rank_shard("") == (0, 1) and predict.rank_shard("1/3") == (1, 3)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", "3")
-    assert predict.rank_shard("") == (3, 4)
+def test_rank_shard_rule():
+    """(RANK, WORLD_SIZE) under torchrun; predict.shard alone otherwise; both at once is refused."""
+    one = runtime.from_env({})
+    assert predict.rank_shard("", one) == (0, 1) and predict.rank_shard("1/3", one) == (1, 3)
+    ddp = runtime.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert predict.rank_shard("", ddp) == (3, 4)
     with pytest.raises(ConfigError, match="predict.shard='1/3' under torchrun"):
-        predict.rank_shard("1/3")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert predict.rank_shard("") == (0, 1)
+        predict.rank_shard("1/3", ddp)
+    assert predict.rank_shard("", runtime.from_env({"WORLD_SIZE": "1"})) == (0, 1)

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import prepare, synth, testset
 from pipeline.cache import is_complete, read_manifest
-from pipeline.data import read_mask
+from pipeline.probmaps import read_mask
 from pipeline.config import PipelineError, load
 from pipeline.graph import Graph
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import prepare, rle
 from pipeline.cache import read_json
-from pipeline.data import read_mask
+from pipeline.probmaps import read_mask
 from pipeline.config import load
 
 GOLDEN = "879735 20 881650 26 883315 92 883564 30 885208"   # Kaggle train_masks.csv, 00087a6bd4dc_04

@@ -15,7 +15,7 @@ from PIL import Image
 from _train_helpers import RAW_H, RAW_W
 from pipeline import prepare
 from pipeline.cache import read_json
-from pipeline.data import read_mask
+from pipeline.probmaps import read_mask
 from pipeline.config import PipelineError, load
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from _train_helpers import make_prepared, tiny_cfg
-from pipeline import checkpoint, predict, train, tta
+from pipeline import predict, train, tta
+from pipeline.train import resume, rng
 from pipeline.config import PipelineError
-from pipeline.loop import build_optimizer, build_scheduler
+from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.models import build_model, load_checkpoint
 from pipeline.graph import Graph
 
@@ -74,13 +75,13 @@ def test_optimizer_scheduler_and_scaler_states_load_weights_only(tmp_path, sched
 def test_rng_state_through_a_weights_only_file_continues_identically(tmp_path):
     """Saved, loaded with weights_only=True and restored, the Python, NumPy and torch generators
     draw exactly what they drew right after the save (a resume's continuation)."""
-    checkpoint.seed_everything(123)
+    rng.seed_everything(123)
     np.random.standard_normal()              # a cached Gaussian in NumPy's state too
-    torch.save({"rng": [checkpoint.rng_state(torch.device("cpu"))]}, tmp_path / "rng.pt")
+    torch.save({"rng": [rng.rng_state(torch.device("cpu"))]}, tmp_path / "rng.pt")
     want = (random.random(), np.random.random(4).tolist(), np.random.standard_normal(), torch.rand(4))
-    checkpoint.seed_everything(7)
+    rng.seed_everything(7)
     state = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"][0]
-    checkpoint.set_rng_state(state, torch.device("cpu"))
+    rng.set_rng_state(state, torch.device("cpu"))
     got = (random.random(), np.random.random(4).tolist(), np.random.standard_normal(), torch.rand(4))
     assert got[:3] == want[:3] and torch.equal(got[3], want[3])
 
@@ -102,7 +103,7 @@ def test_predict_refuses_a_checkpoint_carrying_code(tmp_path):
     with pytest.raises(PipelineError, match=_refused(ckpt)):
         load_checkpoint(ckpt)
     with pytest.raises(PipelineError, match=_refused(ckpt)):
-        checkpoint.load_best(model, ckpt.parent, "fold 0")
+        resume.load_best(model, ckpt.parent, "fold 0")
     assert not marker.exists()
     # The same file without the payload loads: the refusal is about the payload alone.
     torch.save(state, ckpt)

@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 from _train_helpers import tiny_cfg
-from pipeline import prepare, synth, train
+from pipeline import prepare, synth
 from pipeline.graph import Graph
 
 H, W = 64, 96

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from _train_helpers import make_prepared, tiny_cfg
-from pipeline import checkpoint, loop, train
+from pipeline import faults, graph, train
+from pipeline.train import logs, plan
 from pipeline.config import parse_progressive
 from pipeline.config import ConfigError
 from pipeline.losses import BceDiceLoss, LovaszLoss, dilate, edge_band
@@ -46,7 +47,7 @@ def test_resize_batch_moves_image_and_mask_together():
     y = torch.zeros(1, 1, 64, 96)
     x[..., :32, :48] = 1.0
     y[..., :32, :48] = 1.0
-    xs, ys = loop.resize_batch(x, y, (32, 48))
+    xs, ys = plan.resize_batch(x, y, (32, 48))
     assert xs.shape == (1, 3, 32, 48) and ys.shape == (1, 1, 32, 48)
     assert set(ys.unique().tolist()) <= {0.0, 1.0}
     assert ys[0, 0, :16, :24].min() == 1 and ys[0, 0, 16:, :].max() == 0 and ys[0, 0, :, 24:].max() == 0
@@ -59,7 +60,7 @@ def test_crop_batch_takes_the_same_window_from_image_and_mask():
     pos = torch.arange(64 * 96, dtype=torch.float32).reshape(1, 1, 64, 96)
     x = pos.expand(6, 3, 64, 96).clone()
     y = pos.expand(6, 1, 64, 96).clone()
-    xs, ys = loop.crop_batch(x, y, (32, 64), torch.Generator().manual_seed(3))
+    xs, ys = plan.crop_batch(x, y, (32, 64), torch.Generator().manual_seed(3))
     assert xs.shape == (6, 3, 32, 64) and ys.shape == (6, 1, 32, 64)
     assert xs.is_contiguous(memory_format=torch.channels_last)
     for i in range(6):
@@ -68,20 +69,20 @@ def test_crop_batch_takes_the_same_window_from_image_and_mask():
         assert torch.equal(xs[i, 1], pos[0, 0, top:top + 32, left:left + 64])
         assert torch.equal(ys[i, 0], xs[i, 0])
     assert len({int(v) for v in xs[:, 0, 0, 0]}) > 1          # not one window for the whole batch
-    again, _ = loop.crop_batch(x, y, (32, 64), torch.Generator().manual_seed(3))
+    again, _ = plan.crop_batch(x, y, (32, 64), torch.Generator().manual_seed(3))
     assert torch.equal(again, xs)
 
 
 def test_crop_offsets_reach_the_borders():
     # 288 windows in 512: the centre is uniform, so a start of 0 (the top border in view) has
     # probability 144/512 = 0.28, the same for the last start, the rest spread between.
-    starts = torch.tensor(loop.crop_offsets(20000, 512, 288, torch.Generator().manual_seed(0)))
+    starts = torch.tensor(plan.crop_offsets(20000, 512, 288, torch.Generator().manual_seed(0)))
     assert starts.min() == 0 and starts.max() == 512 - 288
     for edge in (0, 512 - 288):
         assert abs((starts == edge).float().mean().item() - 144 / 512) < 0.02
     inner = starts[(starts > 0) & (starts < 224)]
     assert abs(len(inner) / len(starts) - 223 / 512) < 0.02
-    assert loop.crop_offsets(3, 64, 64, torch.Generator()) == [0, 0, 0]     # a crop of the whole side
+    assert plan.crop_offsets(3, 64, 64, torch.Generator()) == [0, 0, 0]     # a crop of the whole side
 
 
 def test_edge_band_is_the_ring_around_the_mask_edge():
@@ -134,9 +135,9 @@ def test_lovasz_is_zero_for_a_confident_right_answer_and_positive_otherwise():
 
 def test_new_levers_at_their_defaults_keep_the_train_key(prepared, tmp_path):
     base = tiny_cfg(tmp_path)
-    params = train.train_params(base)
-    for k in train.NEUTRAL:
-        assert k not in params, k      # a run trained before these keys existed keeps its key
+    params = graph.params(base, "train")
+    added = [p.key.split(".", 1)[1] for p in graph.STAGES["train"].params if p.added]
+    assert added and not set(added) & set(params)   # a run trained before these keys existed keeps its key
     key = Graph(base, prepared=prepared).train_key
     assert Graph(tiny_cfg(tmp_path, **{"train.ema_decay": 0.99}), prepared=prepared).train_key == key   # EMA off
     assert Graph(tiny_cfg(tmp_path, **{"train.compile": True}), prepared=prepared).train_key == key     # speed only
@@ -179,7 +180,7 @@ def levers_run(prepared, tmp_path_factory):
 def test_ema_is_scored_and_checkpointed_beside_the_raw_weights(levers_run):
     cfg, summary, out = levers_run
     m = pd.read_csv(out / "metrics.csv")
-    assert list(m.columns) == checkpoint.METRIC_COLUMNS
+    assert list(m.columns) == logs.METRIC_COLUMNS
     assert m["size"].tolist() == ["32x64", "c32x64", "c32x64"]   # resized, then crops
     assert m["val_dice_ema"].notna().all() and ((m["val_dice_ema"] >= 0) & (m["val_dice_ema"] <= 1)).all()
     # EMA weights are not the raw ones (else scoring both would be pointless).
@@ -197,29 +198,31 @@ def test_ema_is_scored_and_checkpointed_beside_the_raw_weights(levers_run):
 
 
 def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path):
-    """Kill-free resume check: stop after epoch 2 (epochs=2 run), then continue to 3 from last.pt.
-    EMA state and progressive sizes must carry over, and the rerun crop epoch must draw the same
-    windows: the metrics equal the uninterrupted run's."""
+    """kill -9 at the start of epoch 3, then the same command continues from last.pt: EMA state
+    and progressive sizes must carry over, and the rerun crop epoch must draw the same windows:
+    the metrics equal the uninterrupted run's."""
     cfg, _, out = levers_run
     ref = pd.read_csv(out / "metrics.csv")
     import shutil
     work = tmp_path / "resume"
-    # Run the same config into a fresh cache, killed after epoch 2 via the kill hook.
+    # Run the same config into a fresh cache, killed at the start of epoch 3: 2 micro-batches per
+    # epoch, so the 5th micro-batch's kill point.
     import os
     import subprocess
     import sys
     code = (
         "import sys; sys.path.insert(0, 'tests');"
-        "from _train_helpers import tiny_cfg; from pipeline import train;"
+        "from _train_helpers import tiny_cfg; from pipeline import train; from pipeline.graph import Graph;"
         f"cfg = tiny_cfg({str(work)!r}, **{{'train.epochs': 3, 'train.ema': True, 'train.ema_decay': 0.9,"
         "'train.progressive': '32x64:1,c32x64:2', 'train.boundary_weight': 2.0, 'train.loss_final': 'lovasz',"
         "'train.loss_final_epochs': 1});"
         f"train.run(cfg, Graph(cfg, prepared={str(prepared)!r}))")
-    env = {**os.environ, loop.KILL_ENV: "2:0"}
+    env = {**os.environ, faults.KILL_ENV: "train.batch:5"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert r.returncode != 0   # killed at the start of epoch 3
-    env.pop(loop.KILL_ENV)
+    assert r.returncode == -9, r.stderr[-2000:]   # killed at the start of epoch 3
+    assert len(pd.read_csv(next(work.glob("train/*/fold0")) / "metrics.csv")) == 2
+    env.pop(faults.KILL_ENV)
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     resumed = pd.read_csv(next(work.glob("train/*/fold0")) / "metrics.csv")

@@ -19,13 +19,15 @@ import pytest
 import torch
 
 from _train_helpers import make_prepared, tiny_cfg
-from pipeline import cache, checkpoint, loop, train
+from pipeline import cache, faults, train
+from pipeline.runtime import Runtime
+from pipeline.train import build, fold, resume, rng
 from pipeline.graph import Graph
 from pipeline.config import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = {"train.epochs": 2, "train.augment": "basic", "train.warmup_epochs": 0.5}
-COMPARED = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "nonfinite", "best"]
+CLOCKS = ["seconds", "images_per_s"]
 # Stochastic depth in the timm encoder (active from the first step: residual branches not
 # zero-initialised), so the training draws from the global torch RNG and a resume that lost
 # its RNG state would not reproduce the uninterrupted run.
@@ -37,16 +39,17 @@ sys.path[:0] = [{tests!r}, {repo!r}]
 from _train_helpers import tiny_cfg
 from pipeline import train
 from pipeline.graph import Graph
-_model_kwargs = train.model_kwargs
-train.model_kwargs = lambda *a: {{**_model_kwargs(*a), **{extra!r}}}
+from pipeline.train import build
+_model_kwargs = build.model_kwargs
+build.model_kwargs = lambda *a: {{**_model_kwargs(*a), **{extra!r}}}
 cfg = tiny_cfg({cache!r}, **{overrides!r})
 train.run(cfg, Graph(cfg, prepared={prepared!r}))
 """
 
 
 def _stochastic(monkeypatch):
-    real = train.model_kwargs
-    monkeypatch.setattr(train, "model_kwargs", lambda *a: {**real(*a), **STOCHASTIC})
+    real = build.model_kwargs
+    monkeypatch.setattr(build, "model_kwargs", lambda *a: {**real(*a), **STOCHASTIC})
 
 
 def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monkeypatch):
@@ -58,11 +61,11 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
     ref_dir = Graph(ref_cfg, prepared=prepared).fold_dir(0)
 
     # Same config in another cache, with 2 workers (a run-only knob), killed by SIGKILL at
-    # epoch 2, micro-batch 2.
+    # epoch 2, micro-batch 2 (2 micro-batches per epoch: the 4th micro-batch's kill point).
     overrides = {**OVERRIDES, "train.num_workers": 2}
     script = SCRIPT.format(tests=str(REPO / "tests"), repo=str(REPO), cache=str(tmp_path / "run"),
                            overrides=overrides, prepared=str(prepared), extra=STOCHASTIC)
-    env = {**os.environ, loop.KILL_ENV: "1:1"}
+    env = {**os.environ, faults.KILL_ENV: "train.batch:4"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     cfg = tiny_cfg(tmp_path / "run", **overrides)
@@ -77,12 +80,13 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
     train.run(cfg, Graph(cfg, prepared=prepared))
     assert "resuming after epoch 1 of 2" in capsys.readouterr().out
     assert cache.is_complete(out)
-    got, want = pd.read_csv(out / "metrics.csv"), pd.read_csv(ref_dir / "metrics.csv")
-    pd.testing.assert_frame_equal(got[COMPARED], want[COMPARED], check_exact=False, rtol=1e-5)
-    a = torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"]
-    b = torch.load(ref_dir / "best.pt", map_location="cpu", weights_only=True)["model"]
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    # Exactly: every column but the clocks, and every weight of best.pt and last.pt.
+    got, want = (pd.read_csv(d / "metrics.csv").drop(columns=CLOCKS) for d in (out, ref_dir))
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    for name in ("best.pt", "last.pt"):
+        a = torch.load(out / name, map_location="cpu", weights_only=True)["model"]
+        b = torch.load(ref_dir / name, map_location="cpu", weights_only=True)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), name
     assert cache.read_json(out / "oof.json")["dice_original"] == \
         pytest.approx(cache.read_json(ref_dir / "oof.json")["dice_original"], abs=1e-4)
     # The premise: this model's training draws random numbers (else the equalities above
@@ -109,14 +113,14 @@ class Stop(Exception):
 
 
 def _stop_at_epoch(monkeypatch, epoch: int):
-    """train_one_epoch raises Stop when it reaches ``epoch`` (0-based): a crash after the epochs before."""
-    real = train.train_one_epoch
+    """run_epoch raises Stop when it reaches ``epoch`` (0-based): a crash after the epochs before."""
+    real = fold.run_epoch
 
-    def run(*a, **k):
-        if k["epoch"] == epoch:
+    def run(f, data, parts, progress, plan, board):
+        if plan.epoch == epoch:
             raise Stop
-        return real(*a, **k)
-    monkeypatch.setattr(train, "train_one_epoch", run)
+        return real(f, data, parts, progress, plan, board)
+    monkeypatch.setattr(fold, "run_epoch", run)
 
 
 def test_cpu_checkpoint_resumes_with_an_enabled_grad_scaler(tmp_path, monkeypatch, capsys):
@@ -132,9 +136,8 @@ def test_cpu_checkpoint_resumes_with_an_enabled_grad_scaler(tmp_path, monkeypatc
     out = Graph(cfg, prepared=prepared).fold_dir(0)
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert last["scaler"] == {} and last["precision"] == "fp32" and last["world_size"] == 1
-    monkeypatch.setattr(train, "resolve_precision", lambda precision, device: "fp16")   # as on CUDA
     capsys.readouterr()
-    train.run(cfg, Graph(cfg, prepared=prepared))
+    train.run(cfg, Graph(cfg, prepared=prepared), rt=Runtime(device="cpu", precision="fp16"))   # as on CUDA
     log = capsys.readouterr().out
     assert "resuming after epoch 1 of 2" in log
     assert "was trained in fp32 on cpu, this run uses fp16 on cpu" in log
@@ -143,9 +146,9 @@ def test_cpu_checkpoint_resumes_with_an_enabled_grad_scaler(tmp_path, monkeypatc
     assert last["precision"] == "fp16" and last["scaler"]["scale"] > 0     # the enabled scaler's own state
     # The helper: an empty state is skipped, a real one loaded.
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
-    checkpoint.load_scaler_state(scaler, {})
+    resume.load_scaler_state(scaler, {})
     assert scaler.get_scale() == 8.0
-    checkpoint.load_scaler_state(scaler, last["scaler"])
+    resume.load_scaler_state(scaler, last["scaler"])
     assert scaler.get_scale() == last["scaler"]["scale"]
 
 
@@ -166,8 +169,8 @@ def test_resume_under_another_world_size_is_an_error(tmp_path, capsys):
         train.run(cfg, Graph(cfg, prepared=prepared))
     with pytest.raises(PipelineError, match=r"trained with 1 process\(es\) but this run has 2; .*resume with "
                                             r"`make train` \(no DDP\)"):
-        checkpoint.check_resume_world({"world_size": 1}, 2, out / "last.pt", out)
-    checkpoint.check_resume_world({"world_size": 2}, 2, out / "last.pt", out)
+        resume.check_resume_world({"world_size": 1}, 2, out / "last.pt", out)
+    resume.check_resume_world({"world_size": 2}, 2, out / "last.pt", out)
     # A finished fold from another process count stays cached, with a note.
     (out / "last.pt").unlink()
     cache.write_json(out / "oof.json", {"fold": 0, "world_size": 2})
@@ -190,23 +193,23 @@ def test_rng_state_touches_only_this_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state",
                         lambda device="cuda": calls.append(("get", device)) or torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(("set", int(s[0]), device)))
-    cpu_state = checkpoint.rng_state(torch.device("cpu"))
+    cpu_state = rng.rng_state(torch.device("cpu"))
     assert "cuda" not in cpu_state and calls == []            # a CPU run leaves the GPUs alone
     gpu1 = torch.device("cuda", 1)
-    state = checkpoint.rng_state(gpu1)
+    state = rng.rng_state(gpu1)
     assert calls == [("get", gpu1)]
     want = (random.random(), np.random.random(), torch.rand(1))
-    checkpoint.set_rng_state(state, gpu1)
+    rng.set_rng_state(state, gpu1)
     assert calls[-1] == ("set", 7, gpu1)
     assert (random.random(), np.random.random(), torch.rand(1)) == want
     # Before train-3: every visible GPU's state; this GPU's entry is the one.
     old = [torch.tensor([v], dtype=torch.uint8) for v in (10, 11, 12)]
-    checkpoint.set_rng_state({**state, "cuda": old}, gpu1)
+    rng.set_rng_state({**state, "cuda": old}, gpu1)
     assert calls[-1] == ("set", 11, gpu1)
     n = len(calls)
-    checkpoint.set_rng_state({**state, "cuda": old[:1]}, gpu1)     # that GPU was not there: left as seeded
-    checkpoint.set_rng_state(cpu_state, gpu1)                      # a CPU checkpoint: nothing to restore
-    checkpoint.set_rng_state(state, torch.device("cpu"))           # a GPU checkpoint on a CPU
+    rng.set_rng_state({**state, "cuda": old[:1]}, gpu1)     # that GPU was not there: left as seeded
+    rng.set_rng_state(cpu_state, gpu1)                      # a CPU checkpoint: nothing to restore
+    rng.set_rng_state(state, torch.device("cpu"))           # a GPU checkpoint on a CPU
     assert len(calls) == n
 
 

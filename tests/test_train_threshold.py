@@ -1,6 +1,6 @@
 """OOF Dice and submit agree at every threshold, also for pixels exactly at a threshold level.
 
-probmaps.prob_hist (OOF histograms, which pick the threshold) and submit.ensemble_mask (which applies
+probmaps.prob_hist (OOF histograms, which pick the threshold) and submit.blend_mask (which applies
 it) share one rule: the uint8-scale map, resized to the original size by geometry.to_original,
 is positive where it is > probmaps.threshold_level(t).
 """
@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import geometry, loop, probmaps, submit
+from pipeline import geometry, probmaps, submit
+from pipeline.train.oofmaps import oof_one
 from pipeline.metrics import dice
 
 MODEL_HW = (32, 48)
@@ -44,14 +45,14 @@ def test_oof_hist_dice_equals_submit_dice(tmp_path, name):
     row = {"id": "car_01", "mask_full": str(tmp_path / "full.png"), "orig_height": ORIG_HW[0],
            "orig_width": ORIG_HW[1], **geom}
     fold = tmp_path / "oof"
-    _, _, pos, all_ = loop.oof_one(q, (q > 127).astype(np.uint8), row, fold / "car_01.png")
+    _, _, pos, all_ = oof_one(q, (q > 127).astype(np.uint8), row, fold / "car_01.png")
     thresholds = [0.4, 0.5, 0.6]
     got = probmaps.hist_dice(pos, all_, thresholds)[0]
     for t, g in zip(thresholds, got):
-        mask = submit.ensemble_mask([str(fold)], "car_01", ORIG_HW, t, geom if name == "pad" else None)
+        mask = submit.blend_mask([([str(fold)], 1.0)], "car_01", ORIG_HW, t, [geom if name == "pad" else None])
         assert g == dice(mask, true), t
     # At 0.6 the 153 block is not positive (153 > 153 is false), in both.
-    assert not submit.ensemble_mask([str(fold)], "car_01", ORIG_HW, 0.6, geom)[up == 153].any()
+    assert not submit.blend_mask([([str(fold)], 1.0)], "car_01", ORIG_HW, 0.6, [geom])[up == 153].any()
 
 
 def test_threshold_level():

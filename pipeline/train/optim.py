@@ -1,0 +1,44 @@
+"""The optimizer (AdamW) and the learning-rate schedule, stepped once per optimizer update."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import SCHEDULERS, ConfigError
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-d tensors) get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, steps_per_epoch: int,
+                    warmup_epochs: float, min_lr_ratio: float):
+    """Stepped once per optimizer update. cosine: linear warmup then cosine to lr*min_lr_ratio.
+
+    onecycle: torch's OneCycleLR peaking at lr after warmup_epochs (30% of the run when 0).
+    none: None (a constant rate).
+    """
+    total_steps = max(1, total_steps)
+    warmup = min(total_steps - 1, round(warmup_epochs * steps_per_epoch))
+    if name == "none":
+        return None
+    if name == "cosine":
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if name == "onecycle":
+        pct = warmup / total_steps if warmup > 0 else 0.3
+        max_lr = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                                   pct_start=min(max(pct, 0.01), 0.99))
+    raise ConfigError(f"train.scheduler='{name}': choose one of {', '.join(SCHEDULERS)}")
