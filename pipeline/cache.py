@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from . import faults
-from .config import PipelineError, stable_hash
+from .errors import PipelineError
 
 MANIFEST = "manifest.json"
 # A temp file not modified for this long has no live writer, whoever wrote it: writes take ms,
@@ -239,3 +239,9 @@ def write_manifest(directory: str | Path, *, stage: str, key: str, params: dict,
 def read_manifest(directory: str | Path) -> dict | None:
     p = Path(directory) / MANIFEST
     return read_json(p) if p.is_file() else None
+
+
+def stable_hash(obj, n: int = 12) -> str:
+    """Short sha256 of a JSON-serialisable object with sorted keys: the cache key primitive."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]

@@ -16,7 +16,8 @@ import importlib
 import sys
 
 from . import explain, runtime, stagelog
-from .config import Config, ConfigError, PipelineError, load
+from .config import Config, load
+from .errors import ConfigError, PipelineError
 from .graph import Graph
 
 STAGES = ("synth", "prepare", "train", "oof", "predict", "submit", "inspect")

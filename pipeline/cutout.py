@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
 from . import cache, ingest, onnxrun
-from .config import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError
 from .geometry import geometry, jpeg_reduction
 from .layout import shown_name
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .config import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError
 from .ingest import decode_jpeg
 from .probmaps import read_mask
 

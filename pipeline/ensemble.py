@@ -30,7 +30,9 @@ import pandas as pd
 
 from . import cache, probmaps
 from .geometry import row_geometry
-from .config import Config, ConfigError, PipelineError, load, stable_hash
+from .config import Config, load
+from .errors import ConfigError, PipelineError
+from .cache import stable_hash
 
 CODE_VERSION = "ensemble-1"
 STAGE = "ensemble"

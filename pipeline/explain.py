@@ -18,7 +18,7 @@ import typing
 
 import yaml
 
-from . import config
+from . import cache, config
 
 # Keys whose field in config.py has no trailing comment (their meaning is plain from the name to
 # someone who has trained a model, but not to a new user).
@@ -109,4 +109,4 @@ def keys_text(sections: tuple[str, ...] | None = None) -> str:
 
 def resolved_yaml(cfg: config.Config) -> str:
     """The resolved config as YAML, headed by its hash (the one submit's sidecar records)."""
-    return f"# config hash {config.stable_hash(cfg.to_dict())}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return f"# config hash {cache.stable_hash(cfg.to_dict())}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)

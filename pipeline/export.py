@@ -43,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from . import cache, onnxrun
-from .config import Config, ConfigError, PipelineError, load, stable_hash
+from .config import Config, load
+from .errors import ConfigError, PipelineError
+from .cache import stable_hash
 from .onnxrun import CARD, CARD_FORMAT, INPUT, OUTPUT, VIEWS
 
 CODE_VERSION = "export-2"

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold
 
-from .config import PipelineError
+from .errors import PipelineError
 
 
 def _group_kfold(cars: dict[str, int], ids: list[str], n_folds: int, seed: int) -> dict[str, int]:

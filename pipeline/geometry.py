@@ -14,7 +14,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .config import FITS, ConfigError
+from .config import FITS
+
+from .errors import ConfigError
 
 GEOM_COLS = ["scaled_height", "scaled_width", "pad_top", "pad_left"]
 

@@ -30,7 +30,9 @@ from functools import cached_property
 from pathlib import Path
 
 from . import cache
-from .config import Config, ConfigError, PipelineError, stable_hash
+from .config import Config
+from .errors import ConfigError, PipelineError
+from .cache import stable_hash
 
 
 @dataclass(frozen=True)

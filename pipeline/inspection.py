@@ -32,7 +32,8 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from . import cache, overlay, rle
-from .config import Config, ConfigError, PipelineError
+from .config import Config
+from .errors import ConfigError, PipelineError
 from .geometry import row_geometry, to_original
 from .graph import Graph, inspect_dir, named_run, other_runs_text, run_folds
 from .metrics import counts, dice_from_counts

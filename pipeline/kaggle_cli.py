@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import cache
-from .config import PipelineError
+from .errors import PipelineError
 
 COMPETITION = "carvana-image-masking-challenge"
 # archive -> ("dir", folder, member suffix) | ("file", file name)
@@ -335,7 +335,8 @@ def submit(sub: str | Path, raw: str | Path, message: str = "", *, test_dir: str
 def main(argv: list[str] | None = None) -> int:
     """scripts/kaggle_cli.py download|submit ... (see --help)."""
     import argparse
-    from .config import ConfigError, load
+    from .config import load
+    from .errors import ConfigError
     argv = list(sys.argv[1:] if argv is None else argv)
     parsers = {}
     d = parsers["download"] = argparse.ArgumentParser(

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import Config, PipelineError, stable_hash
+from .config import Config
+
+from .errors import PipelineError
+
+from .cache import stable_hash
 
 ID_RE = re.compile(r"^[0-9a-f]{12}_\d{2}$")
 IMAGE_EXTS = (".jpg", ".jpeg")          # preferred first: on duplicate ids the .jpg wins

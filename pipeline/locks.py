@@ -51,7 +51,7 @@ from typing import Callable
 from filelock import FileLock, Timeout
 
 from . import cache
-from .config import PipelineError
+from .errors import PipelineError
 
 POLL_S = 1.0          # between tries while another process holds the lock
 LOCKS = "locks"       # <cache>/locks/: every lock file and holder record

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .safeload import load_dict, safe_load
-from .config import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError
 from .data import MEAN, STD
 
 

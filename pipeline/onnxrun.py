@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import probmaps
-from .config import PipelineError
+from .errors import PipelineError
 from .geometry import to_model, to_original
 from .tta import FLIPS
 

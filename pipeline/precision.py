@@ -18,7 +18,9 @@ import os
 
 import torch
 
-from .config import PRECISIONS, ConfigError, check_choice
+from .config import PRECISIONS, check_choice
+
+from .errors import ConfigError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # resolved name -> autocast dtype
 CHOICES = PRECISIONS

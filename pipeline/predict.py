@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import cache, locks, runtime, tta as tta_mod
-from .config import Config, ConfigError, PipelineError
+from .config import Config
+from .errors import ConfigError, PipelineError
 from .graph import STAGES, Graph, file_sha16, predict_dir
 from .data import cv2_single_thread, read_image, to_device
 from .geometry import jpeg_reduction, row_geometry, to_model

@@ -50,7 +50,9 @@ import numpy as np
 import pandas as pd
 
 from . import cache, locks, rle
-from .config import Config, PipelineError, stable_hash
+from .config import Config
+from .errors import PipelineError
+from .cache import stable_hash
 from .graph import STAGES, Graph, params, raw_inputs, train_data_key
 from .folds import make_folds
 from .geometry import GEOM_COLS, geometry, jpeg_reduction, resize_mask, to_model

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .safeload import safe_load
-from .config import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError
 
 @dataclass(frozen=True)
 class Variant:

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from . import cache
-from .config import PipelineError
+from .errors import PipelineError
 from .geometry import to_original
 from .metrics import dice_from_counts
 

@@ -23,7 +23,7 @@ import yaml
 from . import cache
 from .graph import run_folds
 from .probmaps import pool_oof
-from .config import PipelineError
+from .errors import PipelineError
 
 COLUMNS = ["key", "arch", "encoder", "size", "epochs", "weights", "folds", "oof_dice", "oof_dice_best", "threshold",
            "train_min", "date"]
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     """scripts/runs.py [--config F] [--csv FILE] [key=value ...]: print the leaderboard."""
     import argparse
     import sys
-    from .config import ConfigError, load
+    from .config import load
+    from .errors import ConfigError
     ap = argparse.ArgumentParser(prog="make runs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", "-c", default=None, help="YAML experiment file (only data.cache is read)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PipelineError
+from .errors import PipelineError
 
 
 def safe_load(path: str | Path):

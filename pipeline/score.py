@@ -29,7 +29,7 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from . import rle
-from .config import PipelineError
+from .errors import PipelineError
 from .metrics import dice
 from .probmaps import read_mask
 from .validate import HEADER, iter_rows

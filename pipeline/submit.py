@@ -37,7 +37,9 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from . import cache, faults, probmaps, rle
-from .config import Config, PipelineError, stable_hash
+from .config import Config
+from .errors import PipelineError
+from .cache import stable_hash
 from .ensemble import blend, choose, load_runs
 from .geometry import row_geometry
 from .graph import STAGES, Graph

@@ -232,7 +232,7 @@ def run(cfg) -> Path:
     and renamed into place, so an interrupted run leaves no half-written dataset behind.
     """
     import shutil
-    from .config import PipelineError
+    from .errors import PipelineError
     out = Path(cfg.data.raw)
     has_train = (out / "train").is_dir() and any((out / "train").iterdir())
     if has_train and (out / "sample_submission.csv").is_file():

@@ -10,7 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import cache
-from .config import Config, PipelineError, stable_hash
+from .config import Config
+from .errors import PipelineError
+from .cache import stable_hash
 from .geometry import GEOM_COLS, geometry
 from .ingest import BadFile, check_test_image
 from .layout import Issue, Scan

@@ -30,7 +30,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from .config import ConfigError
+from .errors import ConfigError
 
 STRIDE = 32
 # name -> the image axes it flips ((N, C, H, W): -1 = width, -2 = height). Each flip is its own inverse.

@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .config import PipelineError
+from .errors import PipelineError
 
 HEADER = ["img", "rle_mask"]
 # A ragged 1918x1280 prediction can have tens of thousands of runs: far above csv's default

@@ -17,7 +17,7 @@ from pathlib import Path
 # Run as a plain script from anywhere: the pipeline package lives one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import PipelineError  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.pretrained import source_path, write_weights  # noqa: E402
 
 

@@ -22,7 +22,8 @@ import torch
 from pipeline import cache, locks, oof, predict, prepare, probmaps, synth, train, tta
 from pipeline.graph import Graph
 from pipeline import graph, testset
-from pipeline.config import PipelineError, load
+from pipeline.config import load
+from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 64, 96

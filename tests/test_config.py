@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline import config
-from pipeline.config import ConfigError
+from pipeline import cache, config
+from pipeline.errors import ConfigError
 
 
 def test_defaults_yaml_then_overrides(tmp_path):
@@ -52,8 +52,8 @@ def test_yaml_syntax_error_and_missing_file_name_the_file(tmp_path):
 
 
 def test_stable_hash_ignores_key_order():
-    assert config.stable_hash({"a": 1, "b": 2}) == config.stable_hash({"b": 2, "a": 1})
-    assert config.stable_hash({"a": 1}) != config.stable_hash({"a": 2})
+    assert cache.stable_hash({"a": 1, "b": 2}) == cache.stable_hash({"b": 2, "a": 1})
+    assert cache.stable_hash({"a": 1}) != cache.stable_hash({"a": 2})
 
 
 def test_cli_reports_config_errors_without_traceback(capsys):

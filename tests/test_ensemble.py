@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import ensemble, geometry, probmaps, rle, synth
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.validate import check_submission, read_ids, sizes_from
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import cli, config, explain
+from pipeline import cache, cli, config, explain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_config_prints_the_resolved_config(capsys):
     assert cfg["prepare"]["height"] == 128                  # from the YAML
     assert cfg["train"]["lr"] == config.TrainConfig().lr    # the default
     expected = config.load(REPO / "configs" / "default.yaml", ["epochs=3", "fit=pad"])
-    assert re.search(r"# config hash (\w+)", out).group(1) == config.stable_hash(expected.to_dict())
+    assert re.search(r"# config hash (\w+)", out).group(1) == cache.stable_hash(expected.to_dict())
     assert cli.main(["config", "epochs=three"]) == 2
     assert "train.epochs" in capsys.readouterr().err
 

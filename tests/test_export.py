@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pipeline import cutout, export, graph, onnxrun, oof, predict, prepare, probmaps, rle, submit, synth, train
-from pipeline.config import PipelineError, load
+from pipeline.config import load
+from pipeline.errors import PipelineError
 from pipeline.metrics import dice
 from test_safe_checkpoints import Payload      # unpickling it runs code: a hostile checkpoint
 

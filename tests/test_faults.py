@@ -19,7 +19,7 @@ import torch
 
 from _stage_runner import REPO, Zygote
 from pipeline import cache, predict, probmaps, synth, tta
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 
 TINY = ["prepare.height=32", "prepare.width=64", "n_folds=2", "epochs=1", "train.batch_size=8",
         "train.arch=Unet", "train.encoder=tu-resnet18", "train.encoder_depth=3", "train.decoder_channels=32,16,8",

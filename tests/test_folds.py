@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.folds import assign_folds, make_folds
 
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from _train_helpers import make_prepared, tiny_cfg
-from pipeline import cache, config, graph, layout
-from pipeline.config import PipelineError
+from pipeline import cache, config, errors, graph, layout
+from pipeline.errors import PipelineError
 from pipeline.graph import STAGES, Graph
 
 
@@ -123,8 +123,8 @@ def test_no_other_run_adds_nothing(tmp_path):
 
 
 def test_predict_folds_spec_errors_name_the_key():
-    with pytest.raises(config.ConfigError, match="predict.folds"):
+    with pytest.raises(errors.ConfigError, match="predict.folds"):
         graph.parse_folds("0,x", 5)
-    with pytest.raises(config.ConfigError, match=r"0\.\.4"):
+    with pytest.raises(errors.ConfigError, match=r"0\.\.4"):
         graph.parse_folds("7", 5)
     assert graph.parse_folds("all", 3) == [0, 1, 2] and graph.parse_folds("2,0,2", 3) == [0, 2]

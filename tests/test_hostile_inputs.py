@@ -18,7 +18,8 @@ import pytest
 from _train_helpers import RAW_H, RAW_W
 from pipeline import cli, config, ingest, prepare, submit, validate
 from pipeline.cache import read_json
-from pipeline.config import ConfigError, PipelineError, load
+from pipeline.config import load
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.graph import Graph
 
 H, W = RAW_H, RAW_W     # the shared raw set (conftest: raw_base, raw)

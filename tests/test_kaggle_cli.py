@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import config, kaggle_cli, prepare, synth
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 CREDS = {"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": "0" * 32}

@@ -21,7 +21,7 @@ import pytest
 
 from pipeline import cache, config, data, predict, prepare, probmaps, submit, synth, train
 from pipeline.train import build
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.graph import Graph
 
 H, W = 64, 96                 # model input (the synthetic photos are twice that)

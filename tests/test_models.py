@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import build_model, check_names, load_checkpoint, model_kwargs
 
 TINY = dict(encoder_depth=3, decoder_channels=[32, 16, 8])

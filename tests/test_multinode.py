@@ -19,7 +19,7 @@ import torch
 
 from _ddp_helpers import REPO, free_port, launch_two_nodes, single_node
 from pipeline import cache, config, predict, prepare, probmaps, runtime, submit, synth, train
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.graph import Graph
 from pipeline import testset
 

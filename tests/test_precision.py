@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import precision
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 @pytest.mark.parametrize("native, cpu_auto", [("1", "bf16"), ("0", "fp32")])

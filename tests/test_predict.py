@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline import geometry, predict, probmaps, submit, tta
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.models import build_model
 from pipeline.precision import resolve_precision
 from pipeline import graph

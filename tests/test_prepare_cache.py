@@ -15,7 +15,8 @@ import pytest
 from pipeline import prepare, synth, testset
 from pipeline.cache import is_complete, read_manifest
 from pipeline.probmaps import read_mask
-from pipeline.config import PipelineError, load
+from pipeline.config import load
+from pipeline.errors import PipelineError
 from pipeline.graph import Graph
 
 REPO = Path(__file__).resolve().parents[1]

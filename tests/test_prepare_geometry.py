@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.geometry import geometry, resize_mask, row_geometry, to_model, to_original
 
 

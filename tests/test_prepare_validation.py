@@ -16,7 +16,8 @@ from _train_helpers import RAW_H, RAW_W
 from pipeline import prepare
 from pipeline.cache import read_json
 from pipeline.probmaps import read_mask
-from pipeline.config import PipelineError, load
+from pipeline.config import load
+from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = RAW_H, RAW_W     # the shared raw set (conftest: raw_base, raw)
@@ -434,7 +435,7 @@ def test_malformed_rle_no_traceback_from_the_cli(raw):
 
 
 def test_workers_zero_is_a_config_error(raw):
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
     with pytest.raises(ConfigError, match=r"prepare.workers=0: use -1 for all cores or a positive count"):
         prepare.execute(_cfg(raw, **{"prepare.workers": 0}))
     out = _cli(raw, "prepare.workers=0")

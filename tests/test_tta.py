@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline import tta
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 FLIPS = ["none", "hflip", "vflip", "hvflip"]
 

@@ -30,7 +30,9 @@ prepare artifact and ``last.pt``/``best.pt``, so DDP over several nodes needs ``
 """
 from __future__ import annotations
 
-from ..config import Config, ConfigError
+from ..config import Config
+
+from ..errors import ConfigError
 from ..data import cv2_single_thread, load_index, parse_augment
 from ..distributed import dist_close, dist_init
 from ..graph import Graph

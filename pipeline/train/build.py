@@ -11,7 +11,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import Config, ConfigError, PipelineError
+from ..config import Config
+
+from ..errors import ConfigError, PipelineError
 from ..data import SegDataset, SeededSampler, build_transform, read_image
 from ..distributed import Dist, ShardSampler
 from ..graph import STAGES

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from .. import cache
-from ..config import PipelineError
+from ..errors import PipelineError
 from ..data import MEAN, STD, to_device
 from ..probmaps import read_mask
 from ..distributed import gather

@@ -5,7 +5,9 @@ import math
 
 import torch
 
-from ..config import SCHEDULERS, ConfigError
+from ..config import SCHEDULERS
+
+from ..errors import ConfigError
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:

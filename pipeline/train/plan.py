@@ -2,7 +2,7 @@
 
 :func:`plan_epochs` turns the config into one :class:`EpochPlan` per epoch:
 
-- the training input (``train.progressive``, parsed by ``config.parse_progressive``): whole
+- the training input (``train.progressive``, parsed by ``schedule.parse_progressive``): whole
   images resized on the fly (``256:2``: :func:`resize_batch`), random crops at the prepared
   scale (``c288:2``: :func:`crop_batch`), or the prepared size;
 - the loss: BCE + Dice, or ``train.loss_final`` for the last ``train.loss_final_epochs``;
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import EpochShape, parse_progressive
+from ..schedule import EpochShape, parse_progressive
 from ..data import MEAN, STD, to_device
 
 BASE_LOSS = "bce_dice"

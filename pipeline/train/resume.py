@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import cache
-from ..config import PipelineError
+from ..errors import PipelineError
 from ..safeload import load_dict
 from .logs import write_logs
 from .rng import set_rng_state

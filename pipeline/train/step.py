@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .. import faults
-from ..config import PipelineError
+from ..errors import PipelineError
 from ..distributed import Dist, all_finite, is_ddp, unwrap
 
 
