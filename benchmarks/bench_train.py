@@ -49,8 +49,10 @@ from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.train.plan import Inputs  # noqa: E402
 from pipeline.train.setup import make_loader  # noqa: E402
 from pipeline.train.step import NonFiniteGuard, Stepper, train_epoch  # noqa: E402
-from pipeline.config import apply, load  # noqa: E402
-from pipeline.data import SeededSampler, SegDataset, build_transform, cv2_single_thread, load_index  # noqa: E402
+from pipeline.config import load  # noqa: E402
+from pipeline.configio import apply  # noqa: E402
+from pipeline.augment import build_transform  # noqa: E402
+from pipeline.data import SeededSampler, SegDataset, cv2_single_thread, load_index  # noqa: E402
 from pipeline.losses import BceDiceLoss  # noqa: E402
 from pipeline.models import build_model, model_kwargs  # noqa: E402
 from pipeline.precision import autocast_factory, resolve_precision  # noqa: E402
@@ -117,7 +119,7 @@ def throughput(args, cfg, prepared: Path) -> dict:
     t = cfg.train
     index = load_index(prepared)
     tr = index[index["fold"] != 0].reset_index(drop=True)
-    ds = SegDataset(tr["image"], tr["mask"], build_transform(t.augment))
+    ds = SegDataset(tr["image"], tr["mask"], build_transform(cfg.spec("train.augment")))
     sampler = SeededSampler(DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0), seed=0)
     dl = make_loader(ds, sampler, t.batch_size, t.num_workers, CPU, drop_last=True, seed=0)
     rig = Rig(cfg)

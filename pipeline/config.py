@@ -16,9 +16,10 @@ would be written into the user's input data.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib
 import os
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,6 @@ FITS = ("stretch", "pad")                          # prepare.fit (pipeline.geome
 SCHEDULERS = ("cosine", "onecycle", "none")        # train.scheduler (pipeline.train.optim)
 FINAL_LOSSES = ("", "lovasz")                 # train.loss_final: "" = BCE + Dice to the end
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")      # train.precision, predict.precision (pipeline.precision)
-# Old key -> its new name: still accepted (YAML and key=value), with a one-line warning.
-DEPRECATED = {"predict.autocast": "predict.precision", "autocast": "predict.precision"}
 
 
 PROJECT = Path(__file__).resolve().parents[1]      # the checkout: where `make clean-cache` works
@@ -172,122 +171,40 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def spec(self, key: str):
+        """The typed value of a spec key (:data:`SPECS`), parsed by its owner's parser (once per text)."""
+        module, name = SPECS[key].split(":")
+        return getattr(importlib.import_module(module), name)(value(self, key))
+
+
+# The eight spec strings: key -> "module:parser". Each parser lives beside the code that uses the
+# value, in a torch-free module, takes the key's text alone, returns an immutable typed value (cached
+# per text) and raises a ConfigError naming the key; load() parses every one. Checks that need other
+# keys (epochs, n_folds, the number of runs) are in check(), on the typed values.
+SPECS = {
+    "train.progressive": "pipeline.schedule:parse",
+    "train.decoder_channels": "pipeline.arch:parse_decoder_channels",
+    "train.augment": "pipeline.augment:parse",
+    "predict.tta": "pipeline.tta:parse",
+    "predict.folds": "pipeline.graph:fold_list",
+    "predict.shard": "pipeline.runtime:parse_shard",
+    "submit.runs": "pipeline.ensemble:run_files",
+    "submit.weights": "pipeline.ensemble:weight_list",
+}
+
+
+def value(cfg: Config, key: str):
+    """The value of a dotted key ("train.epochs")."""
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
 
 
-def _section_fields(section: str) -> dict[str, type]:
-    cls = typing.get_type_hints(Config)[section]
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _all_keys() -> dict[str, tuple[str, type]]:
-    """Full dotted key -> (section, type)."""
-    out = {}
-    for sec in SECTIONS:
-        for name, typ in _section_fields(sec).items():
-            out[f"{sec}.{name}"] = (sec, typ)
-    return out
-
-
-def resolve_key(key: str) -> str:
-    """Map ``epochs`` or ``train.epochs`` to the full dotted key; error lists candidates."""
-    keys = _all_keys()
-    if key in keys:
-        return key
-    if key in DEPRECATED:
-        print(f"config: warning: '{key}' is deprecated, use '{DEPRECATED[key]}'", file=sys.stderr)
-        return DEPRECATED[key]
-    matches = [k for k in keys if k.split(".", 1)[1] == key]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise ConfigError(f"ambiguous config key '{key}': use one of {', '.join(sorted(matches))}")
-    raise ConfigError(f"unknown config key '{key}'. Valid keys: {', '.join(sorted(keys))}")
-
-
-def _coerce(key: str, value, typ: type):
-    """Convert a YAML or command-line value to the field's type, or raise naming the key."""
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(str(value), 10) if isinstance(value, str) else int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return "" if value is None else str(value)
-    except (TypeError, ValueError):
-        pass
-    else:
-        raise ConfigError(f"config key '{key}' has unsupported type {typ}")
-    raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {value!r}")
-
-
-def apply(cfg: Config, key: str, value) -> None:
-    full = resolve_key(key)
-    sec, name = full.split(".", 1)
-    typ = _section_fields(sec)[name]
-    setattr(getattr(cfg, sec), name, _coerce(full, value, typ))
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    out = []
-    for a in args:
-        if "=" not in a:
-            raise ConfigError(f"override '{a}' is not of the form key=value")
-        k, v = a.split("=", 1)
-        out.append((k.strip(), v.strip()))
-    return out
-
-
-def _yaml_error(p: Path, e: yaml.YAMLError) -> ConfigError:
-    """One line naming the file, line and column; PyYAML's own message spans four lines."""
-    mark = getattr(e, "problem_mark", None)
-    where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    if "'\\t'" in problem:   # PyYAML: found character '\t' that cannot start any token
-        problem = "a tab character; YAML indents with spaces only"
-    return ConfigError(f"{where}: not valid YAML: {problem}")
-
-
-def read_yaml(p: Path) -> dict:
-    """The top-level mapping of a YAML config file, or ConfigError naming the file (and line)."""
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = p.read_bytes()[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise _yaml_error(p, e) from None
-    if doc is None:                      # an empty file (or only comments): the defaults
-        return {}
-    if not isinstance(doc, dict):
-        line = yaml.compose(text, Loader=yaml.SafeLoader).start_mark.line + 1
-        what = "list" if isinstance(doc, list) else type(doc).__name__
-        raise ConfigError(f"{p}:{line}: the top level must be a mapping of sections or keys "
-                          f"(e.g. 'train:' or 'epochs: 3'), got a {what}")
-    return doc
-
-
 def load(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults, then the YAML file (nested sections or flat keys), then overrides."""
+    from .configio import apply, parse_overrides, read_yaml     # reading; this module is the schema
     cfg = Config()
     if path:
         p = Path(path)
@@ -311,7 +228,7 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
         items = parse_overrides(overrides or [])
     for k, v in items:
         apply(cfg, k, v)
-    validate(cfg)
+    check(cfg)
     cache, _ = cache_location(cfg)
     if cfg.data.cache != DataConfig.cache and not _inside(cache, PROJECT) and not os.path.exists(cache):
         # Allowed (another disk is a good reason). Said when a chosen cache is new, not on every
@@ -338,9 +255,23 @@ def cache_location(cfg: Config) -> tuple[str, str]:
     return cache, raw
 
 
-def validate(cfg: Config) -> None:
-    """Every range and choice check of the config, in one place (stages call it, never repeat it)."""
-    p = cfg.prepare
+def check(cfg: Config) -> None:
+    """Every range and choice check of the config, and every spec parsed (config.load calls it once)."""
+    for key in SPECS:
+        cfg.spec(key)
+    _check_prepare(cfg.prepare)
+    _check_synth(cfg.synth)
+    _check_train(cfg.train, cfg.prepare)
+    _check_predict_submit(cfg)
+    cache_location(cfg)
+
+
+def _positive(key: str, v, minimum=1) -> None:
+    if v < minimum:
+        raise ConfigError(f"{key}={v}: must be >= {minimum}")
+
+
+def _check_prepare(p: PrepareConfig) -> None:
     for name in ("height", "width"):
         v = getattr(p, name)
         if v <= 0 or v % 32:
@@ -348,61 +279,65 @@ def validate(cfg: Config) -> None:
     if p.n_folds < 2:
         raise ConfigError(f"prepare.n_folds={p.n_folds}: need at least 2 folds")
     check_choice("prepare.fit", p.fit, FITS)
-    if p.chunk_size < 1:
-        raise ConfigError(f"prepare.chunk_size={p.chunk_size}: must be >= 1")
+    _positive("prepare.chunk_size", p.chunk_size)
     if p.workers == 0:
         raise ConfigError("prepare.workers=0: use -1 for all cores or a positive count")
-    t = cfg.train
-    if t.fold >= p.n_folds or t.fold < -1:
-        raise ConfigError(f"train.fold={t.fold}: -1 (all folds) or one of 0..{p.n_folds - 1}")
-    sy = cfg.synth
+
+
+def _check_synth(sy: SynthConfig) -> None:
     if sy.train_cars < 1 or sy.test_cars < 1:
         raise ConfigError(f"synth.train_cars={sy.train_cars}, synth.test_cars={sy.test_cars}: need at least 1 each")
     if sy.image_height < 32 or sy.image_width < 32:
         raise ConfigError(f"synth.image_height={sy.image_height}, synth.image_width={sy.image_width}: "
                           "need at least 32x32 pixels")
-    for name in ("batch_size", "epochs", "max_nonfinite"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
-    if t.accum_steps < 1:
-        raise ConfigError("train.accum_steps must be >= 1")
+
+
+def _check_train(t: TrainConfig, p: PrepareConfig) -> None:
+    if t.fold >= p.n_folds or t.fold < -1:
+        raise ConfigError(f"train.fold={t.fold}: -1 (all folds) or one of 0..{p.n_folds - 1}")
+    for name in ("batch_size", "epochs", "max_nonfinite", "accum_steps", "val_every"):
+        _positive(f"train.{name}", getattr(t, name))
     check_choice("train.scheduler", t.scheduler, SCHEDULERS)
     check_choice("train.precision", t.precision, PRECISIONS)
     check_choice("train.loss_final", t.loss_final, FINAL_LOSSES)
     if t.loss_final_epochs < 1 or (t.loss_final and t.loss_final_epochs >= t.epochs):
         raise ConfigError(f"train.loss_final_epochs={t.loss_final_epochs}: must be >= 1 and, with a final loss, "
                           f"below train.epochs={t.epochs} (the final loss fine-tunes a BCE + Dice model)")
-    if t.val_every < 1:
-        raise ConfigError(f"train.val_every={t.val_every}: must be >= 1 (the last epoch is always validated)")
     if not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: must lie in (0, 1)")
-    if t.boundary_weight < 0:
-        raise ConfigError(f"train.boundary_weight={t.boundary_weight}: must be >= 0")
-    from .schedule import parse_progressive     # the grammar lives beside its epoch plan
+    _positive("train.boundary_weight", t.boundary_weight, 0)
+    from .schedule import parse_progressive     # the items against epochs and the prepared size
     shapes = parse_progressive(t.progressive, t.epochs, (p.height, p.width))
     if not 0.0 < t.input_scale <= 1.0:
         raise ConfigError(f"train.input_scale={t.input_scale}: must lie in (0, 1] (1 = the network sees the "
                           f"prepared size)")
-    if t.input_scale != 1.0:
-        for h, w, _ in sorted(set(shapes)):
-            sh, sw = round(h * t.input_scale), round(w * t.input_scale)
-            if sh % 32 or sw % 32:
-                raise ConfigError(f"train.input_scale={t.input_scale}: {h}x{w} inputs would run at {sh}x{sw}; "
-                                  f"the network needs sides that are multiples of 32 (e.g. 0.5 of 512 = 256, "
-                                  f"0.625 of 512 = 320)")
-    if cfg.predict.batch_size < 1:
-        raise ConfigError(f"predict.batch_size={cfg.predict.batch_size}: must be >= 1")
+    for h, w, _ in sorted(set(shapes)) if t.input_scale != 1.0 else ():
+        sh, sw = round(h * t.input_scale), round(w * t.input_scale)
+        if sh % 32 or sw % 32:
+            raise ConfigError(f"train.input_scale={t.input_scale}: {h}x{w} inputs would run at {sh}x{sw}; "
+                              f"the network needs sides that are multiples of 32 (e.g. 0.5 of 512 = 256, "
+                              f"0.625 of 512 = 320)")
+
+
+def _check_predict_submit(cfg: Config) -> None:
+    _positive("predict.batch_size", cfg.predict.batch_size)
     from .tta import check_max_forward     # the check lives beside the code that uses the cap
     check_max_forward(cfg.predict.max_forward)
     check_choice("predict.precision", cfg.predict.precision, PRECISIONS)
-    if cfg.submit.weights.strip() and not cfg.submit.runs.strip():
+    from .graph import parse_folds          # the fold numbers against prepare.n_folds
+    parse_folds(cfg.predict.folds, cfg.prepare.n_folds)
+    runs, weights = cfg.spec("submit.runs"), cfg.spec("submit.weights")
+    if weights is not None and not runs:
         raise ConfigError("submit.weights: set submit.runs too (the weights are one per listed run)")
-    if cfg.submit.ensemble_images < 0:
-        raise ConfigError(f"submit.ensemble_images={cfg.submit.ensemble_images}: must be >= 0 (0 = all)")
-    cache_location(cfg)
+    if weights is not None:
+        from .ensemble import parse_weights
+        parse_weights(cfg.submit.weights, len(runs))
+    _positive("submit.ensemble_images", cfg.submit.ensemble_images, 0)
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     """ConfigError naming ``key`` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ConfigError(f"{key}='{value}': choose one of {', '.join(choices)}")
+        close = difflib.get_close_matches(str(value), [c for c in choices if c], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{key}='{value}'{hint}: choose one of {', '.join(repr(c) if not c else c for c in choices)}")

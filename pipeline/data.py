@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .errors import ConfigError, PipelineError
+from .errors import PipelineError
 from .ingest import decode_jpeg
 from .probmaps import read_mask
 
@@ -34,13 +34,6 @@ STD = (0.229, 0.224, 0.225)
 INDEX_COLUMNS = ("id", "car_id", "view", "image", "mask", "mask_full", "orig_height", "orig_width")
 FOLD_COLUMNS = ("id", "car_id", "fold")
 
-# Augmentation components by name; presets are comma lists of them.
-AUG_PRESETS = {
-    "none": "",
-    "basic": "hflip,ssr,bc",
-    "strong": "hflip,ssr_strong,bc,hsv",
-}
-AUG_COMPONENTS = ("hflip", "vflip", "ssr", "ssr_strong", "bc", "hsv")
 
 
 def load_index(prepared_dir: str | Path) -> pd.DataFrame:
@@ -96,41 +89,6 @@ def read_image(path: str, reduction: int = 1) -> np.ndarray:
     if img is None:
         raise PipelineError(f"{path}: cannot read image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def parse_augment(spec: str) -> list[str]:
-    """'basic' or 'hflip,ssr,bc' -> component names; unknown names are a ConfigError."""
-    spec = AUG_PRESETS.get(spec, spec)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [n for n in names if n not in AUG_COMPONENTS]
-    if bad:
-        raise ConfigError(f"train.augment: unknown {bad}. Presets: {', '.join(AUG_PRESETS)}; "
-                          f"components: {', '.join(AUG_COMPONENTS)}")
-    return names
-
-
-def build_transform(spec: str):
-    """albumentations Compose for a preset or comma list, or None for no augmentation.
-
-    Geometric transforms move image and mask together (mask with nearest
-    neighbour); output size equals input size.
-    """
-    import albumentations as A
-    names = parse_augment(spec)
-    if not names:
-        return None
-    ssr = dict(border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)
-    parts = {
-        "hflip": lambda: A.HorizontalFlip(p=0.5),
-        "vflip": lambda: A.VerticalFlip(p=0.5),
-        "ssr": lambda: A.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-10, 10),
-                                p=0.5, **ssr),
-        "ssr_strong": lambda: A.Affine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-15, 15),
-                                       p=0.7, **ssr),
-        "bc": lambda: A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-        "hsv": lambda: A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
-    }
-    return A.Compose([parts[n]() for n in names])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -22,6 +22,7 @@ Torch-free: this module reads maps and masks only (the command line predicts the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from pathlib import Path
 
@@ -49,9 +50,10 @@ class Run:
     prepared: Path = None                           # its prepare artifact
 
 
-def run_files(spec: str) -> list[str]:
-    """``submit.runs`` -> the config files, each checked to exist (ConfigError names the key)."""
-    files = [f.strip() for f in spec.split(",") if f.strip()]
+@functools.lru_cache(maxsize=None)
+def run_files(spec: str) -> tuple[str, ...]:
+    """``submit.runs`` -> the config files, each checked to exist (the typed value of the key)."""
+    files = tuple(f.strip() for f in spec.split(",") if f.strip())
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise ConfigError(f"submit.runs: config file(s) not found: {', '.join(missing)}")
@@ -66,17 +68,26 @@ def load_runs(cfg: Config) -> list[Run]:
     shared = {f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}
     for k in ("device", "num_workers", "batch_size", "max_forward"):
         shared[f"predict.{k}"] = getattr(cfg.predict, k)
-    return [Run(f, load(f, shared)) for f in run_files(cfg.submit.runs)]
+    return [Run(f, load(f, shared)) for f in cfg.spec("submit.runs")]
+
+
+@functools.lru_cache(maxsize=None)
+def weight_list(spec: str) -> tuple[float, ...] | None:
+    """``submit.weights`` -> its numbers (None = choose on OOF; the typed value of the key)."""
+    if not spec.strip():
+        return None
+    try:
+        return tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"submit.weights='{spec}': expected a comma list of numbers") from None
 
 
 def parse_weights(spec: str, n: int) -> np.ndarray | None:
     """``submit.weights``: "" -> None (choose on OOF); "0.7,0.3" -> normalised to sum 1."""
-    if not spec.strip():
+    listed = weight_list(spec)
+    if listed is None:
         return None
-    try:
-        w = np.array([float(v) for v in spec.split(",")], np.float64)
-    except ValueError:
-        raise ConfigError(f"submit.weights='{spec}': expected a comma list of numbers") from None
+    w = np.array(listed, np.float64)
     if len(w) != n or (w < 0).any() or w.sum() <= 0:
         raise ConfigError(f"submit.weights='{spec}': need {n} non-negative weights (one per submit.runs entry) "
                           "with a positive sum")

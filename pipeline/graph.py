@@ -23,6 +23,7 @@ Keys (unchanged since the caches they name were made):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -164,18 +165,26 @@ def predict_dir(cache_root: str | Path, ckpt_hash: str, view_names: list[str], p
     return cache.stage_dir(cache_root, "predict", f"{ckpt_hash}-{predict_key(view_names, precision)}")
 
 
-def parse_folds(spec: str, n_folds: int) -> list[int]:
-    """``predict.folds``: 'all' or a comma list of fold numbers in 0..n_folds-1."""
+@functools.lru_cache(maxsize=None)
+def fold_list(spec: str) -> tuple[int, ...] | None:
+    """``predict.folds`` -> its fold numbers, sorted (None = 'all'; the typed value of the key)."""
     if spec.strip() in ("", "all"):
-        return list(range(n_folds))
+        return None
     try:
-        folds = sorted({int(s) for s in spec.split(",") if s.strip()})
+        return tuple(sorted({int(s) for s in spec.split(",") if s.strip()}))
     except ValueError:
         raise ConfigError(f"predict.folds='{spec}': 'all' or a comma list of fold numbers") from None
+
+
+def parse_folds(spec: str, n_folds: int) -> list[int]:
+    """``predict.folds``: 'all' or a comma list of fold numbers in 0..n_folds-1."""
+    folds = fold_list(spec)
+    if folds is None:
+        return list(range(n_folds))
     bad = [k for k in folds if not 0 <= k < n_folds]
     if bad or not folds:
         raise ConfigError(f"predict.folds='{spec}': folds must be in 0..{n_folds - 1}")
-    return folds
+    return list(folds)
 
 
 @dataclass

@@ -94,3 +94,6 @@ class LovaszLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.lovasz(logits.float(), target.float())
 
+
+# train.loss_final: name -> the loss of the last train.loss_final_epochs epochs ("" = BCE + Dice to the end).
+FINAL_LOSSES = {"lovasz": LovaszLoss}

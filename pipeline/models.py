@@ -18,61 +18,15 @@ Encoder weights:
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .safeload import load_dict, safe_load
-from .errors import ConfigError, PipelineError
+from .arch import _smp, check_names
 from .data import MEAN, STD
-
-
-def _smp():
-    import segmentation_models_pytorch as smp
-    return smp
-
-
-def architectures() -> list[str]:
-    smp = _smp()
-    return sorted(n for n in dir(smp) if isinstance(getattr(smp, n), type)
-                  and issubclass(getattr(smp, n), torch.nn.Module) and n[0].isupper()
-                  and hasattr(getattr(smp, n), "__init__") and n not in ("SegmentationModel",))
-
-
-def encoders() -> list[str]:
-    """smp's own encoders; any timm model is also valid as ``tu-<timm name>``."""
-    return sorted(_smp().encoders.get_encoder_names())
-
-
-def check_names(arch: str, encoder: str) -> None:
-    """Raise ConfigError listing the valid names when arch or encoder is unknown."""
-    archs = architectures()
-    if arch not in archs:
-        raise ConfigError(f"unknown architecture '{arch}'. Valid: {', '.join(archs)}")
-    if encoder.startswith("tu-"):
-        import timm
-        # 'tu-<model>' or 'tu-<model>.<pretrained tag>' (smp 0.6: the tag picks timm's weights).
-        # timm.list_models() has no tags, so the model is checked by its base name and the tag
-        # against timm's pretrained list (timm rejects an unknown tag with a bare RuntimeError).
-        name, _, tag = encoder[3:].partition(".")
-        all_models = timm.list_models()
-        if name not in all_models:
-            close = difflib.get_close_matches(name, all_models, n=20, cutoff=0.6) or \
-                timm.list_models(f"*{name.split('_')[0]}*")[:20]
-            raise ConfigError(f"unknown timm encoder '{encoder}'. Similar timm models: "
-                              f"{', '.join('tu-' + c for c in close) or '(none)'}")
-        if tag:
-            tagged = timm.list_pretrained(f"{name}.*")
-            if f"{name}.{tag}" not in tagged:
-                raise ConfigError(f"unknown pretrained tag '{tag}' for timm encoder 'tu-{name}'. Tags: "
-                                  f"{', '.join(t.partition('.')[2] for t in tagged) or '(none)'}")
-        return
-    names = encoders()
-    if encoder not in names:
-        raise ConfigError(f"unknown encoder '{encoder}'. Valid smp encoders: {', '.join(names)}; "
-                          "or any timm model as 'tu-<name>'")
+from .errors import ConfigError, PipelineError
+from .safeload import load_dict, safe_load
 
 
 IMAGENET_STATS = (MEAN, STD)
@@ -133,28 +87,6 @@ def load_encoder_weights(model: torch.nn.Module, path: str) -> None:
     # A classifier head in the file is fine (segmentation encoders drop it); missing keys are not.
     if missing:
         raise PipelineError(f"{p}: encoder weights lack {len(missing)} tensors, e.g. {missing[:3]}")
-
-
-def model_kwargs(encoder_depth: int = 5, decoder_channels: str = "", input_scale: float = 1.0) -> dict:
-    """Extra :func:`build_model` arguments from config values (defaults give smp's own defaults).
-
-    decoder_channels: "" (architecture default), "64,32,16" (one per decoder stage:
-    Unet, UnetPlusPlus, MAnet; as many as encoder_depth) or "128" (one int:
-    DeepLabV3, PAN). Architectures without this argument (FPN) reject it.
-    input_scale: see :func:`scale_input` (recorded only when not 1, so older checkpoints match).
-    """
-    kw: dict = {}
-    if input_scale != 1.0:
-        kw["input_scale"] = float(input_scale)
-    if encoder_depth != 5:
-        kw["encoder_depth"] = int(encoder_depth)
-    if decoder_channels.strip():
-        try:
-            chans = [int(c) for c in decoder_channels.split(",") if c.strip()]
-        except ValueError:
-            raise ConfigError(f"decoder_channels='{decoder_channels}': expected ints like 64,32,16") from None
-        kw["decoder_channels"] = chans[0] if len(chans) == 1 else chans
-    return kw
 
 
 def build_model(arch: str, encoder: str, encoder_weights: str = "none", **kwargs) -> torch.nn.Module:

@@ -50,25 +50,12 @@ from .geometry import jpeg_reduction, row_geometry, to_model
 from .precision import autocast, resolve_device, resolve_precision
 from .probmaps import done_ids, prob_path, write_prob
 from .testset import read_test_index
-from .runtime import Runtime
+from .runtime import Runtime, parse_shard
 
 CODE_VERSION = STAGES["predict"].code
 
 
 # ----------------------------------------------------------------------------- small pure helpers
-
-def parse_shard(spec: str) -> tuple[int, int]:
-    """'' -> (0, 1); 'i/N' -> (i, N) with 0 <= i < N (shards are numbered from 0)."""
-    if not spec:
-        return 0, 1
-    try:
-        i, n = (int(p) for p in spec.split("/"))
-    except ValueError:
-        raise ConfigError(f"predict.shard='{spec}': expected i/N, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"predict.shard='{spec}': need 0 <= i < N (shards are numbered 0..N-1)")
-    return i, n
-
 
 def shard_positions(n_rows: int, shard: tuple[int, int]) -> np.ndarray:
     """Row positions of shard (i, N): every N-th row from i. Disjoint, and together they cover all rows."""
@@ -344,7 +331,7 @@ def run(cfg: Config, graph: Graph | None = None, rt: Runtime | None = None) -> l
     g = graph or Graph(cfg)
     rt = rt or runtime.resolve(cfg, "predict")
     index = read_test_index(g.prepared_dir / "test_index.csv")
-    ckpts, ttas = g.checkpoints(), tta_mod.parse(cfg.predict.tta)
+    ckpts, ttas = g.checkpoints(), cfg.spec("predict.tta")
     shard = rank_shard(cfg.predict.shard, rt)
     out = []
     for ckpt in ckpts:

@@ -8,9 +8,12 @@ Device and precision are resolved per stage from the stage's own keys
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Mapping
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,17 @@ def resolve(cfg, stage: str, base: Runtime | None = None) -> Runtime:
     else:
         device = P.device_type(setting, dev_key)
     return replace(base, device=device, precision=P.resolve_precision(prec_setting, device, prec_key))
+
+
+@functools.lru_cache(maxsize=None)
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``predict.shard``: '' -> (0, 1); 'i/N' -> (i, N) with 0 <= i < N (shards are numbered from 0)."""
+    if not spec:
+        return 0, 1
+    try:
+        i, n = (int(p) for p in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"predict.shard='{spec}': expected i/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"predict.shard='{spec}': need 0 <= i < N (shards are numbered 0..N-1)")
+    return i, n

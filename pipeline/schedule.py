@@ -5,6 +5,7 @@ Torch-free, so the config checks it at load time; the training wing's epoch plan
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 from .errors import ConfigError
@@ -21,19 +22,25 @@ class EpochShape(NamedTuple):
         return f"{'c' if self.crop else ''}{self.h}x{self.w}"
 
 
-def parse_progressive(spec: str, epochs: int, full_hw: tuple[int, int]) -> list[EpochShape]:
-    """``train.progressive`` -> each epoch's training input (:class:`EpochShape`).
+class Item(NamedTuple):
+    """One ``SIZE:EPOCHS`` item of ``train.progressive``."""
+    h: int
+    w: int
+    crop: bool
+    epochs: int
+
+
+@functools.lru_cache(maxsize=None)
+def parse(spec: str) -> tuple[Item, ...]:
+    """``train.progressive`` -> its items, checked for syntax and sides (the typed value of the key).
 
     spec: comma list of ``SIZE:EPOCHS`` where SIZE is ``S`` (square) or ``HxW``, each side a
     multiple of 32: the whole image resized to SIZE, e.g. ``"256:2,384:1"``. A ``c`` before SIZE
     (``c320:2``) trains on random SIZE crops of the prepared images instead: the network sees
     the objects at their own scale (edges as sharp as at inference) for a fraction of the full
-    size's cost. The epochs after the listed ones train on whole images at ``full_hw`` (the
-    prepared size; validation is always there). Resized epochs must leave at least the last
-    epoch at the prepared scale; crops keep that scale, so crop items may cover every epoch.
-    "" -> every epoch at full_hw.
+    size's cost. "" -> no item: every epoch at the prepared size.
     """
-    shapes: list[EpochShape] = []
+    items = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         try:
             size, n = part.split(":")
@@ -47,10 +54,23 @@ def parse_progressive(spec: str, epochs: int, full_hw: tuple[int, int]) -> list[
         if h % 32 or w % 32 or h < 32 or w < 32 or n < 1:
             raise ConfigError(f"train.progressive='{spec}': '{part}' needs sides that are multiples of 32 "
                               f"and at least 1 epoch")
-        if crop and (h > full_hw[0] or w > full_hw[1]):
-            raise ConfigError(f"train.progressive='{spec}': crop '{part}' is larger than the prepared "
+        items.append(Item(h, w, crop, n))
+    return tuple(items)
+
+
+def parse_progressive(spec: str, epochs: int, full_hw: tuple[int, int]) -> list[EpochShape]:
+    """``train.progressive`` -> each epoch's training input (:class:`EpochShape`).
+
+    The epochs after the listed items train on whole images at ``full_hw`` (the prepared size;
+    validation is always there). Resized epochs must leave at least the last epoch at the
+    prepared scale; crops keep that scale, so crop items may cover every epoch.
+    """
+    shapes: list[EpochShape] = []
+    for it in parse(spec):
+        if it.crop and (it.h > full_hw[0] or it.w > full_hw[1]):
+            raise ConfigError(f"train.progressive='{spec}': crop 'c{it.h}x{it.w}' is larger than the prepared "
                               f"{full_hw[0]}x{full_hw[1]} images")
-        shapes += [EpochShape(h, w, crop)] * n
+        shapes += [EpochShape(it.h, it.w, it.crop)] * it.epochs
     if len(shapes) > epochs or (len(shapes) == epochs and not shapes[-1].crop):
         raise ConfigError(f"train.progressive='{spec}' covers {len(shapes)} epochs but train.epochs={epochs}: "
                           f"leave at least the last epoch at the prepared size (or end on a crop item)")

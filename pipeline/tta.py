@@ -28,6 +28,7 @@ What is exact and what is not:
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -90,8 +91,10 @@ def view(name: str) -> TTA:
     raise ConfigError(f"predict.tta: unknown transform '{name}'{hint}. Valid: {', '.join(FLIPS)}, scale<S>")
 
 
-def parse(spec: str) -> list[TTA]:
-    """'hflip,scale0.75' -> [none, hflip, scale0.75]: identity first, duplicates dropped, order kept."""
+@functools.lru_cache(maxsize=None)
+def parse(spec: str) -> tuple[TTA, ...]:
+    """``predict.tta``: 'hflip,scale0.75' -> (none, hflip, scale0.75): identity first, duplicates
+    dropped, order kept (the typed value of the key)."""
     names_ = ["none"] + [n.strip() for n in (spec or "").split(",") if n.strip()]
     out, seen = [], set()
     for n in names_:
@@ -99,7 +102,7 @@ def parse(spec: str) -> list[TTA]:
         if t.name not in seen:
             seen.add(t.name)
             out.append(t)
-    return out
+    return tuple(out)
 
 
 def names(ttas: list[TTA]) -> list[str]:

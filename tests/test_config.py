@@ -109,12 +109,60 @@ def test_every_shipped_config_and_accuracy_variant_validates():
     shipped = sorted((repo / "configs").glob("*.yaml"))
     assert {p.name for p in shipped} >= {"default.yaml", "carvana512.yaml", "carvana512-best.yaml", "kaggle.yaml"}
     for path in shipped:
-        config.validate(config.load(path))
+        config.check(config.load(path))
     spec = importlib.util.spec_from_file_location("bench_accuracy", repo / "benchmarks" / "bench_accuracy.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for name, (path, overrides, _) in bench.VARIANTS.items():
         try:
-            config.validate(config.load(repo / path, overrides))
+            config.check(config.load(repo / path, overrides))
         except ConfigError as e:
             raise AssertionError(f"bench_accuracy variant {name}: {e}") from None
+
+
+def test_the_config_names_are_the_registries_names():
+    """config.load checks names torch-free; the registries that build them are the same lists."""
+    from pipeline import augment, losses, tta
+    from pipeline.train import optim
+    assert set(config.SCHEDULERS) == set(optim.SCHEDULES)
+    assert set(config.FINAL_LOSSES) == {""} | set(losses.FINAL_LOSSES)
+    assert set(augment.PRESETS["strong"]) <= set(augment.COMPONENTS)
+    assert set(tta.FLIPS) == {"none", "hflip", "vflip", "hvflip"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epoch=3", "unknown config key 'epoch' (did you mean 'epochs'?)"),
+    ("train.scheduler=cosin", "train.scheduler='cosin' (did you mean 'cosine'?)"),
+    ("predict.tta=hflp", "predict.tta: unknown transform 'hflp' (did you mean 'hflip'?)"),
+    ("train.augment=ssr,hfip", "train.augment: unknown ['hfip'] (did you mean 'hflip'?)"),
+    ("train.progressive=250:1", "train.progressive='250:1'"),
+    ("predict.folds=9", "predict.folds='9': folds must be in 0..4"),
+    ("predict.shard=3/2", "predict.shard='3/2'"),
+    ("train.decoder_channels=a,b", "decoder_channels='a,b'"),
+])
+def test_every_spec_is_checked_at_load_with_the_key_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_spec_is_parsed_once_into_a_typed_value():
+    cfg = config.load(None, ["predict.tta=hflip,scale0.75", "train.progressive=c64:1", "epochs=2",
+                             "train.augment=basic"])
+    assert [t.name for t in cfg.spec("predict.tta")] == ["none", "hflip", "scale0.75"]
+    assert cfg.spec("predict.tta") is cfg.spec("predict.tta")          # cached: parsed once per text
+    assert cfg.spec("train.progressive") == ((64, 64, True, 1),)
+    assert cfg.spec("train.augment") == ("hflip", "ssr", "bc")
+    assert cfg.spec("predict.folds") is None and cfg.spec("predict.shard") == (0, 1)
+    assert set(config.SPECS) == {"train.progressive", "train.decoder_channels", "train.augment", "predict.tta",
+                                 "predict.folds", "predict.shard", "submit.runs", "submit.weights"}
+
+
+def test_spec_parsers_are_torch_free():
+    """load() parses every spec: none of their modules may pull torch into `make config` or prepare."""
+    import subprocess
+    import sys
+    code = ("import sys; from pipeline import config; config.load(None, {}); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=config.PROJECT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

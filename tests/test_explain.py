@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import cache, cli, config, explain
+from pipeline import cache, cli, config, configio, explain
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_key_has_a_type_default_and_meaning():
     keys = explain.keys()
-    assert {k.key for k in keys} == set(config._all_keys())
+    assert {k.key for k in keys} == set(configio._all_keys())
     missing = [k.key for k in keys if not k.meaning.strip()]
     assert not missing, f"config keys without a meaning (add a # comment in config.py or explain.MEANINGS): {missing}"
 

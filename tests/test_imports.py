@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "pipeline"
 # stage (it asks pipeline.graph where its inputs are); a building block imports building blocks only.
 STAGES = {"synth", "prepare", "train", "oof", "predict", "submit", "inspection", "runs", "kaggle_cli", "export",
           "cutout"}
-BLOCKS = {"config", "errors", "schedule", "cache", "graph", "runtime", "ingest", "layout", "testset", "parallel", "geometry", "probmaps", "precision",
+BLOCKS = {"config", "configio", "errors", "schedule", "arch", "augment", "cache", "graph", "runtime", "ingest", "layout", "testset", "parallel", "geometry", "probmaps", "precision",
           "data", "models", "pretrained", "losses", "safeload", "distributed", "tta", "rle", "metrics",
           "folds", "validate", "score", "ensemble", "overlay", "tboard", "explain", "faults", "locks", "onnxrun"}
 ENTRY = {"__init__", "__main__", "cli", "stagelog"}   # parse arguments, then import a stage by name

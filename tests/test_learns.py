@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import cache, config, data, predict, prepare, probmaps, submit, synth, train
+from pipeline import augment, cache, config, data, predict, prepare, probmaps, submit, synth, train
 from pipeline.train import build
 from pipeline.errors import PipelineError
 from pipeline.graph import Graph
@@ -55,12 +55,12 @@ def _misplaced(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (shape != mask.astype(bool)) & ~band
 
 
-@pytest.mark.parametrize("name", data.AUG_COMPONENTS)
+@pytest.mark.parametrize("name", augment.COMPONENTS)
 def test_each_augmentation_moves_image_and_mask_together(name):
     """Each component at p=1 over 20 seeds: the mask lands where the image's shape lands, and
     geometric ones really move it (an identity would pass the first check vacuously)."""
     image, mask = _shape()
-    t = data.build_transform(name)
+    t = augment.build_transform((name,))
     for part in t.transforms:
         part.p = 1.0
     moved = 0
@@ -84,7 +84,7 @@ def test_presets_through_the_dataset_keep_pairs_aligned(preset, tmp_path):
     image, mask = _shape()
     np.save(tmp_path / "img.npy", image)
     np.save(tmp_path / "mask.npy", mask)
-    ds = data.SegDataset([str(tmp_path / "img.npy")], [str(tmp_path / "mask.npy")], data.build_transform(preset))
+    ds = data.SegDataset([str(tmp_path / "img.npy")], [str(tmp_path / "mask.npy")], augment.build_transform(augment.parse(preset)))
     moved = 0
     for seed in range(40):
         x, y, _ = ds[(0, seed)]
@@ -148,8 +148,8 @@ def test_misaligned_pairs_fall_below_the_bar(demo, monkeypatch, tmp_path):
     """The same config and data with the training pairs misaligned: the OOF Dice (against the
     true masks) must miss the bar by a wide margin, else the bar could not catch this bug."""
     root, _, prepared, _ = demo
-    real = data.build_transform
-    monkeypatch.setattr(build, "build_transform", lambda spec: _ImageOnlyVflip(real(spec)))
+    real = augment.build_transform
+    monkeypatch.setattr(build, "build_transform", lambda names: _ImageOnlyVflip(real(names)))
     cfg = _cfg(root, **{"data.cache": str(tmp_path / "cache")})
     (summary,) = train.run(cfg, Graph(cfg, prepared=prepared))
     assert summary["dice_original"] < BAR - 0.1, summary

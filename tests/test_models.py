@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.models import build_model, check_names, load_checkpoint, model_kwargs
+from pipeline.arch import check_names, model_kwargs
+from pipeline.models import build_model, load_checkpoint
 
 TINY = dict(encoder_depth=3, decoder_channels=[32, 16, 8])
 

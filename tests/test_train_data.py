@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
 from _train_helpers import make_prepared
-from pipeline import data
+from pipeline import augment, data
 from pipeline.errors import ConfigError, PipelineError
 
 
@@ -46,11 +46,11 @@ def test_load_index_errors_name_the_file(prepared, tmp_path):
 
 
 def test_augment_spec():
-    assert data.parse_augment("basic") == ["hflip", "ssr", "bc"]
-    assert data.parse_augment("none") == [] and data.build_transform("none") is None
-    assert data.parse_augment("vflip, hsv") == ["vflip", "hsv"]
+    assert augment.parse("basic") == ("hflip", "ssr", "bc")
+    assert augment.parse("none") == () and augment.build_transform(augment.parse("none")) is None
+    assert augment.parse("vflip, hsv") == ("vflip", "hsv")
     with pytest.raises(ConfigError, match=r"unknown \['cutmix'\]"):
-        data.parse_augment("hflip,cutmix")
+        augment.parse("hflip,cutmix")
 
 
 def _epoch(ds, sampler, workers):
@@ -60,7 +60,7 @@ def _epoch(ds, sampler, workers):
 
 def test_augmentation_is_seeded_per_sample_not_per_worker(prepared):
     df = data.load_index(prepared)
-    ds = data.SegDataset(df["image"], df["mask"], data.build_transform("strong"))
+    ds = data.SegDataset(df["image"], df["mask"], augment.build_transform(augment.parse("strong")))
     sampler = data.SeededSampler(SequentialSampler(ds), seed=5)
     sampler.set_epoch(1)
     a, b = _epoch(ds, sampler, 0), _epoch(ds, sampler, 2)

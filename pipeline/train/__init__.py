@@ -33,10 +33,10 @@ from __future__ import annotations
 from ..config import Config
 
 from ..errors import ConfigError
-from ..data import cv2_single_thread, load_index, parse_augment
+from ..data import cv2_single_thread, load_index
 from ..distributed import dist_close, dist_init
 from ..graph import Graph
-from ..models import check_names, model_kwargs
+from ..arch import check_names, model_kwargs
 from ..runtime import Runtime, resolve
 from .fold import train_fold
 
@@ -46,7 +46,6 @@ def check_config(cfg: Config) -> None:
     know (config.load has checked the ranges)."""
     t = cfg.train
     check_names(t.arch, t.encoder)
-    parse_augment(t.augment)
     model_kwargs(t.encoder_depth, t.decoder_channels, t.input_scale)
 
 

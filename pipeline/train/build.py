@@ -14,11 +14,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..config import Config
 
 from ..errors import ConfigError, PipelineError
-from ..data import SegDataset, SeededSampler, build_transform, read_image
+from ..augment import build_transform
+from ..data import SegDataset, SeededSampler, read_image
 from ..distributed import Dist, ShardSampler
 from ..graph import STAGES
-from ..losses import BceDiceLoss, LovaszLoss
-from ..models import build_model, input_stats, model_kwargs
+from ..losses import FINAL_LOSSES, BceDiceLoss
+from ..arch import model_kwargs
+from ..models import build_model, input_stats
 from ..precision import autocast_factory
 from .optim import build_optimizer, build_scheduler
 from .plan import BASE_LOSS
@@ -100,7 +102,7 @@ def data(f: Fold, index: pd.DataFrame) -> Data:
     t, k, d = f.cfg.train, f.k, f.d
     train_df = index[index["fold"] != k].reset_index(drop=True)
     val_df = index[index["fold"] == k].reset_index(drop=True)
-    train_ds = SegDataset(train_df["image"], train_df["mask"], build_transform(t.augment))
+    train_ds = SegDataset(train_df["image"], train_df["mask"], build_transform(f.cfg.spec("train.augment")))
     val_ds = SegDataset(val_df["image"], val_df["mask"], None)
     base = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=t.seed + k)
     sampler = SeededSampler(base, seed=t.seed + k)
@@ -134,8 +136,8 @@ def parts(f: Fold, data: Data) -> Parts:
             "input_stats": stats, "config": fold_cfg, "train_key": f.key, "fold": k, "code_version": CODE_VERSION,
             "world_size": d.world, "precision": f.precision, "device_type": f.device.type}
     losses = {BASE_LOSS: BceDiceLoss(t.bce_weight, t.dice_weight, t.boundary_weight)}
-    if t.loss_final == "lovasz":
-        losses["lovasz"] = LovaszLoss()
+    if t.loss_final:
+        losses[t.loss_final] = FINAL_LOSSES[t.loss_final]()
     ema = None
     if t.ema:
         from timm.utils import ModelEmaV3

@@ -5,9 +5,7 @@ import math
 
 import torch
 
-from ..config import SCHEDULERS
-
-from ..errors import ConfigError
+from ..config import check_choice
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -20,27 +18,32 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
+def _cosine(optimizer, total_steps: int, warmup: int, min_lr_ratio: float):
+    """Linear warmup, then cosine to lr * min_lr_ratio."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _onecycle(optimizer, total_steps: int, warmup: int, min_lr_ratio: float):
+    """torch's OneCycleLR peaking at lr after the warmup (30% of the run without one)."""
+    pct = warmup / total_steps if warmup > 0 else 0.3
+    max_lr = [g["lr"] for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               pct_start=min(max(pct, 0.01), 0.99))
+
+
+# train.scheduler: name -> factory(optimizer, total_steps, warmup_steps, min_lr_ratio); "none" = constant.
+SCHEDULES = {"cosine": _cosine, "onecycle": _onecycle, "none": lambda *args: None}
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, steps_per_epoch: int,
                     warmup_epochs: float, min_lr_ratio: float):
-    """Stepped once per optimizer update. cosine: linear warmup then cosine to lr*min_lr_ratio.
-
-    onecycle: torch's OneCycleLR peaking at lr after warmup_epochs (30% of the run when 0).
-    none: None (a constant rate).
-    """
+    """The schedule ``name`` (:data:`SCHEDULES`), stepped once per optimizer update; None = constant."""
+    check_choice("train.scheduler", name, tuple(SCHEDULES))    # config.load checked it; direct calls too
     total_steps = max(1, total_steps)
     warmup = min(total_steps - 1, round(warmup_epochs * steps_per_epoch))
-    if name == "none":
-        return None
-    if name == "cosine":
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    if name == "onecycle":
-        pct = warmup / total_steps if warmup > 0 else 0.3
-        max_lr = [g["lr"] for g in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                                   pct_start=min(max(pct, 0.01), 0.99))
-    raise ConfigError(f"train.scheduler='{name}': choose one of {', '.join(SCHEDULERS)}")
+    return SCHEDULES[name](optimizer, total_steps, warmup, min_lr_ratio)
