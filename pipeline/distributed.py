@@ -15,36 +15,22 @@ from torch.utils.data import Sampler
 from .runtime import Runtime
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+@dataclass(frozen=True)
+class Dist(Runtime):
+    """The runtime context of a training process, and whether it made the process group."""
     owns_group: bool = False     # this run initialised the process group (and destroys it)
-    device: str = "cpu"          # the runtime context's resolved device and precision
-    precision: str = "fp32"
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
 
 
 def dist_init(rt: Runtime) -> Dist:
     """Join the torchrun process group when the runtime has several processes (gloo on CPU,
     nccl on CUDA)."""
-    if not rt.active:
-        return Dist(device=rt.device, precision=rt.precision)
     owns = False
-    if not dist.is_initialized():
+    if rt.active and not dist.is_initialized():
         if rt.device_type == "cuda":
             torch.cuda.set_device(rt.local_rank)
         dist.init_process_group("nccl" if rt.device_type == "cuda" else "gloo")
         owns = True
-    return Dist(rt.rank, rt.world, rt.local_rank or 0, owns, rt.device, rt.precision)
+    return Dist(rt.rank, rt.world, rt.local_rank, rt.device, rt.precision, owns)
 
 
 def dist_close(d: Dist) -> None:

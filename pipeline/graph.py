@@ -10,16 +10,8 @@ and ``inspect`` ask it where their inputs are, so no stage imports another.
 Resolved hashes are recorded where they are made, not recomputed downstream (DVC's lock
 file): prepare's manifest records its ``train_data`` key and each fold's manifest the
 hash of its ``best.pt`` (valid while the file's size and mtime are unchanged); artifacts
-written before these records are hashed as before, with the same result.
-
-Keys (unchanged since the caches they name were made):
-
-- prepare: ``stage_key(params, code, raw fingerprints)``, the raw files by name, size and
-  mtime (stat only);
-- train: ``stable_hash({params, train_data, [encoder_weights fingerprint], code})`` where
-  ``train_data`` hashes the prepare artifact's ``train_index.csv`` and ``folds.csv`` bytes,
-  so a new test set or the same data at another path finds the folds it trained;
-- predict: ``<best.pt sha256[:16]>-<hash of TTA views, resolved precision, code>`` per fold.
+written before these records are hashed as before, with the same result. The keys themselves
+(unchanged since the caches they name were made): docs/design.md, "Artifacts".
 """
 from __future__ import annotations
 

@@ -74,7 +74,6 @@ def list_dir(directory: Path, rel: str, kind: str) -> Listing:
     broken symbolic links, fifos): ``unreadable`` for image/mask names, else
     ``unexpected_file``. Symbolic links to files are files.
     """
-    files: dict[str, str] = {}
     issues: list[Issue] = []
     fps: list[list] = []
     if _is_link_loop(directory):
@@ -82,10 +81,10 @@ def list_dir(directory: Path, rel: str, kind: str) -> Listing:
         # once; the caller's checks for an empty folder (no train images, no test images,
         # images without masks) then apply.
         issues.append(Issue(f"{rel}/", "unreadable", "error", "symbolic link loop; folder not read"))
-        return Listing(str(Path(directory).absolute()), files, fps, issues)
+        return Listing(str(Path(directory).absolute()), {}, fps, issues)
     directory = Path(directory).resolve()
     if not directory.is_dir():
-        return Listing(str(directory), files, fps, issues)
+        return Listing(str(directory), {}, fps, issues)
     candidates: dict[str, list[tuple[int, str]]] = {}
     with os.scandir(directory) as it:
         entries = sorted(it, key=lambda e: e.name)
@@ -119,13 +118,20 @@ def list_dir(directory: Path, rel: str, kind: str) -> Listing:
                                 f"id '{shown_name(stem)}' does not match <12 hex digits>_<2 digits>"))
             continue
         candidates.setdefault(stem, []).append((rank, name))
+    files = _first_of_each(candidates, rel, issues)
+    return Listing(str(directory), files, fps, issues)
+
+
+def _first_of_each(candidates: dict[str, list[tuple[int, str]]], rel: str, issues: list[Issue]) -> dict[str, str]:
+    """id -> the file kept for it (the first extension in IMAGE_EXTS order); the others are issues."""
+    files = {}
     for stem, cands in candidates.items():
         cands.sort()
         files[stem] = cands[0][1]
         for _, name in cands[1:]:
             issues.append(Issue(f"{rel}/{name}", "duplicate_id", "error",
                                 f"duplicate id '{stem}' (kept {cands[0][1]})"))
-    return Listing(str(directory), files, fps, issues)
+    return files
 
 
 def shown_name(name: str) -> str:
