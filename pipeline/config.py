@@ -324,15 +324,25 @@ def _check_predict_submit(cfg: Config) -> None:
     from .tta import check_max_forward     # the check lives beside the code that uses the cap
     check_max_forward(cfg.predict.max_forward)
     check_choice("predict.precision", cfg.predict.precision, PRECISIONS)
-    from .graph import parse_folds          # the fold numbers against prepare.n_folds
-    parse_folds(cfg.predict.folds, cfg.prepare.n_folds)
+    check_folds(cfg.predict.folds, cfg.spec("predict.folds"), cfg.prepare.n_folds)
     runs, weights = cfg.spec("submit.runs"), cfg.spec("submit.weights")
     if weights is not None and not runs:
         raise ConfigError("submit.weights: set submit.runs too (the weights are one per listed run)")
-    if weights is not None:
-        from .ensemble import parse_weights
-        parse_weights(cfg.submit.weights, len(runs))
+    check_weights(cfg.submit.weights, weights, len(runs))
     _positive("submit.ensemble_images", cfg.submit.ensemble_images, 0)
+
+
+def check_folds(spec: str, folds: tuple[int, ...] | None, n_folds: int) -> None:
+    """``predict.folds``' numbers (None = all) against ``prepare.n_folds``."""
+    if folds is not None and (not folds or any(not 0 <= k < n_folds for k in folds)):
+        raise ConfigError(f"predict.folds='{spec}': folds must be in 0..{n_folds - 1}")
+
+
+def check_weights(spec: str, weights: tuple[float, ...] | None, n_runs: int) -> None:
+    """``submit.weights`` (None = chosen on OOF): one non-negative weight per run, a positive sum."""
+    if weights is not None and (len(weights) != n_runs or min(weights) < 0 or sum(weights) <= 0):
+        raise ConfigError(f"submit.weights='{spec}': need {n_runs} non-negative weights (one per submit.runs "
+                          "entry) with a positive sum")
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from . import cache, probmaps
 from .geometry import row_geometry
-from .config import Config, load
+from .config import Config, check_weights, load
 from .errors import ConfigError, PipelineError
 from .cache import stable_hash
 
@@ -85,12 +85,10 @@ def weight_list(spec: str) -> tuple[float, ...] | None:
 def parse_weights(spec: str, n: int) -> np.ndarray | None:
     """``submit.weights``: "" -> None (choose on OOF); "0.7,0.3" -> normalised to sum 1."""
     listed = weight_list(spec)
+    check_weights(spec, listed, n)
     if listed is None:
         return None
     w = np.array(listed, np.float64)
-    if len(w) != n or (w < 0).any() or w.sum() <= 0:
-        raise ConfigError(f"submit.weights='{spec}': need {n} non-negative weights (one per submit.runs entry) "
-                          "with a positive sum")
     return w / w.sum()
 
 

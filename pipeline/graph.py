@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import cache
-from .config import Config
+from .config import Config, check_folds
 from .errors import ConfigError, PipelineError
 from .cache import stable_hash
 
@@ -171,12 +171,8 @@ def fold_list(spec: str) -> tuple[int, ...] | None:
 def parse_folds(spec: str, n_folds: int) -> list[int]:
     """``predict.folds``: 'all' or a comma list of fold numbers in 0..n_folds-1."""
     folds = fold_list(spec)
-    if folds is None:
-        return list(range(n_folds))
-    bad = [k for k in folds if not 0 <= k < n_folds]
-    if bad or not folds:
-        raise ConfigError(f"predict.folds='{spec}': folds must be in 0..{n_folds - 1}")
-    return list(folds)
+    check_folds(spec, folds, n_folds)
+    return list(range(n_folds)) if folds is None else list(folds)
 
 
 @dataclass

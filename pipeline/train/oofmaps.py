@@ -5,6 +5,8 @@ and writes ``oof/hist.npz``, ``oof.json`` and, last, the fold's manifest.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +23,9 @@ from ..geometry import row_geometry, to_original
 from ..graph import params, recorded_hash
 from ..probmaps import DEFAULT_THRESHOLD, hist_dice, prob_hist, write_prob
 from .resume import Progress
-from .build import Data, Fold, Parts
+
+if TYPE_CHECKING:      # the fold's parts, built by build (types only: build imports the step)
+    from .build import Data, Fold, Parts
 
 
 def oof_one(q: np.ndarray, mask_small: np.ndarray, row: dict, out_png: Path) -> tuple:

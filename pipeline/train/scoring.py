@@ -2,13 +2,17 @@
 and the Dice of their EMA. Never touches the training trajectory (eval mode, no_grad, no RNG)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..data import MEAN, STD, to_device
 from ..distributed import all_sum, sync_buffers
 from ..metrics import dice_from_counts
 from .plan import BASE_LOSS, EpochPlan
-from .build import Data, Fold, Parts
+
+if TYPE_CHECKING:      # the fold's parts, built by build (types only: build imports the step)
+    from .build import Data, Fold, Parts
 
 
 def hard_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
