@@ -52,7 +52,8 @@ help: ## list the targets and their variables (this text)
 	@echo "  TEST_DIR=NAME  test folder for validate (test_hq)  NPROC=n     processes (per node) for *-ddp"
 	@echo "  NNODES=n RDZV=host:port   *-ddp across n machines (the same command on each; host = node 0)"
 	@echo "  WORST=n        images in inspect's worst grids     MSG=\"...\"   kaggle-submit message"
-	@echo "  RUN=key        inspect that run (a key from make runs) instead of this config's"
+	@echo "  RUN=key        inspect or export that run (a key from make runs) instead of this config's"
+	@echo "  IN=D OUT=D     cutout: photos in, cutouts out (OUT: export's folder too)  MODEL=D BG=white  cutout's export, background"
 	@echo "  FILES=a.zip,.. archives for download             HQ=1        also the HQ archives"
 	@echo "  CACHE=DIR      cache for runs/tensorboard/clean-cache (data/cache)  PORT=n  tensorboard port (6006)"
 	@echo "  CSV=F          runs: also write the table to F"
@@ -126,7 +127,7 @@ clean-cache: ## remove data.cache (every stage's artifacts; CONFIG/ARGS/CACHE ch
 	    echo "clean-cache: refusing to remove $$dir" >&2; exit 2;; esac; \
 	echo "rm -rf $$dir"; rm -rf -- "$$dir"
 
-# --- issue 11: seeing the work
+# Seeing the work
 config: venv ## print the resolved config (CONFIG, RAW, ARGS)
 	@$(PY) -m pipeline config $(STAGE_ARGS)
 
@@ -147,7 +148,7 @@ download: venv ## fetch the competition data with the kaggle CLI into RAW (FILES
 kaggle-submit: venv ## validate SUB=file, then submit it to Kaggle (MSG="..." else from the sidecar)
 	$(PY) scripts/kaggle_cli.py submit $(SUB) $(STAGE_ARGS) $(if $(MSG),--message "$(MSG)")
 
-# --- export a trained run; cut cars out of any photo (docs/export.md)
+# Export a trained run; cut cars out of any photo (docs/export.md)
 OUT    ?=
 IN     ?=
 MODEL  ?=
