@@ -35,3 +35,13 @@ def raw(raw_base, tmp_path) -> Path:
     """This test's own copy of ``raw_base``."""
     import shutil
     return Path(shutil.copytree(raw_base, tmp_path / "raw"))
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory):
+    """One pre-imported parent for the session's pipeline processes (tests/_stage_runner.py): each
+    job is a fresh forked child, so no test sees another's; started on first use."""
+    from _stage_runner import Zygote
+    z = Zygote(tmp_path_factory.mktemp("zygote"))
+    yield z
+    z.close()

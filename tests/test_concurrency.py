@@ -2,7 +2,8 @@
 
 Processes are started together: each imports what it needs, says it is ready, and waits
 for a start file, so their work overlaps for certain (without the locks, both processes of
-a pair would do the work; the assertions below count who did).
+a pair would do the work; the assertions below count who did). They are forked from the
+session's pre-imported zygote (tests/_stage_runner.py), each a process of its own.
 """
 from __future__ import annotations
 
@@ -45,32 +46,33 @@ while not Path({go!r}).exists():
 """
 
 
-def _together(tmp_path: Path, imports: str, bodies: list[str], timeout: float = 600) -> list[str]:
+def _together(zygote, tmp_path: Path, imports: str, bodies: list[str], timeout: float = 600) -> list[str]:
     """Start one process per body, release them at the same moment; returns their outputs
     (stdout and stderr), asserting every process succeeded."""
     go = tmp_path / f"go{time.monotonic_ns()}"
-    procs, ready = [], []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    kids, ready = [], []
+    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for i, body in enumerate(bodies):
         ready.append(go.with_name(f"{go.name}.ready{i}"))
         code = PRELUDE.format(repo=str(REPO), imports=imports, ready=str(ready[-1]), go=str(go), body=body)
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        kids.append(zygote.spawn([], code=code, cwd=REPO, env=env, merge=True))
     try:
         deadline = time.time() + timeout
         while not all(r.exists() for r in ready):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                [p.communicate()[0][-3000:] for p in procs if p.poll() is not None]
+            assert time.time() < deadline and all(k.poll() for k in kids), \
+                [k.wait().out[-3000:] for k in kids if not k.poll()]
             time.sleep(0.02)
         go.touch()
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+        results = [k.wait() for k in kids]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
-    return outs
+        for k in kids:
+            if k.result is None:
+                if k.poll():
+                    os.kill(k.pid, signal.SIGKILL)
+                k.wait()
+    for r in results:
+        assert r.rc == 0, r.out[-4000:]
+    return [r.out for r in results]
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +106,11 @@ def _cfg(raw: Path, cache_root: Path, seed: int):
 
 # ---------------------------------------------------------------------------- train
 
-def test_two_folds_at_once_both_finish_into_one_run(prepared, tmp_path):
+def test_two_folds_at_once_both_finish_into_one_run(prepared, tmp_path, zygote):
     """`make train FOLD=0` and `FOLD=1` together: neither waits for the other, both folds are
     complete, the run's shared log holds both runs whole, and OOF pools both folds."""
     raw, cache_root = prepared
-    outs = _together(tmp_path, "from pipeline import cli, train",
+    outs = _together(zygote, tmp_path, "from pipeline import cli, train",
                      [_train_body(raw, cache_root, 0, seed=11), _train_body(raw, cache_root, 1, seed=11)])
     for k, out in enumerate(outs):
         assert "waiting for" not in out, out        # a fold's lock never blocks another fold
@@ -137,11 +139,11 @@ step.train_epoch = slow_epoch
 """
 
 
-def test_same_fold_twice_trains_once_the_other_waits_then_finds_it_cached(prepared, tmp_path):
+def test_same_fold_twice_trains_once_the_other_waits_then_finds_it_cached(prepared, tmp_path, zygote):
     raw, cache_root = prepared
     # Without the slow epoch, a starved second process could reach the lock after the first had
     # finished (then it finds the fold cached without waiting, and the test cannot see the wait).
-    outs = _together(tmp_path, "from pipeline import cli, train\n" + SLOW_EPOCH,
+    outs = _together(zygote, tmp_path, "from pipeline import cli, train\n" + SLOW_EPOCH,
                      [_train_body(raw, cache_root, 0, seed=12), _train_body(raw, cache_root, 0, seed=12)])
     both = "".join(outs)
     assert both.count("fold 0 epoch 1/1: lr ") == 1, both              # exactly one process trained
@@ -163,10 +165,10 @@ def test_same_fold_twice_trains_once_the_other_waits_then_finds_it_cached(prepar
 
 # ---------------------------------------------------------------------------- prepare and predict
 
-def test_same_prepare_key_twice_builds_once(raw, tmp_path):
+def test_same_prepare_key_twice_builds_once(raw, tmp_path, zygote):
     args = _argv(**{"data.raw": raw, "data.cache": tmp_path / "cache", **PREPARE})
     body = f"sys.exit(cli.main(['prepare', *{args!r}]))"
-    outs = _together(tmp_path, "from pipeline import cli, prepare", [body, body])
+    outs = _together(zygote, tmp_path, "from pipeline import cli, prepare", [body, body])
     built = [o for o in outs if "32 train pairs (32 processed, 0 reused)" in o]
     waited = [o for o in outs if "waiting for" in o]
     assert len(built) == 1 and len(waited) == 1 and built[0] is not waited[0], outs
@@ -177,14 +179,14 @@ def test_same_prepare_key_twice_builds_once(raw, tmp_path):
 
 SLOW_PNG = """
 real = predict.write_prob
-def slow(path, prob):  # the work lasts (8 x 0.1 s) well past the other process's start
-    time.sleep(0.1)
+def slow(path, prob):  # the work (8 x 0.25 s) outlasts the other's first poll (the holder may not have
+    time.sleep(0.25)   # written its record yet) and its next one, locks.POLL_S later, names the holder
     real(path, prob)
 predict.write_prob = slow
 """
 
 
-def test_same_predict_shard_twice_predicts_once(prepared, tmp_path):
+def test_same_predict_shard_twice_predicts_once(prepared, tmp_path, zygote):
     raw, cache_root = prepared
     from pipeline.models import build_model
     torch.manual_seed(0)
@@ -198,7 +200,7 @@ def test_same_predict_shard_twice_predicts_once(prepared, tmp_path):
     body = (SLOW_PNG + f"index = testset.read_test_index({str(index_csv)!r})\n"
             f"predict.predict_fold(index, {str(ckpt)!r}, {str(tmp_path / 'cache')!r}, tta.parse('hflip'), "
             "shard=(1, 2), batch_size=1, num_workers=0, precision='fp32', progress=False)")
-    outs = _together(tmp_path, "from pipeline import predict, testset, tta", [body, body])
+    outs = _together(zygote, tmp_path, "from pipeline import predict, testset, tta", [body, body])
     assert sorted(o.count(": 8 predicted, 0 cached (shard 1/2)") for o in outs) == [0, 1], outs
     waited = [o for o in outs if "waiting for" in o]
     assert len(waited) == 1 and ": 0 predicted, 8 cached (shard 1/2)" in waited[0], outs

@@ -1,8 +1,9 @@
-"""The whole pipeline on a tiny synthetic set, through the same CLI that `make` calls."""
+"""The whole pipeline on a tiny synthetic set, through the same CLI that `make` calls.
+
+Each stage is a process of its own running ``python -m pipeline``'s ``cli.main(argv)``, forked from
+the session's pre-imported zygote (tests/_stage_runner.py) rather than a fresh interpreter each."""
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +21,25 @@ TINY = ["prepare.height=64", "prepare.width=96", "n_folds=2", "epochs=1", "train
         "encoder=resnet18", "encoder_weights=none", "tta=hflip"]
 
 
-def _stage(stage: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline", stage, "--config", str(REPO / "configs" / "default.yaml"),
-           f"data.raw={tmp_path / 'raw'}", f"data.cache={tmp_path / 'cache'}",
-           f"data.submissions={tmp_path / 'subs'}", *TINY, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+def _stage(zygote, stage: str, tmp_path, *extra: str):
+    argv = [stage, "--config", str(REPO / "configs" / "default.yaml"), f"data.raw={tmp_path / 'raw'}",
+            f"data.cache={tmp_path / 'cache'}", f"data.submissions={tmp_path / 'subs'}", *TINY, *extra]
+    proc = zygote.run(argv)
+    assert proc.rc == 0, f"{stage} failed:\n{proc.out[-3000:]}\n{proc.err[-3000:]}"
     return proc
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
+def e2e(tmp_path_factory, zygote):
     tmp_path = tmp_path_factory.mktemp("e2e")
     # 4 train cars so that each of 2 folds holds 2 whole cars; 120x80 images, the model sees 96x64,
     # so the submission is right only if submit maps each prediction back to its image's own size.
     synth.generate(tmp_path / "raw", train_cars=4, test_cars=1, height=80, width=120, seed=1, workers=1)
-    logs = {s: _stage(s, tmp_path) for s in ("prepare", "train", "predict")}
+    logs = {s: _stage(zygote, s, tmp_path) for s in ("prepare", "train", "predict")}
     # A one-epoch model's maps can sit on one side of 0.5: threshold at their median instead, so the
     # masks are about half car and a mask at the wrong size cannot pass for the right one.
     maps = np.concatenate([probmaps.read_prob(p).ravel() for p in (tmp_path / "cache" / "predict").glob("*/*.png")])
-    logs["submit"] = _stage("submit", tmp_path, f"submit.threshold={np.median(maps) / 255:.6f}")
+    logs["submit"] = _stage(zygote, "submit", tmp_path, f"submit.threshold={np.median(maps) / 255:.6f}")
     return tmp_path, logs
 
 
@@ -80,13 +80,13 @@ def test_submission_passes_the_validator(e2e):
     assert rep.ok and rep.problems == [], rep.summary()
 
 
-def test_second_prepare_is_cached(e2e):
+def test_second_prepare_is_cached(e2e, zygote):
     tmp_path, _ = e2e
-    again = _stage("prepare", tmp_path)
-    assert "cached" in again.stdout.lower()
+    again = _stage(zygote, "prepare", tmp_path)
+    assert "cached" in again.out.lower()
 
 
-def test_rerun_train_is_cached(e2e):
+def test_rerun_train_is_cached(e2e, zygote):
     tmp_path, _ = e2e
-    again = _stage("train", tmp_path)
-    assert "cached" in again.stdout.lower()
+    again = _stage(zygote, "train", tmp_path)
+    assert "cached" in again.out.lower()

@@ -1,5 +1,7 @@
 """Multi-run ensembles (submit.runs): known answers for the pure pieces, and two tiny runs of
-different configs (different model sizes) ensembled end to end through the CLI."""
+different configs (different model sizes) ensembled end to end through the CLI (each command a
+process forked from the session's pre-imported zygote, tests/_stage_runner.py; the exit-code
+test runs ``python -m pipeline`` itself)."""
 import json
 import subprocess
 import sys
@@ -53,16 +55,16 @@ RUN = {"train": {"arch": "Unet", "encoder": "resnet18", "encoder_weights": "none
        "prepare": {"n_folds": 2, "workers": 1}}
 
 
-def _cli(stage: str, config: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline", stage, "--config", str(config), f"data.raw={tmp / 'raw'}",
-           f"data.cache={tmp / 'cache'}", f"data.submissions={tmp / 'subs'}", "submit.workers=1", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{stage} {config.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+def _cli(zygote, stage: str, config: Path, tmp: Path, *extra: str):
+    argv = [stage, "--config", str(config), f"data.raw={tmp / 'raw'}", f"data.cache={tmp / 'cache'}",
+            f"data.submissions={tmp / 'subs'}", "submit.workers=1", *extra]
+    proc = zygote.run(argv)
+    assert proc.rc == 0, f"{stage} {config.name} failed:\n{proc.out[-3000:]}\n{proc.err[-3000:]}"
     return proc
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tmp_path_factory, zygote):
     tmp = tmp_path_factory.mktemp("ens")
     synth.generate(tmp / "raw", train_cars=4, test_cars=1, height=80, width=120, seed=3, workers=1)
     configs = []
@@ -73,10 +75,10 @@ def two_runs(tmp_path_factory):
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(doc))
         for stage in ("prepare", "train"):
-            _cli(stage, path, tmp)
+            _cli(zygote, stage, path, tmp)
         configs.append(path)
     runs = ",".join(str(c) for c in configs)
-    out = _cli("submit", configs[0], tmp, f"submit.runs={runs}", "submit.name=ens")
+    out = _cli(zygote, "submit", configs[0], tmp, f"submit.runs={runs}", "submit.name=ens")
     return tmp, configs, runs, out
 
 
@@ -109,25 +111,25 @@ def test_ensemble_submission_is_the_weighted_mean_of_the_runs(two_runs):
         assert (got == want).mean() > 0.999, img
 
 
-def test_weights_one_zero_reproduce_the_first_run_alone(two_runs):
+def test_weights_one_zero_reproduce_the_first_run_alone(two_runs, zygote):
     tmp, configs, runs, _ = two_runs
-    _cli("submit", configs[0], tmp, "submit.threshold=0.5")                      # run a alone: solo-a.csv
-    _cli("submit", configs[0], tmp, f"submit.runs={runs}", "submit.weights=1,0", "submit.threshold=0.5",
+    _cli(zygote, "submit", configs[0], tmp, "submit.threshold=0.5")              # run a alone: solo-a.csv
+    _cli(zygote, "submit", configs[0], tmp, f"submit.runs={runs}", "submit.weights=1,0", "submit.threshold=0.5",
          "submit.name=ens10")
     assert (tmp / "subs" / "ens10.csv").read_bytes() == (tmp / "subs" / "solo-a.csv").read_bytes()
 
 
-def test_ensemble_submit_is_cached_and_predicts_nothing_again(two_runs):
+def test_ensemble_submit_is_cached_and_predicts_nothing_again(two_runs, zygote):
     tmp, configs, runs, first = two_runs
     sub = tmp / "subs" / "ens.csv"
     before = sub.stat().st_mtime_ns
-    again = _cli("submit", configs[0], tmp, f"submit.runs={runs}", "submit.name=ens")
-    assert "cached, nothing to do" in again.stdout
+    again = _cli(zygote, "submit", configs[0], tmp, f"submit.runs={runs}", "submit.name=ens")
+    assert "cached, nothing to do" in again.out
     assert sub.stat().st_mtime_ns == before
     import re
     # predict ran for each run (first time: every test image), then found everything cached.
-    assert [int(n) for n in re.findall(r"(\d+) predicted", first.stdout)] == [16, 16]
-    assert [int(n) for n in re.findall(r"(\d+) predicted", again.stdout)] == [0, 0]
+    assert [int(n) for n in re.findall(r"(\d+) predicted", first.out)] == [16, 16]
+    assert [int(n) for n in re.findall(r"(\d+) predicted", again.out)] == [0, 0]
     choices = list((tmp / "cache" / "ensemble").glob("*/choice.json"))
     assert len(choices) >= 1
 

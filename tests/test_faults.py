@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from _stage_runner import REPO, Zygote
+from _stage_runner import REPO
 from pipeline import cache, predict, probmaps, synth, tta
 from pipeline.errors import PipelineError
 
@@ -111,7 +111,7 @@ def _temps(root: Path) -> list[Path]:
     return [p for p in root.rglob(".*") if ".tmp." in p.name]
 
 
-def test_file_size_limit_mid_write_then_rerun(tmp_path):
+def test_file_size_limit_mid_write_then_rerun(tmp_path, zygote):
     """RLIMIT_FSIZE (SIGXFSZ ignored, so a write past it fails with EFBIG) in prepare, train and
     predict: exit 2 with a one-line error naming the file, no file under that name, no manifest,
     no temp; the same command without the limit then completes."""
@@ -125,30 +125,27 @@ def test_file_size_limit_mid_write_then_rerun(tmp_path):
     bad = _no_room_error(proc.stderr, tmp_path / "cache" / "prepare")
     assert bad.suffix == ".png"
     assert not list((tmp_path / "cache" / "prepare").rglob("manifest.json")) and not _temps(tmp_path / "cache")
-    z = Zygote(tmp_path / "io")
-    try:
-        ok = z.run(_argv(tmp_path, "prepare"))
-        assert ok.rc == 0 and list((tmp_path / "cache" / "prepare").glob("*/manifest.json")), ok.err[-3000:]
+    z = zygote      # the session's (tests/_stage_runner.py): forked children, real rlimits and exit codes
+    ok = z.run(_argv(tmp_path, "prepare"))
+    assert ok.rc == 0 and list((tmp_path / "cache" / "prepare").glob("*/manifest.json")), ok.err[-3000:]
 
-        # train: 1 MB passes config.yaml, then best.pt (torch.save, ~2.8 MB) hits the limit.
-        r = z.run(_argv(tmp_path, "train"), fsize=1 << 20)
-        assert r.rc == 2, r.err[-3000:]
-        bad = _no_room_error(r.err, tmp_path / "cache" / "train")
-        assert bad.name == "best.pt"
-        assert not (bad.parent / "manifest.json").exists() and not _temps(tmp_path / "cache")
-        r = z.run(_argv(tmp_path, "train"))
-        assert r.rc == 0 and (bad.parent / "manifest.json").is_file(), r.err[-3000:]
+    # train: 1 MB passes config.yaml, then best.pt (torch.save, ~2.8 MB) hits the limit.
+    r = z.run(_argv(tmp_path, "train"), fsize=1 << 20)
+    assert r.rc == 2, r.err[-3000:]
+    bad = _no_room_error(r.err, tmp_path / "cache" / "train")
+    assert bad.name == "best.pt"
+    assert not (bad.parent / "manifest.json").exists() and not _temps(tmp_path / "cache")
+    r = z.run(_argv(tmp_path, "train"))
+    assert r.rc == 0 and (bad.parent / "manifest.json").is_file(), r.err[-3000:]
 
-        # predict: 200 bytes stop its first write, meta.json (~0.6 KB: paths, names, sizes).
-        r = z.run(_argv(tmp_path, "predict"), fsize=200)
-        assert r.rc == 2, r.err[-3000:]
-        bad = _no_room_error(r.err, tmp_path / "cache" / "predict")
-        assert bad.name == "meta.json"
-        assert not list((tmp_path / "cache" / "predict").rglob("manifest.json")) and not _temps(tmp_path / "cache")
-        r = z.run(_argv(tmp_path, "predict"))
-        assert r.rc == 0 and list((tmp_path / "cache" / "predict").glob("*/manifest.json")), r.err[-3000:]
-    finally:
-        z.close()
+    # predict: 200 bytes stop its first write, meta.json (~0.6 KB: paths, names, sizes).
+    r = z.run(_argv(tmp_path, "predict"), fsize=200)
+    assert r.rc == 2, r.err[-3000:]
+    bad = _no_room_error(r.err, tmp_path / "cache" / "predict")
+    assert bad.name == "meta.json"
+    assert not list((tmp_path / "cache" / "predict").rglob("manifest.json")) and not _temps(tmp_path / "cache")
+    r = z.run(_argv(tmp_path, "predict"))
+    assert r.rc == 0 and list((tmp_path / "cache" / "predict").glob("*/manifest.json")), r.err[-3000:]
 
 
 # ---------------------------------------------------------------------------- GPU out of memory in predict

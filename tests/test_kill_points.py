@@ -9,7 +9,7 @@ atomic write's temp is complete, not renamed; ``rename``: just after the rename;
 stage's outputs are removed, the command is run with the kill armed (it must die by SIGKILL),
 then run again as it was, and the stage's outputs are compared with the reference's.
 
-The commands run as forked children of one pre-imported process (tests/_stage_runner.py):
+The commands run as forked children of the session's pre-imported process (tests/_stage_runner.py):
 real processes, killed for real, running ``pipeline.cli.main`` as ``python -m pipeline`` does.
 Both runs use the same cache path (the artifacts record absolute paths).
 
@@ -84,21 +84,17 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, zygote):
     tmp = tmp_path_factory.mktemp("kill")
     synth.generate(tmp / "raw", train_cars=2, test_cars=1, height=40, width=80, seed=3, workers=1)
-    z = Zygote(tmp / "io")
-    w = World(tmp, z, {})
-    try:
-        for stage in STAGES:
-            trace = tmp / f"{stage}.trace"
-            r = z.run(w.argv(stage), env={faults.TRACE_ENV: str(trace)})
-            assert r.rc == 0, f"reference {stage} failed:\n{r.out[-2000:]}\n{r.err[-3000:]}"
-            w.trace[stage] = trace.read_text().split() if trace.exists() else []
-        shutil.copytree(w.live, w.ref, symlinks=True)
-        yield w
-    finally:
-        z.close()
+    w = World(tmp, zygote, {})
+    for stage in STAGES:
+        trace = tmp / f"{stage}.trace"
+        r = zygote.run(w.argv(stage), env={faults.TRACE_ENV: str(trace)})
+        assert r.rc == 0, f"reference {stage} failed:\n{r.out[-2000:]}\n{r.err[-3000:]}"
+        w.trace[stage] = trace.read_text().split() if trace.exists() else []
+    shutil.copytree(w.live, w.ref, symlinks=True)
+    return w
 
 
 def _temps(paths: list[Path]) -> list[Path]:

@@ -1,8 +1,7 @@
 """Predict: per-image cached probabilities at model size, resume after a kill, shards merge to one run."""
 import json
+import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -203,19 +202,20 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_resume_after_kill(ckpt, test_set, tmp_path):
+def test_resume_after_kill(ckpt, test_set, tmp_path, zygote):
     index, _ = test_set
     index_csv = tmp_path / "test_index.csv"
     index.to_csv(index_csv, index=False)
     ttas = tta.parse("hflip")
     fold_dir = graph.predict_dir(tmp_path / "cache", graph.file_sha16(ckpt), tta.names(ttas), "fp32")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(index_csv), str(ckpt), str(tmp_path / "cache")],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A process of its own (forked from the session's pre-imported zygote, tests/_stage_runner.py).
+    child = zygote.spawn([str(index_csv), str(ckpt), str(tmp_path / "cache")], code=CHILD, cwd=REPO)
     deadline = time.time() + 120
-    while len(probmaps.done_ids(fold_dir)) < 3 and time.time() < deadline and proc.poll() is None:
+    while len(probmaps.done_ids(fold_dir)) < 3 and time.time() < deadline and child.poll():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    if child.poll():
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait()
     done = probmaps.done_ids(fold_dir)
     assert 3 <= len(done) < 10, f"child finished {len(done)} before the kill"
     for i in done:  # nothing half-written under a final name

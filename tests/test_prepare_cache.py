@@ -3,8 +3,6 @@ and a run killed with SIGKILL at any point reruns to exactly the uninterrupted r
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,6 @@ from pipeline.config import load
 from pipeline.errors import PipelineError
 from pipeline.graph import Graph
 
-REPO = Path(__file__).resolve().parents[1]
 H, W = 64, 96
 
 
@@ -135,14 +132,15 @@ def _snapshot(d: Path) -> dict:
     return out
 
 
-def test_kill_9_mid_run_then_rerun_is_identical(tmp_path):
+def test_kill_9_mid_run_then_rerun_is_identical(tmp_path, zygote):
     # Large enough (48 images at 480x720) that one worker needs ~1 s: the kill lands mid-run.
     raw = synth.generate(tmp_path / "raw", train_cars=3, test_cars=1, height=480, width=720, seed=2, workers=1)
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "pipeline", "prepare", f"data.raw={raw}", f"data.cache={cache}",
-           "prepare.height=224", "prepare.width=320", "n_folds=2", "prepare.workers=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    argv = ["prepare", f"data.raw={raw}", f"data.cache={cache}", "prepare.height=224", "prepare.width=320",
+            "n_folds=2", "prepare.workers=1"]
+    # `python -m pipeline prepare` in a process (and process group) of its own, forked from the
+    # session's pre-imported zygote (tests/_stage_runner.py).
+    proc = zygote.spawn(argv, session=True)
     files = cache / "prepare" / "files" / "224x320-stretch"
 
     def final(pattern: str) -> list[Path]:

@@ -4,7 +4,8 @@ of one resumed run in eleven that drifted (docs/reliability.md, "Resume").
 That setting: precision=auto (bf16 where oneDNN has native bf16, else fp32), two DataLoader
 workers, augmentation, TensorBoard with its overlay forward pass, and a model whose training
 draws from the global torch RNG (stochastic depth), so a lost or late-captured RNG state shows.
-Every run, the reference included, is its own process. The kill lands in the widest window a
+Every run, the reference included, is its own process (forked from the session's pre-imported
+zygote, tests/_stage_runner.py, as ``python -c SCRIPT`` would run it). The kill lands in the widest window a
 "kill soon after the first metrics.csv row" can hit: every file of epoch 2 is written (metrics.csv
 with two rows, curve.png, best.pt when epoch 2 is the best) but last.pt is still epoch 1's. The
 mid-epoch kill is tests/test_train_resume.py's. Compared exactly: every metrics.csv column but
@@ -12,10 +13,7 @@ the clocks, and every tensor of best.pt's and last.pt's weights.
 """
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -54,12 +52,10 @@ train.run(cfg, Graph(cfg, prepared={prepared!r}))
 """
 
 
-def _run(cache: Path, prepared: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def _run(zygote, cache: Path, prepared: Path, env: dict | None = None):
     script = SCRIPT.format(tests=str(REPO / "tests"), repo=str(REPO), cache=str(cache), overrides=OVERRIDES,
                            prepared=str(prepared), extra=STOCHASTIC, before_last=BEFORE_LAST)
-    clean = {k: v for k, v in os.environ.items() if k not in (faults.KILL_ENV, faults.TRACE_ENV, BEFORE_LAST)}
-    return subprocess.run([sys.executable, "-c", script], env={**clean, **(env or {})}, capture_output=True,
-                          text=True, timeout=600)
+    return zygote.run([], code=script, env=env, unset=(faults.KILL_ENV, faults.TRACE_ENV, BEFORE_LAST))
 
 
 def _fold(cache: Path, prepared: Path) -> Path:
@@ -71,23 +67,23 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_kill_before_last_pt_then_rerun_is_bit_identical(tmp_path):
+def test_kill_before_last_pt_then_rerun_is_bit_identical(tmp_path, zygote):
     prepared = make_prepared(tmp_path / "prep")
-    ref_run = _run(tmp_path / "ref", prepared)
-    assert ref_run.returncode == 0, ref_run.stderr[-3000:]
+    ref_run = _run(zygote, tmp_path / "ref", prepared)
+    assert ref_run.rc == 0, ref_run.err[-3000:]
     ref = _fold(tmp_path / "ref", prepared)
 
-    killed = _run(tmp_path / "run", prepared, {BEFORE_LAST: "2"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    killed = _run(zygote, tmp_path / "run", prepared, {BEFORE_LAST: "2"})
+    assert killed.rc == -signal.SIGKILL, killed.err[-3000:]
     out = _fold(tmp_path / "run", prepared)
     assert _load(out / "last.pt")["epoch"] == 0                   # still epoch 1's (0-based) ...
     assert len(pd.read_csv(out / "metrics.csv")) == 2              # ... while epoch 2's logs are written
     best2 = bool(pd.read_csv(ref / "metrics.csv")["best"].astype(bool)[1])
     assert _load(out / "best.pt")["epoch"] == (2 if best2 else 1)   # best.pt counts from 1
 
-    again = _run(tmp_path / "run", prepared)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming after epoch 1 of 2" in again.stdout
+    again = _run(zygote, tmp_path / "run", prepared)
+    assert again.rc == 0, again.err[-3000:]
+    assert "resuming after epoch 1 of 2" in again.out
     got, want = (pd.read_csv(d / "metrics.csv").drop(columns=CLOCKS) for d in (out, ref))
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     for name in ("best.pt", "last.pt"):

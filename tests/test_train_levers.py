@@ -197,10 +197,11 @@ def test_ema_is_scored_and_checkpointed_beside_the_raw_weights(levers_run):
     assert summary["dice_model"] == pytest.approx(best["best_score"], abs=0.02)
 
 
-def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path):
+def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path, zygote):
     """kill -9 at the start of epoch 3, then the same command continues from last.pt: EMA state
     and progressive sizes must carry over, and the rerun crop epoch must draw the same windows:
-    the metrics equal the uninterrupted run's."""
+    the metrics equal the uninterrupted run's. (Both runs: processes forked from the session's
+    pre-imported zygote, tests/_stage_runner.py, as ``python -c`` would run the script.)"""
     cfg, _, out = levers_run
     ref = pd.read_csv(out / "metrics.csv")
     import shutil
@@ -208,8 +209,6 @@ def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path):
     # Run the same config into a fresh cache, killed at the start of epoch 3: 2 micro-batches per
     # epoch, so the 5th micro-batch's kill point.
     import os
-    import subprocess
-    import sys
     code = (
         "import sys; sys.path.insert(0, 'tests');"
         "from _train_helpers import tiny_cfg; from pipeline import train; from pipeline.graph import Graph;"
@@ -217,14 +216,12 @@ def test_ema_run_resumes_to_the_same_metrics(prepared, levers_run, tmp_path):
         "'train.progressive': '32x64:1,c32x64:2', 'train.boundary_weight': 2.0, 'train.loss_final': 'lovasz',"
         "'train.loss_final_epochs': 1});"
         f"train.run(cfg, Graph(cfg, prepared={str(prepared)!r}))")
-    env = {**os.environ, faults.KILL_ENV: "train.batch:5"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert r.returncode == -9, r.stderr[-2000:]   # killed at the start of epoch 3
+    r = zygote.run([], code=code, cwd=root, env={faults.KILL_ENV: "train.batch:5"})
+    assert r.rc == -9, r.err[-2000:]   # killed at the start of epoch 3
     assert len(pd.read_csv(next(work.glob("train/*/fold0")) / "metrics.csv")) == 2
-    env.pop(faults.KILL_ENV)
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = zygote.run([], code=code, cwd=root, unset=(faults.KILL_ENV,))
+    assert r.rc == 0, r.err[-2000:]
     resumed = pd.read_csv(next(work.glob("train/*/fold0")) / "metrics.csv")
     cols = ["epoch", "lr", "train_loss", "val_loss", "val_dice", "val_dice_ema", "size", "best"]
     pd.testing.assert_frame_equal(resumed[cols], ref[cols], check_exact=False, rtol=1e-5)

@@ -5,10 +5,7 @@ another precision, another number of DDP processes, and the logs a kill may leav
 """
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import random
@@ -52,7 +49,7 @@ def _stochastic(monkeypatch):
     monkeypatch.setattr(build, "model_kwargs", lambda *a: {**real(*a), **STOCHASTIC})
 
 
-def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monkeypatch):
+def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monkeypatch, zygote):
     prepared = make_prepared(tmp_path / "prep")
     _stochastic(monkeypatch)
     # Uninterrupted reference, in this process, without DataLoader workers.
@@ -61,13 +58,13 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, monk
     ref_dir = Graph(ref_cfg, prepared=prepared).fold_dir(0)
 
     # Same config in another cache, with 2 workers (a run-only knob), killed by SIGKILL at
-    # epoch 2, micro-batch 2 (2 micro-batches per epoch: the 4th micro-batch's kill point).
+    # epoch 2, micro-batch 2 (2 micro-batches per epoch: the 4th micro-batch's kill point). A
+    # process of its own, forked from the session's pre-imported zygote (tests/_stage_runner.py).
     overrides = {**OVERRIDES, "train.num_workers": 2}
     script = SCRIPT.format(tests=str(REPO / "tests"), repo=str(REPO), cache=str(tmp_path / "run"),
                            overrides=overrides, prepared=str(prepared), extra=STOCHASTIC)
-    env = {**os.environ, faults.KILL_ENV: "train.batch:4"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    proc = zygote.run([], code=script, env={faults.KILL_ENV: "train.batch:4"})
+    assert proc.rc == -signal.SIGKILL, proc.err[-2000:]
     cfg = tiny_cfg(tmp_path / "run", **overrides)
     out = Graph(cfg, prepared=prepared).fold_dir(0)
     assert out.parent.name == ref_dir.parent.name          # num_workers is not in the key
