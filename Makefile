@@ -132,7 +132,7 @@ config: venv ## print the resolved config (CONFIG, RAW, ARGS)
 	@$(PY) -m pipeline config $(STAGE_ARGS)
 
 inspect: venv ## worst images, per-view/per-car tables from the OOF maps (RUN=key, or SUB= MASKS=); WORST=n
-	$(PY) scripts/inspect_errors.py $(STAGE_ARGS) $(if $(SUB),inspect.submission=$(SUB)) \
+	$(PY) -m pipeline inspect $(STAGE_ARGS) $(if $(SUB),inspect.submission=$(SUB)) \
 	    $(if $(MASKS),inspect.masks=$(MASKS)) $(if $(WORST),inspect.worst=$(WORST)) $(if $(RUN),inspect.run=$(RUN))
 
 runs: venv ## leaderboard of every trained run in CACHE, best OOF Dice first (CSV=file to save it)

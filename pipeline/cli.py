@@ -22,13 +22,12 @@ from .graph import Graph
 
 STAGES = ("synth", "prepare", "train", "oof", "predict", "submit", "inspect")
 COMMANDS = (*STAGES, "config")
-MODULES = {"inspect": "inspection"}      # stage -> module where the names differ
 WITH_RUNTIME = ("train", "predict")      # stages handed the runtime context (device, precision, ranks)
 WITH_PRECISION = ("predict", "submit")   # stages whose graph needs predict's resolved precision
 
 
 def _stage(stage: str):
-    return importlib.import_module(f"pipeline.{MODULES.get(stage, stage)}")
+    return importlib.import_module(f"pipeline.{stage}")
 
 
 def _predict_members(cfg: Config) -> None:
@@ -59,7 +58,7 @@ def _parser(stage: str | None) -> argparse.ArgumentParser:
     if stage is None:
         desc, epilog = __doc__, explain.keys_text()
     else:
-        mod = MODULES.get(stage, stage)
+        mod = stage
         doc = "print the resolved config (defaults < --config file < key=value)" if stage == "config" else \
             (importlib.import_module(f"pipeline.{mod}").__doc__ or "").strip()
         desc = doc.split("\n\n")[0] + "\n\nThe module docstring has the details (pydoc pipeline." + mod + ")." \

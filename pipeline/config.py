@@ -137,7 +137,7 @@ class SubmitConfig:
 # inspect + tensorboard: logging and reading only; neither enters any cache key (pipeline.graph).
 @dataclass
 class InspectConfig:
-    """``make inspect``: tables and pictures of where the model fails (pipeline/inspection.py)."""
+    """``make inspect``: tables and pictures of where the model fails (pipeline/inspect.py)."""
     worst: int = 16                  # images in the worst-N grids (worst.png, worst_zoom.png)
     submission: str = ""             # a submission CSV to inspect instead of the OOF maps (needs inspect.masks)
     masks: str = ""                  # true masks for inspect.submission (Kaggle's <id>_mask.gif folder)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupKFold
 
 from .errors import PipelineError
 
 
 def _group_kfold(cars: dict[str, int], ids: list[str], n_folds: int, seed: int) -> dict[str, int]:
     """``stratify=False``: sklearn's shuffled GroupKFold over the images, grouped by car."""
+    from sklearn.model_selection import GroupKFold     # a heavy import: only for stratify=false
     if not 0 <= seed < 2 ** 32:
         raise PipelineError(f"prepare.seed={seed}: with prepare.stratify=false the seed must be in 0..2**32-1")
     groups = np.repeat(np.array(ids, dtype=object), [cars[c] for c in ids])

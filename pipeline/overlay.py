@@ -1,6 +1,6 @@
 """Error pictures: a photo with the true and predicted outlines and the wrong pixels tinted.
 
-Pure numpy/cv2 (no matplotlib, no torch), shared by ``make inspect`` (pipeline/inspection.py)
+Pure numpy/cv2 (no matplotlib, no torch), shared by ``make inspect`` (pipeline/inspect.py)
 and the TensorBoard overlays (pipeline/tboard.py). All images are RGB uint8.
 
 Colours (:data:`LEGEND`): true outline green, predicted outline magenta, car pixels the

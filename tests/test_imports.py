@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "pipeline"
 
 # docs/design.md, "Module map". Stages are siblings: a stage imports building blocks, never another
 # stage (it asks pipeline.graph where its inputs are); a building block imports building blocks only.
-STAGES = {"synth", "prepare", "train", "oof", "predict", "submit", "inspection", "runs", "kaggle_cli", "export",
+STAGES = {"synth", "prepare", "train", "oof", "predict", "submit", "inspect", "runs", "kaggle_cli", "export",
           "cutout"}
 BLOCKS = {"config", "configio", "errors", "schedule", "arch", "augment", "cache", "graph", "runtime", "ingest", "layout", "testset", "parallel", "geometry", "probmaps", "precision",
           "data", "models", "pretrained", "losses", "safeload", "distributed", "tta", "rle", "metrics",

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import cli, inspection, metrics, oof, overlay, prepare, rle, runs, synth, train
+from pipeline import cli, inspect as inspect_stage, metrics, oof, overlay, prepare, rle, runs, synth, train
 from pipeline.config import load
 from pipeline.graph import Graph
 from pipeline import graph
@@ -53,7 +53,7 @@ def _independent_dice(root, image_id, oof_png, threshold):
 def test_per_image_values_match_an_independent_dice(demo):
     root, cfg, summary, out = demo
     df = pd.read_csv(out / "per_image.csv", dtype={"id": str, "car": str, "year": str})
-    assert list(df.columns) == inspection.COLUMNS
+    assert list(df.columns) == inspect_stage.COLUMNS
     assert len(df) == 64 and df["id"].is_unique
     assert (df["threshold"] == summary["best_threshold"]).all()     # the threshold submit would use
     assert list(df["dice"]) == sorted(df["dice"])                    # worst first
@@ -133,7 +133,7 @@ def test_submission_mode(demo, tmp_path):
     sub.write_text("img,rle_mask\n" + "\n".join(codes) + "\n")
     cfg = _cfg(root, **{"inspect.submission": str(sub), "inspect.masks": str(masks), "data.test_dir": "train",
                         "inspect.worst": 3})
-    out = inspection.run(cfg)
+    out = inspect_stage.run(cfg)
     assert out == tmp_path / "mine.inspect"
     df = pd.read_csv(out / "per_image.csv", dtype={"id": str})
     assert dict(zip(df["id"], df["dice"])) == pytest.approx(expect)
@@ -145,7 +145,7 @@ def test_submission_mode(demo, tmp_path):
     assert _colour_fraction(tiles[1], overlay.PRED_RGB) > 0.001           # the eroded prediction's outline
     assert _colour_fraction(tiles[0], overlay.TRUE_RGB) > 0.001
     with pytest.raises(Exception, match="inspect.masks"):
-        inspection.run(_cfg(root, **{"inspect.submission": str(sub)}))
+        inspect_stage.run(_cfg(root, **{"inspect.submission": str(sub)}))
 
 
 def test_runs_leaderboard(demo, tmp_path, capsys):
