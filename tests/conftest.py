@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, no albumentations update check, few threads (2-core CI)."""
+"""Shared test set-up: offline hub, no albumentations update check, the shared data and raw sets, the zygote."""
 import os
 from pathlib import Path
 
