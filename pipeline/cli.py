@@ -45,9 +45,6 @@ def run_stage(stage: str, cfg: Config, argv: list[str] | None = None) -> None:
     rt = runtime.resolve(cfg, stage) if stage in WITH_RUNTIME + WITH_PRECISION else runtime.from_env()
     graph = Graph(cfg, precision=rt.precision if stage in WITH_PRECISION else None)
     with stagelog.capture(stage, cfg, argv, graph=graph, main=rt.main):
-        if stage == "synth":
-            _stage(stage).run(cfg)
-            return
         if stage == "submit" and cfg.submit.runs.strip():
             _predict_members(cfg)
         extra = {"rt": rt} if stage in WITH_RUNTIME else {}

@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import cache
-from .config import Config, check_folds
+from .config import Config, check_folds, value
 from .errors import ConfigError, PipelineError
 from .cache import stable_hash
 
@@ -95,11 +95,6 @@ EXPORTS = Path("exports")      # exported runs (pipeline/export.py), outside the
 # Keys that place or log artifacts without entering any key.
 RUN_ONLY = ("data.raw", "data.cache", "tensorboard.enabled", "tensorboard.overlay_every",
             "tensorboard.overlay_images")
-
-
-def value(cfg: Config, key: str):
-    section, name = key.split(".", 1)
-    return getattr(getattr(cfg, section), name)
 
 
 def params(cfg: Config, stage: str) -> dict:

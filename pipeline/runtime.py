@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Mapping
 
+from .config import value
 from .errors import ConfigError
 
 
@@ -62,9 +63,7 @@ def resolve(cfg, stage: str, base: Runtime | None = None) -> Runtime:
     from . import precision as P     # torch: only for this resolution
     base = base or from_env()
     dev_key, prec_key = DEVICE_KEYS.get(stage, DEFAULT_KEYS)
-    section, name = dev_key.split(".")
-    setting = getattr(getattr(cfg, section), name)
-    prec_setting = getattr(getattr(cfg, section), prec_key.split(".")[1])
+    setting, prec_setting = value(cfg, dev_key), value(cfg, prec_key)
     if stage in ("train", "predict", "export"):
         device = str(P.resolve_device(setting, dev_key, base.local_rank))
     else:

@@ -222,8 +222,9 @@ def generate(out_dir: str | Path, train_cars: int = 8, test_cars: int = 4, heigh
     return out
 
 
-def run(cfg) -> Path:
-    """``make demo-data``: write the synthetic set to ``cfg.data.raw``, unless a dataset is there.
+def run(cfg, graph=None) -> Path:
+    """``make demo-data``: write the synthetic set to ``cfg.data.raw``, unless a dataset is there
+    (``graph`` is unused: the demo data has no upstream).
 
     A folder that already holds a complete Kaggle layout (``sample_submission.csv`` and
     train images) is left alone, so ``make all`` may call this on real data too. A folder

@@ -36,17 +36,15 @@ from ..errors import ConfigError
 from ..data import cv2_single_thread, load_index
 from ..distributed import dist_close, dist_init
 from ..graph import Graph
-from ..arch import check_names, model_kwargs
+from ..arch import check_names
 from ..runtime import Runtime, resolve
 from .fold import train_fold
 
 
 def check_config(cfg: Config) -> None:
-    """Fail fast, before any data is read: the names only the model and augmentation libraries
-    know (config.load has checked the ranges)."""
-    t = cfg.train
-    check_names(t.arch, t.encoder)
-    model_kwargs(t.encoder_depth, t.decoder_channels, t.input_scale)
+    """Fail fast, before any data is read: the names only the model libraries know (config.load
+    has checked the ranges and parsed every spec)."""
+    check_names(cfg.train.arch, cfg.train.encoder)
 
 
 def run(cfg: Config, graph: Graph | None = None, rt: Runtime | None = None) -> list[dict]:
