@@ -30,12 +30,11 @@ def _stage(stage: str):
     return importlib.import_module(f"pipeline.{stage}")
 
 
-def _predict_members(cfg: Config) -> None:
+def _predict_members(graph: Graph) -> None:
     """submit.runs: predict what each member run lacks first (cached maps are reused)."""
-    from .ensemble import load_runs
-    for r in load_runs(cfg):
+    for r, g in graph.members.values():
         try:
-            _stage("predict").run(r.cfg, Graph(r.cfg), runtime.resolve(r.cfg, "predict"))
+            _stage("predict").run(r.cfg, g, runtime.resolve(r.cfg, "predict"))
         except PipelineError as e:     # say which run: its config file is what the user fixes
             raise PipelineError(f"submit.runs: {r.config_file}: {e}") from None
 
@@ -46,7 +45,7 @@ def run_stage(stage: str, cfg: Config, argv: list[str] | None = None) -> None:
     graph = Graph(cfg, precision=rt.precision if stage in WITH_PRECISION else None)
     with stagelog.capture(stage, cfg, argv, graph=graph, main=rt.main):
         if stage == "submit" and cfg.submit.runs.strip():
-            _predict_members(cfg)
+            _predict_members(graph)
         extra = {"rt": rt} if stage in WITH_RUNTIME else {}
         _stage(stage).run(cfg, graph, **extra)
 

@@ -290,6 +290,13 @@ class Graph:
         return [predict_dir(self.cfg.data.cache, self.checkpoint_hash(c), self.view_names, self.predict_precision)
                 for c in self.checkpoints()]
 
+    @cached_property
+    def members(self) -> dict:
+        """``submit.runs``: each member's config file -> (its Run, its own graph), resolved once for
+        the command (the command line predicts with them, submit reads their maps)."""
+        from .ensemble import load_runs
+        return {r.config_file: (r, Graph(r.cfg)) for r in load_runs(self.cfg)}
+
     # ------------------------------------------------------------------ export
     @cached_property
     def export_dir(self) -> Path:

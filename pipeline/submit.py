@@ -40,7 +40,7 @@ from . import cache, faults, probmaps, rle
 from .config import Config
 from .errors import PipelineError
 from .cache import stable_hash
-from .ensemble import blend, choose, load_runs
+from .ensemble import blend, choose
 from .geometry import row_geometry
 from .graph import STAGES, Graph
 from .probmaps import resolve_threshold
@@ -233,12 +233,11 @@ def _single(cfg: Config, g: Graph) -> Resolved:
                     {"precision": m["precision"], "folds": m["folds"], "tta": m["tta"], "models": m["models"]})
 
 
-def _blend(cfg: Config) -> Resolved:
+def _blend(cfg: Config, graph: Graph) -> Resolved:
     """submit.runs: the runs' maps (the command line predicted what each lacked), weights and
     threshold chosen on the runs' common OOF images (ensemble.choose), their maps blended."""
-    members, maps = load_runs(cfg), []
-    for r in members:
-        g = Graph(r.cfg)
+    members, maps = [r for r, _ in graph.members.values()], []
+    for r, g in graph.members.values():
         try:
             m = _maps_of(r.cfg, g)
         except PipelineError as e:     # say which run: its config file is what the user fixes
@@ -259,7 +258,8 @@ def _blend(cfg: Config) -> Resolved:
 
 
 def run(cfg: Config, graph: Graph | None = None) -> Path:
-    r = _blend(cfg) if cfg.submit.runs.strip() else _single(cfg, graph or Graph(cfg))
+    graph = graph or Graph(cfg)
+    r = _blend(cfg, graph) if cfg.submit.runs.strip() else _single(cfg, graph)
     sample = Path(cfg.data.raw) / "sample_submission.csv"
     sample_ids = read_ids(sample)
     threshold, source = r.thr["threshold"], r.thr["threshold_source"]

@@ -128,3 +128,17 @@ def test_predict_folds_spec_errors_name_the_key():
     with pytest.raises(errors.ConfigError, match=r"0\.\.4"):
         graph.parse_folds("7", 5)
     assert graph.parse_folds("all", 3) == [0, 1, 2] and graph.parse_folds("2,0,2", 3) == [0, 2]
+
+
+def test_ensemble_members_are_resolved_once_per_command(tmp_path):
+    """submit.runs: the command line predicts with the member graphs submit then reads (one raw scan
+    each, not two)."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train:\n  epochs: 1\n")
+    b.write_text("train:\n  epochs: 2\n")
+    g = Graph(config.load(None, {"data.cache": str(tmp_path / "c"), "submit.runs": f"{a},{b}"}))
+    assert list(g.members) == [str(a), str(b)]
+    assert g.members is g.members
+    (ra, ga), (rb, gb) = g.members.values()
+    assert ga.cfg is ra.cfg and ga.cfg.train.epochs == 1 and gb.cfg.train.epochs == 2
+    assert ga.cfg.data.cache == str(tmp_path / "c")          # the invoking config's data section
