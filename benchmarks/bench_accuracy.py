@@ -153,7 +153,7 @@ def stage(name: str, config: str, overrides: list[str], log) -> None:
 
 def run_row(variant: str, seed: int, raw: Path, cache_root: str, log_dir: Path) -> dict:
     from pipeline import config as config_mod, score
-    from pipeline import train as train_mod
+    from pipeline.graph import Graph
     config, extra, what = VARIANTS[variant]
     sub_name = f"acc-{variant}-s{seed}"
     overrides = [f"data.raw={raw}", f"data.cache={cache_root}", "train.fold=0", "predict.folds=0",
@@ -164,7 +164,7 @@ def run_row(variant: str, seed: int, raw: Path, cache_root: str, log_dir: Path) 
         for name in ("prepare", "train", "oof", "predict", "submit"):
             stage(name, config, overrides, log)
     cfg = config_mod.load(REPO / config, overrides)
-    fold = train_mod.fold_dir(cfg, 0)
+    fold = Graph(cfg).fold_dir(0)
     with open(fold / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     oof = json.loads((fold / "oof.json").read_text())

@@ -32,7 +32,8 @@ from pipeline.losses import BceDiceLoss  # noqa: E402
 from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.train.plan import Inputs  # noqa: E402
 from pipeline.train.step import NonFiniteGuard, Stepper, train_epoch  # noqa: E402
-from pipeline.models import build_model, model_kwargs  # noqa: E402
+from pipeline.arch import model_kwargs  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
 from pipeline.precision import autocast_factory, resolve_device, resolve_precision  # noqa: E402
 
 

@@ -47,14 +47,15 @@ from torch.utils.data import DistributedSampler  # noqa: E402
 from pipeline import cache, distributed, prepare, train  # noqa: E402
 from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.train.plan import Inputs  # noqa: E402
-from pipeline.train.setup import make_loader  # noqa: E402
+from pipeline.train.build import make_loader  # noqa: E402
 from pipeline.train.step import NonFiniteGuard, Stepper, train_epoch  # noqa: E402
 from pipeline.config import load  # noqa: E402
 from pipeline.configio import apply  # noqa: E402
 from pipeline.augment import build_transform  # noqa: E402
 from pipeline.data import SeededSampler, SegDataset, cv2_single_thread, load_index  # noqa: E402
 from pipeline.losses import BceDiceLoss  # noqa: E402
-from pipeline.models import build_model, model_kwargs  # noqa: E402
+from pipeline.arch import model_kwargs  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
 from pipeline.precision import autocast_factory, resolve_precision  # noqa: E402
 from pipeline.graph import Graph  # noqa: E402
 
