@@ -127,6 +127,15 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "tta-none": (FAST, [*FAST256, "predict.tta=none"], "fast-256, no test-time augmentation"),
     "tta-hflip-scales": (FAST, [*FAST256, "predict.tta=hflip,scale0.875,scale1.125"], "fast-256, TTA hflip + two scales"),
     "thr-0.5": (FAST, [*FAST256, "submit.threshold=0.5"], "fast-256, threshold 0.5 instead of the OOF best"),
+    # pseudo-labelling: {teacher} is the teacher's config at the row's seed (teacher_file)
+    "fast-pseudo": (FAST, ["train.pseudo={teacher:" + FAST + "}"],
+                    "the fast recipe as a student: its fold's labelled images + the 496 test images with the fast "
+                    "run's (same seed) fold-0 test maps as soft targets"),
+    "fast-pseudo-c0.9": (FAST, ["train.pseudo={teacher:" + FAST + "}", "train.pseudo_confidence=0.9"],
+                         "fast-pseudo with the teacher's unsure pixels (0.1 < p < 0.9) left out of the loss"),
+    "fast-e5": (FAST, ["train.epochs=5", "train.progressive=c288:5", "train.val_every=5"],
+                "the fast recipe given 5 epochs (~ the teacher's 2 + the student's 2 epochs of 1.3x the images, "
+                "and the teacher's predict): pseudo-labelling's equal-compute control"),
     # multi-run ensemble of the two recipes' runs (weights and threshold chosen on their common OOF)
     "ens-fast-best": (FAST, [f"submit.runs={FAST},{BEST}"], "ensemble of the fast and best runs (submit.runs)"),
 }
@@ -151,10 +160,24 @@ def stage(name: str, config: str, overrides: list[str], log) -> None:
         raise RuntimeError(f"`{' '.join(cmd)}` exited {rc} (see {log.name})")
 
 
+def teacher_file(config: str, seed: int, cache_root: str) -> str:
+    """A pseudo-labelling teacher: ``config`` at the row's seed, written beside the cache (the
+    student's key holds the teacher's train key, not this file's path)."""
+    import yaml
+    doc = yaml.safe_load((REPO / config).read_text())
+    doc.setdefault("train", {})["seed"] = 42 + seed
+    out = Path(cache_root) / "teachers" / f"{Path(config).stem}-s{seed}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(out)
+
+
 def run_row(variant: str, seed: int, raw: Path, cache_root: str, log_dir: Path) -> dict:
+    import re
     from pipeline import config as config_mod, score
     from pipeline.graph import Graph
     config, extra, what = VARIANTS[variant]
+    extra = [re.sub(r"\{teacher:([^}]+)\}", lambda m: teacher_file(m.group(1), seed, cache_root), e) for e in extra]
     sub_name = f"acc-{variant}-s{seed}"
     overrides = [f"data.raw={raw}", f"data.cache={cache_root}", "train.fold=0", "predict.folds=0",
                  f"train.seed={42 + seed}", f"submit.name={sub_name}", *extra]

@@ -39,6 +39,21 @@ def _predict_members(graph: Graph) -> None:
             raise PipelineError(f"submit.runs: {r.config_file}: {e}") from None
 
 
+def _teach(graph: Graph) -> None:
+    """train.pseudo: the teacher's prepare, its folds this run trains and their test maps first
+    (each cached like any run; a teacher with a teacher of its own teaches after it)."""
+    t = graph.teacher
+    if t is None:
+        return
+    try:
+        _teach(t)
+        _stage("prepare").run(t.cfg, t)
+        _stage("train").run(t.cfg, t, runtime.resolve(t.cfg, "train"))
+        _stage("predict").run(t.cfg, t, runtime.resolve(t.cfg, "predict"))
+    except PipelineError as e:     # say which run: its config file is what the user fixes
+        raise PipelineError(f"train.pseudo: teacher {graph.cfg.train.pseudo}: {e}") from None
+
+
 def run_stage(stage: str, cfg: Config, argv: list[str] | None = None) -> None:
     """One stage, with its log: the runtime and graph resolved here, once, for the stage and its log."""
     rt = runtime.resolve(cfg, stage) if stage in WITH_RUNTIME + WITH_PRECISION else runtime.from_env()
@@ -46,6 +61,8 @@ def run_stage(stage: str, cfg: Config, argv: list[str] | None = None) -> None:
     with stagelog.capture(stage, cfg, argv, graph=graph, main=rt.main):
         if stage == "submit" and cfg.submit.runs.strip():
             _predict_members(graph)
+        if stage == "train":
+            _teach(graph)
         extra = {"rt": rt} if stage in WITH_RUNTIME else {}
         _stage(stage).run(cfg, graph, **extra)
 

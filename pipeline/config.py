@@ -108,6 +108,10 @@ class TrainConfig:
     boundary_weight: float = 0.0     # BCE weight 1 + this within 3 px of the mask edge
     input_scale: float = 1.0         # the network sees images shrunk by this; logits resized back (loss at full size)
     compile: bool = False            # torch.compile the training model (speed only, not in the key)
+    # Pseudo-labelling (pipeline/pseudo.py): test images join training with a teacher run's maps as targets.
+    pseudo: str = ""                 # the teacher's config file ("" = off); fold k learns from its fold k's maps
+    pseudo_images: int = 0           # test images used (evenly spread over the sorted ids); 0 = all
+    pseudo_confidence: float = 0.0   # > 0.5: pixels the teacher puts in (1 - c, c) are left out of the loss
 
 
 @dataclass
@@ -177,7 +181,7 @@ class Config:
         return getattr(importlib.import_module(module), name)(value(self, key))
 
 
-# The eight spec strings: key -> "module:parser". Each parser lives beside the code that uses the
+# The spec strings: key -> "module:parser". Each parser lives beside the code that uses the
 # value, in a torch-free module, takes the key's text alone, returns an immutable typed value (cached
 # per text) and raises a ConfigError naming the key; load() parses every one. Checks that need other
 # keys (epochs, n_folds, the number of runs) are in check(), on the typed values.
@@ -185,6 +189,7 @@ SPECS = {
     "train.progressive": "pipeline.schedule:parse",
     "train.decoder_channels": "pipeline.arch:parse_decoder_channels",
     "train.augment": "pipeline.augment:parse",
+    "train.pseudo": "pipeline.pseudo:teacher_file",
     "predict.tta": "pipeline.tta:parse",
     "predict.folds": "pipeline.graph:fold_list",
     "predict.shard": "pipeline.runtime:parse_shard",
@@ -237,6 +242,20 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
         print(f"config: note: data.cache={shown} is outside the project {PROJECT} and new: allowed, "
               "and `make clean-cache` removes it only with the same CONFIG/ARGS (or CACHE=)", file=sys.stderr)
     return cfg
+
+
+# What a config loaded on behalf of another (an ensemble member, a pseudo-label teacher) takes from
+# the one that loads it, besides its data section (the same raw data, cache and submissions): the
+# knobs of where and how fast it runs, which never change an artifact.
+INHERITED = ("train.device", "train.num_workers", "train.compile", "predict.device", "predict.num_workers",
+             "predict.batch_size", "predict.max_forward")
+
+
+def load_related(path: str | Path, cfg: Config, extra: dict | None = None) -> Config:
+    """``path`` loaded with ``cfg``'s data section and :data:`INHERITED` keys, then ``extra``."""
+    shared = {f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}
+    shared.update({k: value(cfg, k) for k in INHERITED})
+    return load(path, {**shared, **(extra or {})})
 
 
 def _inside(path: str, root: str | Path) -> bool:
@@ -308,6 +327,10 @@ def _check_train(t: TrainConfig, p: PrepareConfig) -> None:
     _positive("train.boundary_weight", t.boundary_weight, 0)
     from .schedule import parse_progressive     # the items against epochs and the prepared size
     shapes = parse_progressive(t.progressive, t.epochs, (p.height, p.width))
+    _positive("train.pseudo_images", t.pseudo_images, 0)
+    if t.pseudo_confidence and not 0.5 < t.pseudo_confidence < 1.0:
+        raise ConfigError(f"train.pseudo_confidence={t.pseudo_confidence}: 0 (soft targets everywhere) or in "
+                          "(0.5, 1): the teacher's pixels with p in (1 - c, c) are left out of the loss")
     if not 0.0 < t.input_scale <= 1.0:
         raise ConfigError(f"train.input_scale={t.input_scale}: must lie in (0, 1] (1 = the network sees the "
                           f"prepared size)")

@@ -123,25 +123,69 @@ class SegDataset(Dataset):
     With a seed the transform is seeded with it first (reproducible augmentation).
     """
 
-    def __init__(self, images: list[str], masks: list[str], transform=None):
+    def __init__(self, images: list[str], masks: list[str], transform=None, mask_scale: int = 1):
         if len(images) != len(masks):
             raise ValueError("images and masks differ in length")
         self.images, self.masks, self.transform = list(images), list(masks), transform
+        self.mask_scale = mask_scale      # pseudo.SCALE beside soft targets: {0, 255}
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, item):
-        i, seed = item if isinstance(item, tuple) else (item, None)
+    def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         img, mask = read_image(self.images[i]), read_mask(self.masks[i])
         if img.shape[:2] != mask.shape[:2]:
             raise PipelineError(f"{self.images[i]}: image {img.shape[:2]} and mask {mask.shape[:2]} differ in size")
+        return img, (mask if self.mask_scale == 1 else mask * np.uint8(self.mask_scale))
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        img, mask = self.pair(i)
         if self.transform is not None:
             if seed is not None:
                 self.transform.set_random_seed(seed)
             out = self.transform(image=img, mask=mask)
             img, mask = out["image"], out["mask"]
         return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(mask)), i
+
+
+class PseudoImages(SegDataset):
+    """Test images with a teacher's maps as targets (``pseudo.PseudoSet.frame`` rows): the image
+    decoded and placed as predict places it, the target as ``pseudo.target`` places the map.
+    Items as :class:`SegDataset`'s, the target (H, W) uint8 0..255 (255 = p 1.0)."""
+
+    def __init__(self, frame: pd.DataFrame, height: int, width: int, transform=None):
+        super().__init__(frame["path"], frame["map"], transform)
+        self.rows, self.size = frame.to_dict("records"), (height, width)
+
+    def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        from .geometry import to_model
+        from .probmaps import read_prob
+        from .pseudo import target
+        r = self.rows[i]
+        img = to_model(read_image(r["path"], r["reduction"]), r["geom"], *self.size)
+        prob = target(read_prob(r["map"]), (r["orig_height"], r["orig_width"]), r["teacher_geom"], r["geom"],
+                      *self.size)
+        return img, prob
+
+
+class Joined(Dataset):
+    """Datasets one after another, items ``i`` or ``(i, seed)`` as :class:`SegDataset` takes them
+    (torch's ConcatDataset takes plain indices only)."""
+
+    def __init__(self, *parts: Dataset):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        j = int(np.searchsorted(self.starts, i, side="right")) - 1
+        local = i - int(self.starts[j])
+        img, mask, _ = self.parts[j][local if seed is None else (local, seed)]
+        return img, mask, i
 
 
 @functools.lru_cache(maxsize=16)

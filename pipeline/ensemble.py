@@ -31,7 +31,7 @@ import pandas as pd
 
 from . import cache, probmaps
 from .geometry import row_geometry
-from .config import Config, check_weights, load
+from .config import Config, check_weights, load_related
 from .errors import ConfigError, PipelineError
 from .cache import stable_hash
 
@@ -63,12 +63,9 @@ def run_files(spec: str) -> tuple[str, ...]:
 
 
 def load_runs(cfg: Config) -> list[Run]:
-    """The members' configs: each file, with the invoking config's data section (same data, cache
-    and submissions) and its run-only predict keys (device, workers, batch size)."""
-    shared = {f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}
-    for k in ("device", "num_workers", "batch_size", "max_forward"):
-        shared[f"predict.{k}"] = getattr(cfg.predict, k)
-    return [Run(f, load(f, shared)) for f in cfg.spec("submit.runs")]
+    """The members' configs: each file as ``config.load_related`` loads it (the invoking config's
+    data section and run-only device and worker keys)."""
+    return [Run(f, load_related(f, cfg)) for f in cfg.spec("submit.runs")]
 
 
 @functools.lru_cache(maxsize=None)

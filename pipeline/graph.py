@@ -54,6 +54,7 @@ class Stage:
     run_only: tuple[str, ...] = ()          # keys the stage reads that never change its outputs
     outputs: tuple[str, ...] = ()
     folder: str = ""                        # where the artifact lives (relative to data.cache)
+    resolved: tuple[str, ...] = ()          # keys that enter the key by what they name, not their text
 
 
 _PREPARE = tuple(Param(f"prepare.{k}") for k in ("height", "width", "n_folds", "seed", "stratify", "check_rle",
@@ -65,7 +66,9 @@ _TRAIN = tuple(Param(f"train.{k}") for k in (
     _added("train.ema", False), _added("train.ema_decay", 0.999, only_with="train.ema"),
     _added("train.progressive", ""), _added("train.loss_final", ""),
     _added("train.loss_final_epochs", 1, only_with="train.loss_final"),
-    _added("train.boundary_weight", 0.0), _added("train.val_every", 1), _added("train.input_scale", 1.0))
+    _added("train.boundary_weight", 0.0), _added("train.val_every", 1), _added("train.input_scale", 1.0),
+    _added("train.pseudo_images", 0, only_with="train.pseudo"),
+    _added("train.pseudo_confidence", 0.0, only_with="train.pseudo"))
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("synth", (), "", run_only=tuple(f"synth.{k}" for k in ("train_cars", "test_cars", "image_height",
@@ -76,7 +79,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("train", ("prepare",), "train-3", _TRAIN, ("train.fold", "train.num_workers", "train.device",
                                                      "train.compile"),
           ("fold<k>/best.pt", "fold<k>/last.pt", "fold<k>/metrics.csv", "fold<k>/oof/", "fold<k>/oof.json"),
-          "train/<key>"),
+          "train/<key>", resolved=("train.pseudo",)),     # the teacher: by its train and predict keys
     Stage("oof", ("train",), "", outputs=("oof_summary.json",), folder="train/<key>"),
     # predict's key hashes the TTA views and the precision as resolved (runtime), not the raw strings
     Stage("predict", ("train",), "predict-2", (Param("predict.tta"), Param("predict.precision")),
@@ -176,10 +179,12 @@ class Graph:
 
     ``prepared``: use this prepare artifact instead of the one the raw files resolve to
     (tests, and runs named by their manifests). ``precision``: predict's resolved precision
-    (the runtime context's); None resolves it from the config when first needed."""
+    (the runtime context's); None resolves it from the config when first needed. ``chain``: the
+    real paths of the teachers' config files above this one (``train.pseudo``)."""
     cfg: Config
     prepared: Path | None = None
     precision: str | None = None
+    chain: tuple[str, ...] = ()
     _hashes: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ prepare
@@ -220,6 +225,9 @@ class Graph:
         inputs = {"train_data": self.train_data}
         if Path(weights).is_file():      # a local encoder-weights file enters by fingerprint
             inputs["encoder_weights"] = cache.file_fingerprint(weights)
+        if self.teacher is not None:     # the teacher's maps: its run and how it predicts
+            t = self.teacher
+            inputs["teacher"] = {"train": t.train_key, "predict": predict_key(t.view_names, t.predict_precision)}
         return stable_hash({"params": params(self.cfg, "train"), **inputs, "code": STAGES["train"].code})
 
     @cached_property
@@ -249,6 +257,16 @@ class Graph:
             raise PipelineError(f"no finished fold under {self.train_dir} (run `make train` first)"
                                 + other_runs_text(self.cfg, self.train_dir))
         return done
+
+    @cached_property
+    def teacher(self) -> Graph | None:
+        """``train.pseudo``: the teacher run's graph, set to the folds this config trains (None = off)."""
+        from .pseudo import teacher_config
+        found = teacher_config(self.cfg, self.chain)
+        if found is None:
+            return None
+        cfg, real = found
+        return Graph(cfg, chain=(*self.chain, real))
 
     # ------------------------------------------------------------------ predict
     @cached_property
@@ -287,8 +305,14 @@ class Graph:
 
     def predict_dirs(self) -> list[Path]:
         """Where predict writes (and submit reads) each fold's maps, in predict_folds order."""
-        return [predict_dir(self.cfg.data.cache, self.checkpoint_hash(c), self.view_names, self.predict_precision)
-                for c in self.checkpoints()]
+        return [self._maps_dir(c) for c in self.checkpoints()]
+
+    def fold_predict_dir(self, k: int) -> Path:
+        """Fold ``k``'s maps (its best.pt must exist): what a student of this run learns from."""
+        return self._maps_dir(self.fold_dir(k) / "best.pt")
+
+    def _maps_dir(self, ckpt: Path) -> Path:
+        return predict_dir(self.cfg.data.cache, self.checkpoint_hash(ckpt), self.view_names, self.predict_precision)
 
     @cached_property
     def members(self) -> dict:

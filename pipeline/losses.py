@@ -47,19 +47,22 @@ def edge_band(target: torch.Tensor, px: int = BOUNDARY_PX) -> torch.Tensor:
 
 
 class BceDiceLoss(nn.Module):
-    """logits, target: (N, 1, H, W); target in {0, 1}. Returns a scalar (float32).
+    """logits, target: (N, 1, H, W); target in [0, 1] ({0, 1} labels, soft pseudo-labels).
+    Returns a scalar (float32).
 
     loss = bce_weight * weighted mean BCE + dice_weight * mean over images of (1 - soft Dice).
     The BCE weight of a pixel is 1 + boundary_weight within BOUNDARY_PX of the mask edge, else 1
     (weighted mean: the loss scale stays that of plain BCE). Images whose target is empty
-    contribute 0 to the Dice term (smp's convention).
+    contribute 0 to the Dice term (smp's convention). ``confidence`` c > 0.5 leaves out the
+    pixels whose target lies in (1 - c, c) (a teacher's unsure ones) from both terms.
     """
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, boundary_weight: float = 0.0):
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, boundary_weight: float = 0.0,
+                 confidence: float = 0.0):
         super().__init__()
         import segmentation_models_pytorch as smp
         self.bce_weight, self.dice_weight = float(bce_weight), float(dice_weight)
-        self.boundary_weight = float(boundary_weight)
+        self.boundary_weight, self.confidence = float(boundary_weight), float(confidence)
         self.bce = smp.losses.SoftBCEWithLogitsLoss()
         self.dice = smp.losses.DiceLoss(mode="multilabel", from_logits=True)
 
@@ -67,10 +70,18 @@ class BceDiceLoss(nn.Module):
         # fp32 for the reductions over ~10^5-10^6 pixels, whatever the autocast dtype.
         logits, target = logits.float(), target.float()
         loss = logits.new_zeros(())
-        if self.bce_weight and self.boundary_weight:
-            w = 1.0 + self.boundary_weight * edge_band(target)
+        keep = None
+        if self.confidence:
+            keep = ((target <= 1.0 - self.confidence) | (target >= self.confidence)).float()
+            # A left-out pixel reads as a sure 0 in both maps (the Dice term's sums skip it) and
+            # passes no gradient; its BCE weight is 0 below.
+            logits = torch.where(keep > 0, logits, torch.full_like(logits, -1e4))
+            target = target * keep
+        if self.bce_weight and (self.boundary_weight or keep is not None):
+            w = 1.0 + self.boundary_weight * edge_band(target) if self.boundary_weight else torch.ones_like(target)
+            w = w if keep is None else w * keep
             bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-            loss = loss + self.bce_weight * (bce * w).sum() / w.sum()
+            loss = loss + self.bce_weight * (bce * w).sum() / w.sum().clamp_min(1.0)
         elif self.bce_weight:
             loss = loss + self.bce_weight * self.bce(logits, target)
         if self.dice_weight:

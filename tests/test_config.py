@@ -155,7 +155,8 @@ def test_a_spec_is_parsed_once_into_a_typed_value():
     assert cfg.spec("train.augment") == ("hflip", "ssr", "bc")
     assert cfg.spec("predict.folds") is None and cfg.spec("predict.shard") == (0, 1)
     assert set(config.SPECS) == {"train.progressive", "train.decoder_channels", "train.augment", "predict.tta",
-                                 "predict.folds", "predict.shard", "submit.runs", "submit.weights"}
+                                 "predict.folds", "predict.shard", "submit.runs", "submit.weights", "train.pseudo"}
+    assert cfg.spec("train.pseudo") is None
 
 
 def test_spec_parsers_are_torch_free():

@@ -20,10 +20,11 @@ def _all_keys() -> set[str]:
 
 
 def test_every_config_key_is_declared_by_a_stage():
-    """A new key must be placed: in a stage's key, or named run-only (it never changes outputs)."""
+    """A new key must be placed: in a stage's key (as a param, or resolved: by what it names), or
+    named run-only (it never changes outputs)."""
     declared = set(graph.RUN_ONLY)
     for s in STAGES.values():
-        declared |= {p.key for p in s.params} | set(s.run_only)
+        declared |= {p.key for p in s.params} | set(s.run_only) | set(s.resolved)
     assert _all_keys() - declared == set()
     assert declared - _all_keys() == set()          # no stale names either
 
@@ -31,6 +32,7 @@ def test_every_config_key_is_declared_by_a_stage():
 def test_no_key_is_both_keyed_and_run_only():
     for s in STAGES.values():
         assert {p.key for p in s.params} & set(s.run_only) == set(), s.name
+        assert ({p.key for p in s.params} | set(s.run_only)) & set(s.resolved) == set(), s.name
 
 
 def test_upstream_names_are_stages():

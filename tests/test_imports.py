@@ -15,7 +15,7 @@ STAGES = {"synth", "prepare", "train", "oof", "predict", "submit", "inspect", "r
           "cutout"}
 BLOCKS = {"config", "configio", "errors", "schedule", "arch", "augment", "cache", "graph", "runtime", "ingest", "layout", "testset", "parallel", "geometry", "probmaps", "precision",
           "data", "models", "pretrained", "losses", "safeload", "distributed", "tta", "rle", "metrics",
-          "folds", "validate", "score", "ensemble", "overlay", "tboard", "explain", "faults", "locks", "onnxrun"}
+          "folds", "validate", "score", "ensemble", "pseudo", "overlay", "tboard", "explain", "faults", "locks", "onnxrun"}
 ENTRY = {"__init__", "__main__", "cli", "stagelog"}   # parse arguments, then import a stage by name
 
 
@@ -82,7 +82,7 @@ def test_the_check_sees_a_stage_importing_a_stage(tmp_path):
 def test_torch_free_modules_stay_torch_free():
     """submit's workers import submit, probmaps and geometry: no torch, no prepare stage."""
     code = ("import sys; import pipeline.submit, pipeline.probmaps, pipeline.geometry, pipeline.graph, "
-            "pipeline.runtime, pipeline.tta; "
+            "pipeline.runtime, pipeline.tta, pipeline.pseudo; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m in "
             "('pipeline.prepare', 'pipeline.predict', 'pipeline.train', 'joblib.parallel_x')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=PKG.parent, capture_output=True, text=True, check=True)

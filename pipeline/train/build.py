@@ -15,7 +15,7 @@ from ..config import Config
 
 from ..errors import ConfigError, PipelineError
 from ..augment import build_transform
-from ..data import SegDataset, SeededSampler, read_image
+from ..data import Joined, PseudoImages, SegDataset, SeededSampler, read_image
 from ..distributed import Dist, ShardSampler
 from ..graph import STAGES
 from ..losses import FINAL_LOSSES, BceDiceLoss
@@ -25,6 +25,7 @@ from ..precision import autocast_factory
 from .optim import build_optimizer, build_scheduler
 from .plan import BASE_LOSS
 from .rng import seed_everything
+from ..pseudo import SCALE, PseudoSet
 from .step import NonFiniteGuard, Stepper
 
 CODE_VERSION = STAGES["train"].code
@@ -65,6 +66,8 @@ class Data:
     train_dl: DataLoader
     val_dl: DataLoader
     steps_per_epoch: int          # optimizer updates per epoch
+    pseudo: PseudoSet | None = None   # the test images trained on beside train_df (train.pseudo)
+    target_max: int = 1           # the training targets' value of p = 1 (pseudo.SCALE with soft targets)
 
 
 @dataclass
@@ -97,12 +100,20 @@ def make_loader(ds, sampler, batch_size: int, num_workers: int, device: torch.de
                       generator=torch.Generator().manual_seed(seed))
 
 
-def data(f: Fold, index: pd.DataFrame) -> Data:
-    """The fold's split, datasets and loaders (training shuffled and sharded, validation sharded)."""
+def data(f: Fold, index: pd.DataFrame, pseudo: PseudoSet | None = None) -> Data:
+    """The fold's split, datasets and loaders (training shuffled and sharded, validation sharded).
+    ``pseudo``: test images with soft targets, trained on after the labelled ones (whose masks
+    are then scaled to the maps' 0..255)."""
     t, k, d = f.cfg.train, f.k, f.d
     train_df = index[index["fold"] != k].reset_index(drop=True)
     val_df = index[index["fold"] == k].reset_index(drop=True)
-    train_ds = SegDataset(train_df["image"], train_df["mask"], build_transform(f.cfg.spec("train.augment")))
+    transform = build_transform(f.cfg.spec("train.augment"))
+    if pseudo is None:
+        train_ds, target_max = SegDataset(train_df["image"], train_df["mask"], transform), 1
+    else:
+        train_ds = Joined(SegDataset(train_df["image"], train_df["mask"], transform, mask_scale=SCALE),
+                          PseudoImages(pseudo.frame, f.height, f.width, transform))
+        target_max = SCALE
     val_ds = SegDataset(val_df["image"], val_df["mask"], None)
     base = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=t.seed + k)
     sampler = SeededSampler(base, seed=t.seed + k)
@@ -114,7 +125,7 @@ def data(f: Fold, index: pd.DataFrame) -> Data:
     steps_per_epoch = math.ceil(len(train_dl) / t.accum_steps)
     if t.max_train_steps > 0:
         steps_per_epoch = min(steps_per_epoch, t.max_train_steps)
-    return Data(train_df, val_df, sampler, train_dl, val_dl, steps_per_epoch)
+    return Data(train_df, val_df, sampler, train_dl, val_dl, steps_per_epoch, pseudo, target_max)
 
 
 def parts(f: Fold, data: Data) -> Parts:
@@ -135,7 +146,8 @@ def parts(f: Fold, data: Data) -> Parts:
     meta = {"arch": t.arch, "encoder": t.encoder, "model_kwargs": kwargs, "height": f.height, "width": f.width,
             "input_stats": stats, "config": fold_cfg, "train_key": f.key, "fold": k, "code_version": CODE_VERSION,
             "world_size": d.world, "precision": f.precision, "device_type": f.device.type}
-    losses = {BASE_LOSS: BceDiceLoss(t.bce_weight, t.dice_weight, t.boundary_weight)}
+    confidence = t.pseudo_confidence if t.pseudo else 0.0
+    losses = {BASE_LOSS: BceDiceLoss(t.bce_weight, t.dice_weight, t.boundary_weight, confidence)}
     if t.loss_final:
         losses[t.loss_final] = FINAL_LOSSES[t.loss_final]()
     ema = None
@@ -166,7 +178,8 @@ def check_output_size(model: torch.nn.Module, h: int, w: int, device: torch.devi
 def log_start(f: Fold, data: Data) -> None:
     t, d = f.cfg.train, f.d
     n_img = min(len(data.train_dl), data.steps_per_epoch * t.accum_steps) * t.batch_size * d.world
-    f.log(f"fold {f.k}: {len(data.train_df)} train / {len(data.val_df)} val images at {f.height}x{f.width}, "
+    extra = f" + {len(data.pseudo.frame)} pseudo-labelled test images ({data.pseudo.maps_dir})" if data.pseudo else ""
+    f.log(f"fold {f.k}: {len(data.train_df)} train{extra} / {len(data.val_df)} val images at {f.height}x{f.width}, "
           f"{t.arch}/{t.encoder}, {f.precision}{' channels_last' if t.channels_last else ''}, {d.world} process(es), "
           f"{data.steps_per_epoch} updates/epoch of {t.batch_size}x{t.accum_steps}x{d.world} "
           f"({n_img} images/epoch) -> {f.out}")

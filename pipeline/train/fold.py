@@ -20,6 +20,7 @@ from ..graph import Graph
 from . import build, oofmaps, resume, scoring, step
 from .plan import EpochPlan, Inputs, plan_epochs
 from .rng import rng_state
+from ..pseudo import pseudo_set
 from .build import Data, Fold, Parts
 
 
@@ -53,7 +54,7 @@ def _cached(out: Path, k: int, d: Dist) -> dict:
 def _train_fold(cfg: Config, g: Graph, index: pd.DataFrame, k: int, d: Dist, out: Path) -> dict:
     """:func:`train_fold`'s work, under the fold's lock."""
     f = build.context(cfg, index, k, d, out, g.train_key, g.prepared_dir)
-    data = build.data(f, index)
+    data = build.data(f, index, pseudo_set(g, k))
     parts = build.parts(f, data)
     plans = plan_epochs(cfg.train, (f.height, f.width), d.rank)
     progress = resume.load_last(out, f.key, parts.model, parts.step, device=f.device, precision=f.precision,
@@ -84,7 +85,7 @@ def run_epoch(f: Fold, data: Data, parts: Parts, progress: resume.Progress, plan
     t0 = time.perf_counter()
     parts.step.guard.where = f"fold {f.k} epoch {plan.epoch + 1}"
     data.sampler.set_epoch(plan.epoch)
-    inputs = Inputs(f.device, t.channels_last, parts.stats, plan.shape, plan.crop_rng())
+    inputs = Inputs(f.device, t.channels_last, parts.stats, plan.shape, plan.crop_rng(), data.target_max)
     tr = step.train_epoch(parts.step, data.train_dl, parts.losses[plan.loss], inputs, max_updates=t.max_train_steps,
                           ema_step=plan.epoch * data.steps_per_epoch,
                           desc=f"fold {f.k} epoch {plan.epoch + 1}/{t.epochs}" if d.main else None)

@@ -95,7 +95,9 @@ def write_oof(f: Fold, data: Data, parts: Parts, progress: Progress, prepared: P
     cache.write_json(out / "oof.json", summary)
     # predict reads best.pt's hash from here while the file is unchanged (recorded, not recomputed)
     cache.write_manifest(out, stage="train", key=f.key, params=params(f.cfg, "train"),
-                         inputs={"prepare": str(prepared), "fold": k},
+                         inputs={"prepare": str(prepared), "fold": k,
+                                 **({"pseudo": {"maps": str(data.pseudo.maps_dir), "images": len(data.pseudo.frame)}}
+                                    if data.pseudo else {})},
                          outputs={"best": "best.pt", "last": "last.pt", "metrics": "metrics.csv",
                                   "curve": "curve.png", "oof": "oof/", "oof_summary": "oof.json"},
                          config=parts.meta["config"],

@@ -58,17 +58,21 @@ def crop_seed(seed: int, epoch: int, rank: int) -> int:
 
 @dataclass
 class Inputs:
-    """Loader batch -> (x (N, 3, h, w) normalised float, y (N, 1, h, w) {0, 1} float) on ``device``,
+    """Loader batch -> (x (N, 3, h, w) normalised float, y (N, 1, h, w) float in [0, 1]) on ``device``,
     at ``shape`` when given and different from the batch's own: random crops drawn from
-    ``crop_rng`` for a crop shape, else resized."""
+    ``crop_rng`` for a crop shape, else resized (targets thresholded at 0.5 there, soft ones
+    too). ``target_max``: the loader's value of p = 1 (255 beside pseudo-labels' soft targets)."""
     device: torch.device
     channels_last: bool = True
     stats: tuple = (MEAN, STD)
     shape: EpochShape | None = None
     crop_rng: torch.Generator | None = None
+    target_max: int = 1
 
     def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = to_device(batch[0], batch[1], self.device, self.channels_last, self.stats)
+        if self.target_max != 1:
+            y = y * (1.0 / self.target_max)
         if self.shape is not None and tuple(x.shape[-2:]) != (self.shape.h, self.shape.w):
             hw = (self.shape.h, self.shape.w)
             x, y = crop_batch(x, y, hw, self.crop_rng) if self.shape.crop else resize_batch(x, y, hw)
