@@ -7,6 +7,7 @@ submission is scored against the local test split's true masks (496 images). Rec
 
 - ``train_minutes``: the sum of the epochs' wall seconds in ``metrics.csv`` (training and the
   per-epoch validation; not OOF, predict or submit), i.e. what DAWNBench calls time to train;
+  a pseudo-labelling student's adds its teacher's (``teacher_train_minutes``);
 - ``oof_dice`` (p > 0.5, original size, 400 images of fold 0), ``oof_best_threshold`` and
   ``oof_dice_at_best``; ``test_dice`` (the submission, with the threshold submit chose);
 - the resolved precision, images/s, the CPU model, and the train key (its run directory).
@@ -203,8 +204,14 @@ def run_row(variant: str, seed: int, raw: Path, cache_root: str, log_dir: Path) 
                 minutes += sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60
         summary = {"dice": side["ensemble"]["oof_dice"], "best_threshold": side["threshold"],
                    "dice_at_best": side["ensemble"]["oof_dice"]}
+    teacher_minutes = None
+    if cfg.train.pseudo:    # a student: its time to Dice includes the teacher's training
+        with open(Graph(cfg).teacher.fold_dir(0) / "metrics.csv") as f:
+            teacher_minutes = sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60
+        minutes += teacher_minutes
     return {
         "variant": variant, "seed": seed, "what": what, "config": config, "overrides": extra,
+        "teacher_train_minutes": teacher_minutes and round(teacher_minutes, 2),
         "command": f"python benchmarks/bench_accuracy.py {variant} --seeds {seed}",
         "train_minutes": round(minutes, 2),
         "epochs": len(rows), "images_per_s": round(float(rows[-1]["images_per_s"]), 2),

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import cache, locks, runtime, tta as tta_mod
+from . import cache, heap, locks, runtime, tta as tta_mod
 from .config import Config
 from .errors import ConfigError, PipelineError
 from .graph import STAGES, Graph, file_sha16, predict_dir
@@ -328,6 +328,7 @@ def wait_for_all_shards(fold_dirs: list[Path], index: pd.DataFrame, rt: Runtime)
 def run(cfg: Config, graph: Graph | None = None, rt: Runtime | None = None) -> list[PredictResult]:
     """Predict every test image with each fold's best.pt (``predict.folds``) into the folders the
     graph resolves."""
+    heap.keep_pages()        # the batches' buffers stay mapped: no page faults every batch
     g = graph or Graph(cfg)
     rt = rt or runtime.resolve(cfg, "predict")
     index = read_test_index(g.prepared_dir / "test_index.csv")

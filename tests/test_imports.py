@@ -15,7 +15,7 @@ STAGES = {"synth", "prepare", "train", "oof", "predict", "submit", "inspect", "r
           "cutout"}
 BLOCKS = {"config", "configio", "errors", "schedule", "arch", "augment", "cache", "graph", "runtime", "ingest", "layout", "testset", "parallel", "geometry", "probmaps", "precision",
           "data", "models", "pretrained", "losses", "safeload", "distributed", "tta", "rle", "metrics",
-          "folds", "validate", "score", "ensemble", "pseudo", "overlay", "tboard", "explain", "faults", "locks", "onnxrun"}
+          "folds", "validate", "score", "ensemble", "pseudo", "heap", "overlay", "tboard", "explain", "faults", "locks", "onnxrun"}
 ENTRY = {"__init__", "__main__", "cli", "stagelog"}   # parse arguments, then import a stage by name
 
 

@@ -30,6 +30,7 @@ prepare artifact and ``last.pt``/``best.pt``, so DDP over several nodes needs ``
 """
 from __future__ import annotations
 
+from .. import heap
 from ..config import Config
 
 from ..errors import ConfigError
@@ -51,6 +52,7 @@ def run(cfg: Config, graph: Graph | None = None, rt: Runtime | None = None) -> l
     """Train the configured fold(s) of the prepare artifact ``graph`` resolves; ``rt``: the
     runtime context (default: resolved here from the environment and ``cfg``)."""
     check_config(cfg)
+    heap.keep_pages()        # a step's buffers stay mapped: no page faults every step
     g = graph or Graph(cfg)
     prepared = g.prepared_dir
     index = load_index(prepared)
