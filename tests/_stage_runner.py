@@ -190,6 +190,16 @@ class Zygote:
                 self.proc.wait()
 
 
+def run_ok(zygote: "Zygote", stage: str, config: Path, tmp: Path, *extra: str) -> Result:
+    """``python -m pipeline <stage> --config config`` on the data under ``tmp`` (raw/, cache/,
+    subs/), asserted to exit 0 (the output's tail in the message)."""
+    argv = [stage, "--config", str(config), f"data.raw={tmp / 'raw'}", f"data.cache={tmp / 'cache'}",
+            f"data.submissions={tmp / 'subs'}", "submit.workers=1", *extra]
+    proc = zygote.run(argv)
+    assert proc.rc == 0, f"{stage} {Path(config).name} failed:\n{proc.out[-3000:]}\n{proc.err[-3000:]}"
+    return proc
+
+
 @dataclass
 class Child:
     """A spawned child: ``pid`` (signal it with os.kill), ``poll()``, ``wait()`` -> Result (once)."""

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from _stage_runner import run_ok
 
 from pipeline import ensemble, geometry, probmaps, rle, synth
 from pipeline.errors import ConfigError
@@ -55,12 +56,6 @@ RUN = {"train": {"arch": "Unet", "encoder": "resnet18", "encoder_weights": "none
        "prepare": {"n_folds": 2, "workers": 1}}
 
 
-def _cli(zygote, stage: str, config: Path, tmp: Path, *extra: str):
-    argv = [stage, "--config", str(config), f"data.raw={tmp / 'raw'}", f"data.cache={tmp / 'cache'}",
-            f"data.submissions={tmp / 'subs'}", "submit.workers=1", *extra]
-    proc = zygote.run(argv)
-    assert proc.rc == 0, f"{stage} {config.name} failed:\n{proc.out[-3000:]}\n{proc.err[-3000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +70,10 @@ def two_runs(tmp_path_factory, zygote):
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(doc))
         for stage in ("prepare", "train"):
-            _cli(zygote, stage, path, tmp)
+            run_ok(zygote, stage, path, tmp)
         configs.append(path)
     runs = ",".join(str(c) for c in configs)
-    out = _cli(zygote, "submit", configs[0], tmp, f"submit.runs={runs}", "submit.name=ens")
+    out = run_ok(zygote, "submit", configs[0], tmp, f"submit.runs={runs}", "submit.name=ens")
     return tmp, configs, runs, out
 
 
@@ -113,8 +108,8 @@ def test_ensemble_submission_is_the_weighted_mean_of_the_runs(two_runs):
 
 def test_weights_one_zero_reproduce_the_first_run_alone(two_runs, zygote):
     tmp, configs, runs, _ = two_runs
-    _cli(zygote, "submit", configs[0], tmp, "submit.threshold=0.5")              # run a alone: solo-a.csv
-    _cli(zygote, "submit", configs[0], tmp, f"submit.runs={runs}", "submit.weights=1,0", "submit.threshold=0.5",
+    run_ok(zygote, "submit", configs[0], tmp, "submit.threshold=0.5")              # run a alone: solo-a.csv
+    run_ok(zygote, "submit", configs[0], tmp, f"submit.runs={runs}", "submit.weights=1,0", "submit.threshold=0.5",
          "submit.name=ens10")
     assert (tmp / "subs" / "ens10.csv").read_bytes() == (tmp / "subs" / "solo-a.csv").read_bytes()
 
@@ -123,7 +118,7 @@ def test_ensemble_submit_is_cached_and_predicts_nothing_again(two_runs, zygote):
     tmp, configs, runs, first = two_runs
     sub = tmp / "subs" / "ens.csv"
     before = sub.stat().st_mtime_ns
-    again = _cli(zygote, "submit", configs[0], tmp, f"submit.runs={runs}", "submit.name=ens")
+    again = run_ok(zygote, "submit", configs[0], tmp, f"submit.runs={runs}", "submit.name=ens")
     assert "cached, nothing to do" in again.out
     assert sub.stat().st_mtime_ns == before
     import re

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from _stage_runner import run_ok
 
 from pipeline import cache, config, data, geometry, probmaps, pseudo, synth
 from pipeline.errors import ConfigError, PipelineError
@@ -107,12 +108,6 @@ RUN = {"train": {"arch": "Unet", "encoder": "resnet18", "encoder_weights": "none
        "prepare": {"n_folds": 2, "workers": 1, "height": 64, "width": 96}}
 
 
-def _cli(zygote, stage: str, cfg: Path, tmp: Path, *extra: str):
-    argv = [stage, "--config", str(cfg), f"data.raw={tmp / 'raw'}", f"data.cache={tmp / 'cache'}",
-            f"data.submissions={tmp / 'subs'}", "submit.workers=1", *extra]
-    proc = zygote.run(argv)
-    assert proc.rc == 0, f"{stage} {cfg.name} failed:\n{proc.out[-3000:]}\n{proc.err[-3000:]}"
-    return proc
 
 
 def _graph(path: Path, tmp: Path, *extra: str) -> Graph:
@@ -129,8 +124,8 @@ def taught(tmp_path_factory, zygote):
     student.write_text(yaml.safe_dump({**RUN, "prepare": {**RUN["prepare"], "height": 96, "width": 128},
                                        "train": {**RUN["train"], "seed": 2, "pseudo": str(teacher),
                                                  "pseudo_confidence": 0.8}}))
-    _cli(zygote, "prepare", student, tmp)
-    out = _cli(zygote, "train", student, tmp)          # trains and predicts the teacher's fold 0 first
+    run_ok(zygote, "prepare", student, tmp)
+    out = run_ok(zygote, "train", student, tmp)          # trains and predicts the teacher's fold 0 first
     return tmp, teacher, student, out
 
 
@@ -162,7 +157,7 @@ def test_pseudo_targets_are_the_teachers_maps_at_the_students_size(taught):
 
 def test_the_student_is_cached_and_keyed_by_its_teacher(taught, zygote):
     tmp, teacher, student, _ = taught
-    again = _cli(zygote, "train", student, tmp)
+    again = run_ok(zygote, "train", student, tmp)
     assert "fold 0: cached" in again.out and "epoch 1/1" not in again.out
     plain = _graph(student, tmp, "train.pseudo=")
     s = _graph(student, tmp)

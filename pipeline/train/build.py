@@ -67,7 +67,11 @@ class Data:
     val_dl: DataLoader
     steps_per_epoch: int          # optimizer updates per epoch
     pseudo: PseudoSet | None = None   # the test images trained on beside train_df (train.pseudo)
-    target_max: int = 1           # the training targets' value of p = 1 (pseudo.SCALE with soft targets)
+
+    @property
+    def target_max(self) -> int:
+        """The training targets' value of p = 1: pseudo.SCALE beside soft targets, else 1."""
+        return SCALE if self.pseudo is not None else 1
 
 
 @dataclass
@@ -109,11 +113,10 @@ def data(f: Fold, index: pd.DataFrame, pseudo: PseudoSet | None = None) -> Data:
     val_df = index[index["fold"] == k].reset_index(drop=True)
     transform = build_transform(f.cfg.spec("train.augment"))
     if pseudo is None:
-        train_ds, target_max = SegDataset(train_df["image"], train_df["mask"], transform), 1
+        train_ds = SegDataset(train_df["image"], train_df["mask"], transform)
     else:
         train_ds = Joined(SegDataset(train_df["image"], train_df["mask"], transform, mask_scale=SCALE),
                           PseudoImages(pseudo.frame, f.height, f.width, transform))
-        target_max = SCALE
     val_ds = SegDataset(val_df["image"], val_df["mask"], None)
     base = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=t.seed + k)
     sampler = SeededSampler(base, seed=t.seed + k)
@@ -125,7 +128,7 @@ def data(f: Fold, index: pd.DataFrame, pseudo: PseudoSet | None = None) -> Data:
     steps_per_epoch = math.ceil(len(train_dl) / t.accum_steps)
     if t.max_train_steps > 0:
         steps_per_epoch = min(steps_per_epoch, t.max_train_steps)
-    return Data(train_df, val_df, sampler, train_dl, val_dl, steps_per_epoch, pseudo, target_max)
+    return Data(train_df, val_df, sampler, train_dl, val_dl, steps_per_epoch, pseudo)
 
 
 def parts(f: Fold, data: Data) -> Parts:
