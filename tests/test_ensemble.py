@@ -56,8 +56,6 @@ RUN = {"train": {"arch": "Unet", "encoder": "resnet18", "encoder_weights": "none
        "prepare": {"n_folds": 2, "workers": 1}}
 
 
-
-
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, zygote):
     tmp = tmp_path_factory.mktemp("ens")

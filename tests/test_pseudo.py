@@ -108,8 +108,6 @@ RUN = {"train": {"arch": "Unet", "encoder": "resnet18", "encoder_weights": "none
        "prepare": {"n_folds": 2, "workers": 1, "height": 64, "width": 96}}
 
 
-
-
 def _graph(path: Path, tmp: Path, *extra: str) -> Graph:
     return Graph(config.load(path, [f"data.raw={tmp / 'raw'}", f"data.cache={tmp / 'cache'}", *extra]))
 
