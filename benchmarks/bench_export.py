@@ -33,22 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import write_result  # noqa: E402
+from _common import cpu_model, write_result  # noqa: E402
 from pipeline import cache, export, onnxrun  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 FULLRES = SHARED / "carvana_fullres" / "train" / "00087a6bd4dc_04.jpg"
 TEST512 = SHARED / "carvana512" / "test"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    m = re.search(r"^Model name:\s*(.+)$", out, re.M)
-    return m.group(1).strip() if m else "unknown"
 
 
 def _timed(fn, n: int) -> float:

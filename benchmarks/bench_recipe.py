@@ -1,6 +1,6 @@
 """Time to Dice: the recipes' training step against the machine's own limits (CPU, bf16).
 
-    .venv/bin/python benchmarks/bench_recipe.py [--quick] [--steps N] [--only peak,recipes,candidates,levers]
+    .venv/bin/python benchmarks/bench_recipe.py [--quick] [--steps N] [--only peak,recipes,candidates,levers,predict]
                                                 [--epoch-steps N] [--raw DIR] [--cache DIR]
 
 Every table and every JSON row names the CPU (lscpu's model name; the JSON's ``machine`` also
@@ -52,10 +52,13 @@ means nothing without the chip it was measured on.
      baseline.
    - loader workers: the real epoch with train.num_workers 0, 1, 2 (the default, before and
      after), as a ratio to the baseline step on a preloaded batch.
-   - predict: forward-only images/s at 512 through ``tta.predict_proba`` with the fast
-     recipe's TTA (hflip), under inference_mode + autocast as predict runs it, batch 4, 8, 16,
-     the two views batched into one forward of 2N images (predict.max_forward=0, the default)
-     vs two forwards of N (max_forward=N); ratio to batch 8 batched (predict's defaults).
+
+5. predict: forward-only images/s at 512 through ``tta.predict_proba`` with the fast recipe's
+   TTA (hflip), under inference_mode + autocast as predict runs it, batch 4, 8, 16, the two
+   views batched into one forward of 2N images (predict.max_forward=0, the default) vs two
+   forwards of N (max_forward=N), once with glibc's default heap and once with the pages kept
+   (``heap.keep_pages``, as predict.run does); ratios to batch 8 batched (predict's defaults)
+   in the same child.
 
 Timing: this machine's speed drifts (~20% over minutes, other processes), so settings that
 share a process run in alternating blocks (A B A B ..., ``--steps`` split over 2 rounds; median
@@ -94,7 +97,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from _common import write_result  # noqa: E402
+from _common import cpu_model, lscpu, write_result  # noqa: E402
 from pipeline import cache, prepare  # noqa: E402
 from pipeline.arch import model_kwargs  # noqa: E402
 from pipeline.config import load  # noqa: E402
@@ -116,7 +119,7 @@ SLIM = "128,64,32,16,16"
 ENCODERS = ("tu-tf_efficientnet_lite0", "tu-tf_efficientnet_lite1", "tu-tf_efficientnet_lite2", "resnet18",
             "resnet34")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-PARTS = ("peak", "recipes", "candidates", "levers")
+PARTS = ("peak", "recipes", "candidates", "levers", "predict")
 CPU = torch.device("cpu")
 CROP288 = EpochShape(288, 288, True)
 WHOLE512 = EpochShape(512, 512, False)
@@ -188,15 +191,11 @@ print(json.dumps(out))
 # ---------------------------------------------------------------------------------------- machine
 def machine() -> dict:
     """The CPU (lscpu), its relevant ISA flags, torch / oneDNN / glibc versions, threads, load."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    model = re.search(r"^Model name:\s*(.+)$", out, re.M)
+    out = lscpu()
     flag_line = re.search(r"^Flags:\s*(.+)$", out, re.M)
     flags = set(flag_line.group(1).split()) if flag_line else set()
     onednn = re.search(r"MKL-DNN (v[\d.]+)", torch.__config__.show())
-    return {"cpu": model.group(1).strip() if model else "unknown", "flags": {f: f in flags for f in FLAGS},
+    return {"cpu": cpu_model(out), "flags": {f: f in flags for f in FLAGS},
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "onednn": onednn.group(1) if onednn else None, "glibc": platform.libc_ver()[1],
             "load_average_start": round(os.getloadavg()[0], 2)}
@@ -591,6 +590,9 @@ def child_main(spec: dict) -> dict:
         with cv2_single_thread():
             return interleaved({"real epoch": (r.epoch_run(CROP288), spec["block"], 2)}, 1, r.cfg.train.batch_size)
     if task == "predict":
+        if spec.get("heap") == "kept":
+            from pipeline import heap
+            heap.keep_pages()
         return predict_modes(args, spec)
     raise ValueError(f"unknown child task {task}")
 
@@ -689,13 +691,10 @@ def part_levers(args, m: dict) -> dict:
         print(f"  {setting}: {fmt(v and v['images_per_s'])} img/s", flush=True)
     base_ips = [b["result"]["baseline"]["images_per_s"] for b in baselines if "result" in b]
     baseline_mean = statistics.mean(base_ips) if base_ips else None
-    print("levers: in-process modes, loader workers, predict", flush=True)
+    print("levers: in-process modes, loader workers", flush=True)
     inproc = run_child(args, {**step, "block": args.block, "rounds": args.rounds, "in_process": True})
     workers = [0] if args.quick else [2, 0, 1, 2]      # the default (2) before and after
     epochs = [(w, run_child(args, {"task": "epoch", "workers": w, "block": args.epoch_steps})) for w in workers]
-    batches = PREDICT_BATCHES[:1] if args.quick else PREDICT_BATCHES
-    predict = run_child(args, {"task": "predict", "batches": list(batches), "images": 8 if args.quick else 16,
-                               "rounds": args.rounds})
 
     rows = []
 
@@ -725,18 +724,12 @@ def part_levers(args, m: dict) -> dict:
         again = " (again)" if w in [e[0] for e in epochs[:i]] else ""
         row("loader workers", f"real epoch, train.num_workers={w}{again}", v,
             v and baseline_mean and v["images_per_s"] / baseline_mean, error=r.get("error"))
-    if "result" in predict:
-        ref = predict["result"].get("batch 8, views batched") or next(iter(predict["result"].values()))
-        for mode, v in predict["result"].items():
-            row("predict 512 hflip", mode, v, v["images_per_s"] / ref["images_per_s"])
-    else:
-        row("predict 512 hflip", "all", None, None, error=predict.get("error"))
 
     print(f"\n## 4. Levers (fast recipe, c288x288, batch 8; baseline = its pipeline step on a preloaded batch, "
           f"default environment: {fmt(baseline_mean)} img/s, mean of {len(base_ips)} baseline children)\n"
           f"{cpu_line(m)}")
     print("ratio: env rows to the mean of the baselines before and after; in-process rows to that child's "
-          "baseline; loader rows to the baseline step; predict rows to batch 8 views batched (predict's default)")
+          "baseline; loader rows to the baseline step")
     print(md_table(["lever", "setting", "img/s", "faults/step", "ratio", "baseline before", "baseline after", "cpu"],
                    [[r["lever"], r["setting"] + (f" [{r['error']}]" if r["error"] else ""), fmt(r["images_per_s"]),
                      fmt(r["faults_per_step"], 0), fmt(r["ratio"]), fmt(r["baseline_before"]),
@@ -746,8 +739,33 @@ def part_levers(args, m: dict) -> dict:
     print(md_table(["GLIBC_TUNABLES", *sizes], [[k, *(v.get(z, v.get("error")) for z in sizes)]
                                                 for k, v in probe.items()]))
     return {"rows": rows, "baseline_images_per_s": baseline_mean, "baselines": baselines, "env_children": env_out,
-            "in_process": inproc, "loader_workers": [{"workers": w, **r} for w, r in epochs], "predict": predict,
+            "in_process": inproc, "loader_workers": [{"workers": w, **r} for w, r in epochs],
             "preloads": preloads, "glibc_probe": probe}
+
+
+def part_predict(args, m: dict) -> dict:
+    """Predict's batch and TTA batching at 512, with glibc's default heap and with the pages kept
+    (``heap.keep_pages``, what predict.run does): one child each, ratios to batch 8 views batched
+    (predict's defaults) in the same child."""
+    batches = PREDICT_BATCHES[:1] if args.quick else PREDICT_BATCHES
+    spec = {"task": "predict", "batches": list(batches), "images": 8 if args.quick else 16, "rounds": args.rounds}
+    print("\npredict: batch and TTA batching, heap default and kept", flush=True)
+    children = {heap: run_child(args, {**spec, "heap": heap}) for heap in ("default", "kept")}
+    rows = []
+    for heap, res in children.items():
+        if "result" not in res:
+            rows.append({"heap": heap, "setting": "all", "images_per_s": None, "ratio": None, "error": res.get("error")})
+            continue
+        ref = res["result"].get("batch 8, views batched") or next(iter(res["result"].values()))
+        rows += [{"heap": heap, "setting": mode, "images_per_s": v["images_per_s"], "faults_per_step": v["faults_per_step"],
+                  "ratio": v["images_per_s"] / ref["images_per_s"], "error": None, "cpu": m["cpu"]}
+                 for mode, v in res["result"].items()]
+    print(f"\n## 5. Predict at 512, TTA hflip (forward only, fast recipe's network; ratio to batch 8 views batched, "
+          f"predict's defaults, in the same child)\n{cpu_line(m)}")
+    print(md_table(["heap", "setting", "img/s", "faults/batch", "ratio", "cpu"],
+                   [[r["heap"], r["setting"] + (f" [{r['error']}]" if r["error"] else ""), fmt(r["images_per_s"]),
+                     fmt(r.get("faults_per_step"), 0), fmt(r["ratio"]), m["cpu"]] for r in rows]))
+    return {"rows": rows, "children": children}
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -778,7 +796,7 @@ def main(argv=None) -> int:
     args.rounds = 1 if args.quick else 2
     args.block = max(1, args.steps // args.rounds)
     args.epoch_block = max(1, args.epoch_steps // args.rounds)
-    if any(p in only for p in ("recipes", "candidates", "levers")) and not (args.raw / "train").is_dir():
+    if any(p in only for p in ("recipes", "candidates", "levers", "predict")) and not (args.raw / "train").is_dir():
         print(f"{args.raw}: no Kaggle-layout data; nothing to benchmark (pass --raw)")
         return 0
     t0, started = time.time(), datetime.datetime.now().isoformat(timespec="seconds")
@@ -797,6 +815,8 @@ def main(argv=None) -> int:
         out["candidates"] = part_candidates(args, m, peak)
     if "levers" in only:
         out["levers"] = part_levers(args, m)
+    if "predict" in only:
+        out["predict"] = part_predict(args, m)
     out["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     out["elapsed_s"] = round(time.time() - t0, 1)
     out["load_average_end"] = round(os.getloadavg()[0], 2)

@@ -100,7 +100,7 @@ def test_no_test_module_defines_a_test_twice():
     assert not dupes, f"tests defined twice (the first never runs): {dupes}"
 
 
-def test_every_shipped_config_and_accuracy_variant_validates():
+def test_every_shipped_config_and_accuracy_variant_validates(tmp_path):
     """The recipes users run and the benchmark rows that reproduce README numbers are configs
     too: each must load and pass validation (e.g. a crop no larger than the prepared images)."""
     import importlib.util
@@ -115,8 +115,9 @@ def test_every_shipped_config_and_accuracy_variant_validates():
     spec.loader.exec_module(bench)
     import re
     for name, (path, overrides, _) in bench.VARIANTS.items():
-        # a pseudo-labelling row names its teacher's config ({teacher:<file>}, seeded per row)
-        overrides = [re.sub(r"\{teacher:([^}]+)\}", lambda m: str(repo / m.group(1)), o) for o in overrides]
+        # a pseudo-labelling row names its teacher (a config file or a variant, written seeded per row)
+        overrides = [re.sub(r"\{teacher:([^}]+)\}", lambda m: bench.teacher_file(m.group(1), 0, str(tmp_path)), o)
+                     for o in overrides]
         try:
             config.check(config.load(repo / path, overrides))
         except ConfigError as e:
