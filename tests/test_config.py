@@ -113,11 +113,9 @@ def test_every_shipped_config_and_accuracy_variant_validates(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_accuracy", repo / "benchmarks" / "bench_accuracy.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    import re
     for name, (path, overrides, _) in bench.VARIANTS.items():
         # a pseudo-labelling row names its teacher (a config file or a variant, written seeded per row)
-        overrides = [re.sub(r"\{teacher:([^}]+)\}", lambda m: bench.teacher_file(m.group(1), 0, str(tmp_path)), o)
-                     for o in overrides]
+        overrides = bench.with_teachers(overrides, 0, str(tmp_path))
         try:
             config.check(config.load(repo / path, overrides))
         except ConfigError as e:
