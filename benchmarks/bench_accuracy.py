@@ -151,8 +151,8 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "best-lite1-e22": (BEST, [*LITE1, "train.epochs=22", "train.progressive=256:2,c288:20", "train.val_every=22"],
                        "best-lite1 given 5 more epochs on 288 crops (22 in all): what a CPU ~1.4x faster than the "
                        "one the best recipe was timed on fits in its 60 minutes"),
-    "distill-fast": (FAST, ["train.pseudo={teacher:best-lite1-e22}"],
-                     "the fast recipe as a student of the best-lite1-e22 run (same seed): its fold's labelled images "
+    "distill-fast": (FAST, ["train.pseudo={teacher:best-lite1}"],
+                     "the fast recipe as a student of the best-lite1 run (same seed): its fold's labelled images "
                      "+ the 496 test images with the teacher's fold-0 test maps as soft targets"),
     # multi-run ensemble of the two recipes' runs (weights and threshold chosen on their common OOF)
     "ens-fast-best": (FAST, [f"submit.runs={FAST},{BEST}"], "ensemble of the fast and best runs (submit.runs)"),
