@@ -18,7 +18,8 @@ means nothing without the chip it was measured on.
 2. recipes: configs/carvana512.yaml (fast) and configs/carvana512-best.yaml (best) at each of
    their training shapes (fast: 288 crops; best: whole images at 256, then 288 crops), batch 8,
    the precision the pipeline resolves (``precision.resolve_precision``: bf16 on a CPU with
-   native bf16) and channels_last. Model FLOPs per image of one forward + backward
+   native bf16), channels_last and the heap the pipeline keeps (``heap.keep_pages``, set for
+   this whole process as train.run does). Model FLOPs per image of one forward + backward
    (``torch.utils.flop_counter``, its convolution-backward formula corrected for grouped convs:
    see :func:`conv_backward_flop`) and images/s of (i) the pipeline's step
    (``train.step.train_epoch`` with the Stepper, losses and input rule ``train.build.parts`` /
@@ -805,6 +806,10 @@ def main(argv=None) -> int:
     out = {"machine": m, "argv": sys.argv, "started": started,
            "settings": {"quick": args.quick, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
                         "epoch_steps": args.epoch_steps, "parts": only, "raw": str(args.raw), "cache": args.cache}}
+    # This process runs with the heap train.run and predict.run set (pages kept), so part 2's
+    # "pipeline step" is the pipeline's; parts 4 and 5 compare heaps in fresh child processes.
+    from pipeline import heap
+    out["settings"]["heap_kept"] = heap.keep_pages()
     peak = None
     if "peak" in only:
         out["peak"] = part_peak(args, m)
